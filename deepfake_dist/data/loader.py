@@ -1,0 +1,173 @@
+"""WebDataset loaders for training and evaluation.
+
+Training resamples shards (as open_clip's ``--dataset-resampled``): each (rank, worker) draws
+shards from all sets with its own seeded RNG and yields exactly ``batches_per_worker`` full
+batches, so every rank sees the same number of batches per epoch whatever the shard sizes
+(unequal counts hang DDP). The stream depends only on (seed, epoch, rank, worker) and each
+sample's augmentation only on (seed, epoch, key), so a resumed run replays the same batches.
+
+Evaluation reads every shard of the split exactly once: shards are split over ranks and
+workers, nothing is resampled or dropped, and the caller gathers the predictions at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import random
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from deepfake_dist.config import DataConfig
+from deepfake_dist.data import transforms
+from deepfake_dist.data.manifest import load_manifest, shard_urls, split_count
+from deepfake_dist.errors import UserError
+
+IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
+
+
+@dataclass
+class Batch:
+    image: torch.Tensor
+    label: torch.Tensor
+    key: list[str]
+    meta: list[dict]
+
+    def to(self, device) -> "Batch":
+        return Batch(self.image.to(device, non_blocking=True), self.label.to(device, non_blocking=True), self.key, self.meta)
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+
+def collate(samples: list[tuple]) -> Batch:
+    images, labels, keys, metas = zip(*samples)
+    return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.long), list(keys), list(metas))
+
+
+def resolve_channels(cfg: DataConfig, sets: list[str]) -> int:
+    """``auto``: 1 when any set is grey, so that colour can never tell real from fake."""
+    if cfg.channels != "auto":
+        return cfg.channels
+    return min(int(load_manifest(s).get("channels", 3)) for s in sets)
+
+
+def manifest_ids(sets: list[str]) -> dict[str, str]:
+    return {s: load_manifest(s)["id"] for s in sets}
+
+
+def _decode_sample(sample: dict, channels: int) -> tuple:
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
+    image = transforms.decode(sample[key], channels)
+    label = int(sample["cls"])
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    # keys are unique within a set; the set's folder name makes them unique across sets
+    return image, label, f"{Path(sample['__url__']).parent.name}/{sample['__key__']}", meta
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class TrainStream(IterableDataset):
+    """Endless seeded shard resampling, cut to ``batches_per_worker`` batches per epoch."""
+
+    def __init__(self, urls, cfg: DataConfig, channels: int, rank: int, batches_per_worker: int, seed: int):
+        self.urls, self.cfg, self.channels, self.rank, self.seed = urls, cfg, channels, rank, seed
+        self.batches_per_worker = batches_per_worker
+        self.transform = transforms.train_transform(cfg.resolution, channels, cfg.normalize, cfg.augment)
+        self._epoch = multiprocessing.Value("i", 0)  # shared with persistent workers
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = epoch
+
+    def _augment(self, item: tuple, epoch: int) -> tuple:
+        image, label, key, meta = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed(self.seed, epoch, key))
+            return self.transform(image), label, key, meta
+
+    def __iter__(self):
+        epoch = self._epoch.value
+        worker, _ = _worker()
+        rng = random.Random(_seed(self.seed, epoch, self.rank, worker))
+        shards = (dict(url=rng.choice(self.urls)) for _ in iter(int, 1))
+        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(shards)
+        samples = wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer // 2, rng=rng)(samples)
+        batch: list[tuple] = []
+        produced = 0
+        for sample in samples:
+            try:
+                item = _decode_sample(sample, self.channels)
+            except Exception as e:  # a corrupt image: skip it, the stream goes on
+                wds.warn_and_continue(e)
+                continue
+            batch.append(self._augment(item, epoch))
+            if len(batch) == self.cfg.batch_size:
+                yield collate(batch)
+                batch, produced = [], produced + 1
+                if produced == self.batches_per_worker:
+                    return
+
+
+def train_loader(cfg: DataConfig, channels: int, rank: int, world: int, seed: int) -> tuple[torch.utils.data.DataLoader, TrainStream]:
+    urls = [u for s in cfg.train for u in shard_urls(s, cfg.train_split)]
+    if not urls:
+        raise UserError(f"no '{cfg.train_split}' shards in {cfg.train}; check data.train and data.train_split")
+    samples = sum(split_count(load_manifest(s), cfg.train_split) for s in cfg.train)
+    workers = max(cfg.num_workers, 1)
+    batches_per_rank = max(math.ceil(samples / (cfg.batch_size * world)), 1)
+    per_worker = math.ceil(batches_per_rank / workers)
+    stream = TrainStream(urls, cfg, channels, rank, per_worker, seed)
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
+    )
+    return loader, stream
+
+
+class EvalStream(IterableDataset):
+    """Every sample of the split once: shards split over ranks then workers, last batch kept."""
+
+    def __init__(self, urls, cfg: DataConfig, channels: int, rank: int, world: int):
+        self.urls, self.cfg, self.channels, self.rank, self.world = urls, cfg, channels, rank, world
+        self.transform = transforms.eval_transform(cfg.resolution, channels, cfg.normalize)
+
+    def __iter__(self):
+        worker, workers = _worker()
+        mine = self.urls[self.rank :: self.world][worker::workers]
+        samples = wds.tarfile_to_samples(handler=wds.reraise_exception)(dict(url=u) for u in mine)
+        batch = []
+        for sample in samples:
+            image, label, key, meta = _decode_sample(sample, self.channels)
+            batch.append((self.transform(image), label, key, meta))
+            if len(batch) == self.cfg.batch_size:
+                yield collate(batch)
+                batch = []
+        if batch:
+            yield collate(batch)
+
+
+def eval_loader(cfg: DataConfig, sets: list[str], split: str, channels: int, rank: int, world: int):
+    urls = [u for s in sets for u in shard_urls(s, split)]
+    if not urls:
+        raise UserError(f"no '{split}' shards in {sets}; prepare the sets with a {split} split")
+    stream = EvalStream(urls, cfg, channels, rank, world)
+    workers = min(cfg.num_workers, max(len(urls) // world, 1))
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)

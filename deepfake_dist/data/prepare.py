@@ -1,0 +1,447 @@
+"""Turn a face source into a WebDataset shard set: ``prepare(source, out, ...)``.
+
+Output: ``out/{train,val,test}-NNNNNN.tar`` (names contiguous from 000000 per split) and
+``out/manifest.json``, written last and atomically, so a set with a manifest is always complete.
+
+Determinism. The shard layout is planned before any image is decoded: items whose split the
+source does not fix are assigned by a seeded shuffle of their sorted keys (per label, so both
+splits get the same real/fake ratio), each split's items are put in a seeded order and cut into
+shards of ``shard_size``. Units of work (``unit = rank * workers + worker``) each take a
+contiguous run of those planned shards. So the shards' bytes, and the manifest ``id``, are the
+same whatever ``workers`` and number of ranks made them (tar mtimes are fixed at 0). An input
+that cannot be decoded is skipped and recorded; its shard is then short by one.
+
+Parallelism. Ranks come from ``accelerate.PartialState`` (one process without a launcher;
+``accelerate launch`` / torchrun give several); each rank runs its ``workers`` units in spawned
+processes. Units write into ``out/.tmp/unit-G/``; after a barrier the main process renames the
+shards to their final names and writes the manifest; the other ranks wait at a final barrier.
+With several nodes, ``out`` must be on a filesystem all of them see.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import random
+import shlex
+import shutil
+import time
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from itertools import groupby
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from deepfake_dist.data import imageio
+from deepfake_dist.data.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SHARD_PATTERN,
+    file_sha256,
+    load_manifest,
+    manifest_id,
+)
+from deepfake_dist.data.sources import LABEL_NAMES, SPLITS, Item, open_source
+from deepfake_dist.errors import UserError
+
+TMP_DIR = ".tmp"
+TAR_MTIME = 0  # fixed member mtimes: same inputs + settings -> same shard bytes
+
+
+@dataclass
+class ShardPlan:
+    """One planned shard: its split, its index in that split (before empty ones are dropped)
+    and the items that go into it, in order."""
+
+    split: str
+    index: int
+    items: list[Item] = field(default_factory=list)
+
+
+@dataclass
+class UnitJob:
+    """What one worker process writes (picklable: sent to spawned workers)."""
+
+    unit: int
+    tmp_dir: str
+    shards: list[ShardPlan]
+    mode: str
+    resolution: int
+    fmt: str
+    quality: int
+    shard_size: int
+
+
+# ------------------------------------------------------------------------------- planning
+
+
+def parse_split(split: Sequence[float] | str) -> tuple[float, float, float]:
+    """``(train, val, test)`` fractions from a sequence or ``"0.8,0.1,0.1"``; they must sum to 1."""
+    text = split if isinstance(split, str) else ",".join(map(str, split))
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(v < 0 or math.isnan(v) for v in values) or abs(sum(values) - 1) > 1e-6:
+        raise UserError(f"--split {text}: expected three fractions train,val,test that are >= 0 and sum to 1, e.g. 0.8,0.1,0.1")
+    return values  # type: ignore[return-value]
+
+
+def assign_splits(items: Sequence[Item], fractions: Sequence[float], seed: int) -> dict[str, list[Item]]:
+    """Items per split, each list in a seeded order (so shards mix labels).
+
+    Items with ``split=None`` are assigned per label: seeded shuffle of the sorted keys, then the
+    first ``round(n * train)`` go to train, up to ``round(n * (train + val))`` to val, the rest to
+    test. Depends only on the keys, labels, fractions and seed."""
+    out: dict[str, list[Item]] = {split: [] for split in SPLITS}
+    free: dict[int, list[Item]] = {}
+    for item in items:
+        if item.split is None:
+            free.setdefault(item.label, []).append(item)
+        else:
+            out[item.split].append(item)
+    for label, group in sorted(free.items()):
+        group = sorted(group, key=lambda it: it.key)
+        random.Random(f"{seed}:split:{label}").shuffle(group)
+        n = len(group)
+        cut1 = round(n * fractions[0])
+        cut2 = max(cut1, round(n * (fractions[0] + fractions[1])))
+        out["train"] += group[:cut1]
+        out["val"] += group[cut1:cut2]
+        out["test"] += group[cut2:]
+    for split, group in out.items():
+        group.sort(key=lambda it: it.key)
+        random.Random(f"{seed}:order:{split}").shuffle(group)
+    return out
+
+
+def plan_shards(items: Sequence[Item], fractions: Sequence[float], seed: int, shard_size: int) -> list[ShardPlan]:
+    """All shards of the set, train then val then test, each cut into ``shard_size`` items."""
+    plans = []
+    for split, group in assign_splits(items, fractions, seed).items():
+        for index, start in enumerate(range(0, len(group), shard_size)):
+            plans.append(ShardPlan(split, index, group[start : start + shard_size]))
+    return plans
+
+
+def split_units(plans: list[ShardPlan], n_units: int) -> list[list[ShardPlan]]:
+    """``n_units`` contiguous, near-equal runs of the planned shards (some empty if few shards)."""
+    n = len(plans)
+    return [plans[u * n // n_units : (u + 1) * n // n_units] for u in range(n_units)]
+
+
+# -------------------------------------------------------------------------------- writing
+
+_tick: Callable[[int], None] | None = None  # progress hook of this process
+
+
+def _init_worker(counter) -> None:
+    global _tick
+
+    def tick(n: int) -> None:
+        with counter.get_lock():
+            counter.value += n
+
+    _tick = tick
+
+
+def _encode_item(item: Item, job: UnitJob) -> bytes:
+    return imageio.encode(imageio.preprocess(item.load(), job.mode, job.resolution), job.fmt, job.quality)
+
+
+def write_unit(job: UnitJob) -> dict[str, Any]:
+    """Write this unit's planned shards into ``job.tmp_dir`` with ``webdataset.ShardWriter``;
+    returns (and saves as ``report.json``) each shard's counts, size and sha256, and the skips."""
+    import webdataset as wds
+
+    tmp = Path(job.tmp_dir)
+    tmp.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    for split, run in groupby(job.shards, key=lambda p: p.split):
+        run = list(run)  # consecutive indices of one split
+        pattern = str(tmp).replace("%", "%%") + os.sep + f"{split}-%06d.tar"
+        # The layout is planned: the writer starts at this run's first index and we move it to
+        # the next file at each planned boundary (so skipped inputs never shift later shards).
+        writer = wds.ShardWriter(
+            pattern, maxcount=job.shard_size, maxsize=float("inf"), start_shard=run[0].index,
+            verbose=0, encoder=False, mtime=TAR_MTIME,
+        )
+        try:
+            for n, plan in enumerate(run):
+                if n:
+                    writer.next_stream()
+                counts = {label: 0 for label in LABEL_NAMES}
+                for item in plan.items:
+                    try:
+                        data = _encode_item(item, job)
+                    except Exception as err:  # a bad input never stops the set
+                        reason = f"{type(err).__name__}: {err}".strip().rstrip(":")
+                        skipped.append({"input": item.origin or item.key, "key": item.key, "reason": reason})
+                    else:
+                        writer.write({
+                            "__key__": item.key,
+                            job.fmt: data,
+                            "cls": str(item.label).encode(),
+                            "json": json.dumps(item.meta, sort_keys=True).encode(),
+                        })
+                        counts[LABEL_NAMES[item.label]] += 1
+                    if _tick is not None:
+                        _tick(1)
+                shards.append({"split": split, "index": plan.index, "file": f"{split}-{plan.index:06d}.tar",
+                               "samples": sum(counts.values()), **counts})
+        finally:
+            writer.close()
+    for shard in shards:
+        path = tmp / shard["file"]
+        shard["bytes"] = path.stat().st_size
+        shard["sha256"] = file_sha256(path)
+    report = {"unit": job.unit, "shards": shards, "skipped": skipped}
+    _write_json(tmp / "report.json", report)
+    return report
+
+
+def _run_units(jobs: list[UnitJob], workers: int, progress: bool) -> None:
+    """Run this rank's units: inline when one process is enough, else in spawned processes."""
+    global _tick
+    for job in jobs:
+        if not job.shards:
+            write_unit(job)  # an empty report, so the main process knows this unit finished
+    busy = [job for job in jobs if job.shards]
+    total = sum(len(plan.items) for job in busy for plan in job.shards)
+    bar, task = _progress_bar(progress, total)
+    try:
+        if workers == 1 or len(busy) <= 1:
+            _tick = (lambda n: bar.advance(task, n)) if bar else None
+            try:
+                for job in busy:
+                    write_unit(job)
+            finally:
+                _tick = None
+            return
+        ctx = mp.get_context("spawn")
+        counter = ctx.Value("q", 0)
+        with ProcessPoolExecutor(len(busy), mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool:
+            futures = [pool.submit(write_unit, job) for job in busy]
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
+                if bar:
+                    bar.update(task, completed=counter.value)
+                if any(f.exception() for f in done):
+                    for f in pending:
+                        f.cancel()
+                    break
+            for f in futures:
+                if f.done():
+                    f.result()  # re-raise a worker's error here
+    finally:
+        if bar:
+            bar.stop()
+
+
+def _progress_bar(show: bool, total: int):
+    if not show:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("sharding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    task = bar.add_task("sharding", total=total)
+    bar.start()
+    return bar, task
+
+
+# ------------------------------------------------------------------------------- finishing
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Atomic: a reader sees the old file or the complete new one, never a partial one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the shard set")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} is not empty; pass --overwrite to replace the shard set there, or choose another --out")
+
+
+def _clear_output(out: Path) -> None:
+    """Remove what a previous prepare left (manifest first, then shards and .tmp); nothing else."""
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    shutil.rmtree(out / TMP_DIR, ignore_errors=True)
+    for path in out.iterdir():
+        if SHARD_PATTERN.match(path.name) or (path.name.startswith(f".{MANIFEST_NAME}.") and path.name.endswith(".tmp")):
+            path.unlink()
+
+
+def _finalize(out: Path, n_units: int, settings: dict[str, Any], pre_skipped: list[dict[str, str]]) -> dict[str, Any]:
+    """Main process: gather the units' reports, rename shards contiguously, write the manifest."""
+    tmp = out / TMP_DIR
+    found: list[tuple[int, dict[str, Any]]] = []
+    skipped = list(pre_skipped)
+    for unit in range(n_units):
+        report_file = tmp / f"unit-{unit}" / "report.json"
+        if not report_file.is_file():
+            raise RuntimeError(f"sharding unit {unit} left no report in {report_file.parent}; did a rank or worker fail?")
+        report = json.loads(report_file.read_text(encoding="utf-8"))
+        found += [(unit, shard) for shard in report["shards"]]
+        skipped += report["skipped"]
+    found.sort(key=lambda us: (SPLITS.index(us[1]["split"]), us[1]["index"]))
+    shards: list[dict[str, Any]] = []
+    counts = {split: {label: 0 for label in (*LABEL_NAMES, "total")} for split in SPLITS}
+    next_index = {split: 0 for split in SPLITS}
+    for unit, shard in found:
+        if shard["samples"] == 0:  # every input of this shard was skipped
+            continue
+        split = shard["split"]
+        name = f"{split}-{next_index[split]:06d}.tar"
+        next_index[split] += 1
+        os.replace(tmp / f"unit-{unit}" / shard["file"], out / name)
+        shards.append({"split": split, "file": name, "samples": shard["samples"],
+                       **{label: shard[label] for label in LABEL_NAMES},
+                       "bytes": shard["bytes"], "sha256": shard["sha256"]})
+        for label in LABEL_NAMES:
+            counts[split][label] += shard[label]
+        counts[split]["total"] += shard["samples"]
+    skipped.sort(key=lambda s: s["input"])
+    total_inputs = settings.pop("_inputs")
+    if not shards:
+        first = f" (first: {skipped[0]['input']}: {skipped[0]['reason']})" if skipped else ""
+        raise UserError(f"--source {settings['source']}: none of its {total_inputs} inputs could be decoded{first}")
+    manifest = {"format_version": FORMAT_VERSION, "id": manifest_id(shards), **settings,
+                "counts": counts, "shards": shards, "skipped": skipped}
+    _write_json(out / MANIFEST_NAME, manifest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _default_command(**args: Any) -> str:
+    """The CLI command that makes this set, when the caller did not pass its own."""
+    parts = ["deepfake-dist", "prepare", "--source", args["source"], "--out", str(args["out"]),
+             "--resolution", str(args["resolution"]), "--format", args["fmt"],
+             "--shard-size", str(args["shard_size"]), "--split", ",".join(f"{v:g}" for v in args["split"]),
+             "--workers", str(args["workers"]), "--seed", str(args["seed"])]
+    if args["fmt"] == "jpg":
+        parts += ["--quality", str(args["quality"])]
+    if args["label"]:
+        parts += ["--label", args["label"]]
+    return shlex.join(parts)
+
+
+def _versions() -> dict[str, str]:
+    import PIL
+    import webdataset
+
+    from deepfake_dist import __version__
+
+    return {"deepfake_dist": __version__, "python": platform.python_version(),
+            "pillow": PIL.__version__, "webdataset": webdataset.__version__}
+
+
+def prepare(
+    source: str,
+    out: str | Path,
+    resolution: int = 64,
+    fmt: str = "jpg",
+    shard_size: int = 1000,
+    split: Sequence[float] | str = (0.8, 0.1, 0.1),
+    workers: int = 1,
+    label: str | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    quality: int = 95,
+    command: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Shard ``source`` (``builtin:lfw``, ``celeba:PATH``, ``folder:PATH``) into ``out``.
+
+    Call it on every rank (under ``accelerate launch`` each rank writes its part); every rank
+    returns the manifest. ``label`` ("real"/"fake") is for a flat folder; ``split`` fractions
+    apply to items whose split the source does not fix; ``command`` is recorded in the manifest
+    (default: the equivalent ``deepfake-dist prepare`` command); ``progress`` shows a rich bar
+    on the main process. Raises ``UserError`` for bad arguments, a bad source or a non-empty
+    ``out`` without ``overwrite`` -- before any file is written.
+    """
+    from accelerate import PartialState
+
+    fmt = {"jpeg": "jpg"}.get(str(fmt).lower(), str(fmt).lower())
+    if fmt not in imageio.FORMATS:
+        raise UserError(f"--format {fmt}: expected one of {', '.join(imageio.FORMATS)}")
+    for name, value, low in (("--resolution", resolution, 8), ("--shard-size", shard_size, 1), ("--workers", workers, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UserError(f"{name} {value}: expected an integer >= {low}")
+    if not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise UserError(f"--quality {quality}: expected an integer from 1 to 100")
+    fractions = parse_split(split)
+    out = Path(out)
+    state = PartialState()
+
+    _check_output(out, overwrite)  # every rank sees the same folder, so all raise or none
+    src = open_source(source, label)
+    mode = "L" if src.channels == 1 else "RGB"
+    plans = plan_shards(src.items, fractions, seed, shard_size)
+    n_units = state.num_processes * workers
+    runs = split_units(plans, n_units)
+    tmp = (out / TMP_DIR).resolve()
+
+    state.wait_for_everyone()  # nobody writes before every rank has checked the output folder
+    if state.is_main_process:
+        if out.is_dir():
+            _clear_output(out)
+        tmp.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+
+    mine = range(state.process_index * workers, (state.process_index + 1) * workers)
+    jobs = [UnitJob(u, str(tmp / f"unit-{u}"), runs[u], mode, resolution, fmt, quality, shard_size) for u in mine]
+    _run_units(jobs, workers, progress and state.is_main_process)
+    state.wait_for_everyone()
+
+    manifest: dict[str, Any] | None = None
+    error: BaseException | None = None
+    if state.is_main_process:
+        settings = {
+            "name": out.resolve().name,
+            "source": source,
+            "resolution": resolution,
+            "format": fmt,
+            "channels": 1 if mode == "L" else 3,
+            "mode": mode,
+            "preprocessing": {
+                "exif_transpose": True, "crop": "center", "resize_filter": imageio.RESIZE_FILTER,
+                "jpeg_quality": quality if fmt == "jpg" else None,
+                "jpeg_subsampling": imageio.JPEG_SUBSAMPLING if fmt == "jpg" else None,
+            },
+            "split": {"fractions": list(fractions), "seed": seed,
+                      "assigned_by_fractions": sum(1 for item in src.items if item.split is None)},
+            "shard_size": shard_size,
+            "label": label,
+            "created": {
+                "command": command or _default_command(source=source, out=out, resolution=resolution, fmt=fmt,
+                                                      shard_size=shard_size, split=fractions, workers=workers,
+                                                      seed=seed, quality=quality, label=label),
+                "package_version": _versions()["deepfake_dist"],
+                "versions": _versions(),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "workers": workers,
+                "world_size": state.num_processes,
+            },
+            "_inputs": len(src.items) + len(src.skipped),
+        }
+        try:
+            manifest = _finalize(out, n_units, settings, src.skipped)
+        except BaseException as err:  # reach the last barrier anyway, then raise
+            error = err
+    state.wait_for_everyone()
+    if error is not None:
+        raise error
+    if manifest is None:
+        if not (out / MANIFEST_NAME).is_file():
+            raise UserError(f"--out {out}: the main process wrote no manifest; see its error above")
+        manifest = load_manifest(out)
+    return manifest
