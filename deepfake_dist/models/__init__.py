@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from deepfake_dist.registry import Registry
 
 MODELS = Registry("model")
@@ -17,3 +20,8 @@ def create_model(name: str, **kwargs):
 
 def model_kind(name: str) -> str:
     return MODELS.meta(name)["kind"]
+
+
+# Import every module of this package so each architecture registers itself (no hand-kept list).
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
