@@ -49,6 +49,15 @@ def test_unknown_model_name_suggests_the_closest():
         create_model("temporal", backbone="cnn", head="lstn")
 
 
+def test_bad_arguments_name_the_value_and_the_choices():
+    with pytest.raises(UserError, match="resolution 48 is not supported; choose one of 32, 64, 128"):
+        create_model("vae", resolution=48)
+    with pytest.raises(UserError, match="num_classes must be at least 2"):
+        create_model("cdcgan", num_classes=1)
+    with pytest.raises(UserError, match="must be an image detector, not 'dcgan'"):
+        create_model("temporal", backbone="dcgan")
+
+
 @pytest.mark.parametrize("name", IMAGE_DETECTORS)
 @pytest.mark.parametrize("size,in_channels", [(64, 3), (64, 1), (128, 3), (128, 1)])
 def test_detector_contract(name, size, in_channels):
