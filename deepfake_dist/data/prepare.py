@@ -344,6 +344,31 @@ def _versions() -> dict[str, str]:
             "pillow": PIL.__version__, "webdataset": webdataset.__version__}
 
 
+def distributed_state():
+    """``accelerate.PartialState`` for this process: one process without a launcher, a gloo (CPU)
+    or nccl (GPU) group under ``accelerate launch`` / torchrun.
+
+    PartialState only picks gloo when asked for the CPU; without that, a launched process on a
+    machine with no GPU silently becomes a world of one, and ranks would overwrite each other's
+    shards. So: CPU when ``ACCELERATE_USE_CPU`` is set or no GPU is visible, and an error when the
+    launcher's ``WORLD_SIZE`` disagrees with the state (one created earlier without ``cpu=True``).
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != state.num_processes:
+        raise RuntimeError(
+            f"launched with WORLD_SIZE={launched} but accelerate's state has {state.num_processes} process(es) "
+            f"({state.distributed_type}); it was created before prepare() without cpu=True on a machine "
+            "without a GPU: create it with PartialState(cpu=True) / Accelerator(cpu=True)"
+        )
+    return state
+
+
 def prepare(
     source: str,
     out: str | Path,
@@ -368,8 +393,6 @@ def prepare(
     on the main process. Raises ``UserError`` for bad arguments, a bad source or a non-empty
     ``out`` without ``overwrite`` -- before any file is written.
     """
-    from accelerate import PartialState
-
     fmt = {"jpeg": "jpg"}.get(str(fmt).lower(), str(fmt).lower())
     if fmt not in imageio.FORMATS:
         raise UserError(f"--format {fmt}: expected one of {', '.join(imageio.FORMATS)}")
@@ -380,7 +403,7 @@ def prepare(
         raise UserError(f"--quality {quality}: expected an integer from 1 to 100")
     fractions = parse_split(split)
     out = Path(out)
-    state = PartialState()
+    state = distributed_state()
 
     _check_output(out, overwrite)  # every rank sees the same folder, so all raise or none
     src = open_source(source, label)

@@ -1,0 +1,100 @@
+"""Shared fixtures. Image-folder fixtures build small, distinct face-like images with PIL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _image(rng: np.random.Generator, size: tuple[int, int], mode: str) -> Image.Image:
+    """A smooth random image (blurred noise compresses like a photo, not like static)."""
+    w, h = size
+    small = rng.integers(0, 256, (max(h // 4, 2), max(w // 4, 2), 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR)
+    return img.convert(mode)
+
+
+@pytest.fixture
+def make_face_images() -> Callable[..., list[Path]]:
+    """``make(folder, n, prefix="img", ext="jpg", size=(40, 32), mode="RGB", seed=0)`` writes
+    ``n`` distinct images ``folder/{prefix}_{i:03d}.{ext}`` and returns their paths."""
+
+    def make(folder: Path, n: int, prefix: str = "img", ext: str = "jpg", size=(40, 32), mode: str = "RGB", seed: int = 0):
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng([seed, n, len(prefix), sum(map(ord, str(folder) + prefix))])
+        paths = []
+        for i in range(n):
+            path = folder / f"{prefix}_{i:03d}.{ext}"
+            _image(rng, size, mode).save(path)
+            paths.append(path)
+        return paths
+
+    return make
+
+
+@pytest.fixture
+def face_folder(tmp_path, make_face_images) -> Path:
+    """``faces/{real,fake}/*``: 12 real (10 jpg 40x32, 2 png 30x50) and 8 fake (5 in fake/ and
+    3 in fake/gan_a/, so their generator is known). No fixed split."""
+    root = tmp_path / "faces"
+    make_face_images(root / "real", 10, "r")
+    make_face_images(root / "real", 2, "p", ext="png", size=(30, 50), seed=1)
+    make_face_images(root / "fake", 5, "f", seed=2)
+    make_face_images(root / "fake" / "gan_a", 3, "g", ext="png", seed=3)
+    return root
+
+
+@pytest.fixture
+def split_face_folder(tmp_path, make_face_images) -> Path:
+    """``split_faces/{train,val,test}/{real,fake}/*`` with counts in ``SPLIT_FACE_COUNTS``."""
+    root = tmp_path / "split_faces"
+    for (split, label), n in SPLIT_FACE_COUNTS.items():
+        make_face_images(root / split / label, n, f"{split}_{label}", seed=n)
+    return root
+
+
+SPLIT_FACE_COUNTS = {
+    ("train", "real"): 5, ("train", "fake"): 4,
+    ("val", "real"): 2, ("val", "fake"): 1,
+    ("test", "real"): 1, ("test", "fake"): 3,
+}
+
+
+@pytest.fixture
+def split_face_counts() -> dict[tuple[str, str], int]:
+    return dict(SPLIT_FACE_COUNTS)
+
+
+@pytest.fixture
+def flat_face_folder(tmp_path, make_face_images) -> Path:
+    """``flat_faces/*``: 6 jpgs, no label folders (needs ``label=``)."""
+    root = tmp_path / "flat_faces"
+    make_face_images(root, 6, "x")
+    return root
+
+
+CELEBA_ATTRS = ("Male", "Smiling", "Young")
+
+
+@pytest.fixture
+def celeba_folder(tmp_path, make_face_images) -> Path:
+    """A tiny CelebA: ``img_align_celeba/000001.jpg..000009.jpg`` (178x218 like the real one),
+    ``list_eval_partition.txt`` (4 train, 3 val, 2 test; also lists a missing 000010.jpg),
+    ``list_attr_celeba.txt`` (Male, Smiling, Young as +-1) and ``list_bbox_celeba.txt``."""
+    root = tmp_path / "celeba"
+    img_dir = root / "img_align_celeba"
+    for path in make_face_images(img_dir, 9, "tmp", size=(178, 218), seed=5):
+        index = int(path.stem.split("_")[1]) + 1
+        path.rename(img_dir / f"{index:06d}.jpg")
+    names = [f"{i:06d}.jpg" for i in range(1, 11)]
+    splits = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    (root / "list_eval_partition.txt").write_text("".join(f"{n} {s}\n" for n, s in zip(names, splits)))
+    rows = [f"{n} " + " ".join("1" if (i + j) % 2 else "-1" for j in range(len(CELEBA_ATTRS))) for i, n in enumerate(names)]
+    (root / "list_attr_celeba.txt").write_text(f"{len(names)}\n{' '.join(CELEBA_ATTRS)}\n" + "\n".join(rows) + "\n")
+    bbox = [f"{n} {10 + i} {20 + i} {100 + i} {120 + i}" for i, n in enumerate(names)]
+    (root / "list_bbox_celeba.txt").write_text(f"{len(names)}\nimage_id x_1 y_1 width height\n" + "\n".join(bbox) + "\n")
+    return root
