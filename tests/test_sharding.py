@@ -113,7 +113,7 @@ def test_builtin_lfw_is_100_grey_real_faces(tmp_path):
     assert (manifest["channels"], manifest["mode"]) == (1, "L")
     samples = read_set(out)
     assert len(samples) == 100 and all(label == 0 for _, label, _, _ in samples.values())
-    split, _, pixels, meta = samples["lfw-007"]
+    _, _, pixels, meta = samples["lfw-007"]
     assert pixels.shape == (64, 64)  # grey stays grey: one channel
     assert meta == {"source": "lfw", "id": 7, "label": "real", "dataset": "skimage.data.lfw_subset"}
     face = Image.fromarray((lfw_subset()[7] * 255).round().astype(np.uint8)).resize((64, 64), Image.Resampling.BICUBIC)
@@ -259,6 +259,7 @@ def test_rerun_needs_overwrite(lfw_set):
 # ---------------------------------------------------------------------------------- parallel
 
 
+@pytest.mark.slow
 def test_two_workers_write_the_same_set_as_one(face_folder, tmp_path):
     one = prepare(f"folder:{face_folder}", tmp_path / "one", resolution=16, shard_size=3)
     two = prepare(f"folder:{face_folder}", tmp_path / "two", resolution=16, shard_size=3, workers=2)
@@ -278,6 +279,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_ranks_under_accelerate_launch_match_one_process(face_folder, tmp_path):
     accelerate = Path(sys.executable).parent / "accelerate"
     if not accelerate.exists():
@@ -290,7 +292,7 @@ def test_two_ranks_under_accelerate_launch_match_one_process(face_folder, tmp_pa
     proc = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(ROOT / "tests" / "sharding_launch.py"), *args],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = load_manifest(tmp_path / "ranks")

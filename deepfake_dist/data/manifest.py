@@ -219,8 +219,8 @@ def info_table(manifest: dict[str, Any]):
         ("preprocessing", f"crop {pre.get('crop', '?')}, resize {pre.get('resize_filter', '?')}"),
         ("split", ", ".join(f"{k} {v}" for k, v in manifest.get("split", {}).items())),
         ("skipped", f"{len(skipped)}" + (f" (first: {skipped[0]['input']}: {skipped[0]['reason']})" if skipped else "")),
-        ("created", f"{created.get('time', '?')}, deepfake_dist {created.get('package_version', '?')}, "
-                    f"{created.get('world_size', '?')} rank(s) x {created.get('workers', '?')} worker(s)"),
+        ("created", (f"{created.get('time', '?')}, deepfake_dist {created.get('package_version', '?')}, "
+                     f"{created.get('world_size', '?')} rank(s) x {created.get('workers', '?')} worker(s)")),
         ("command", created.get("command") or "?"),
     ):
         settings.add_row(key, str(value))

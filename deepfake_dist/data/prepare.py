@@ -29,11 +29,12 @@ import random
 import shlex
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from deepfake_dist.data import imageio
 from deepfake_dist.data.manifest import (
@@ -178,7 +179,7 @@ def write_unit(job: UnitJob) -> dict[str, Any]:
                 for item in plan.items:
                     try:
                         data = _encode_item(item, job)
-                    except Exception as err:  # a bad input never stops the set
+                    except Exception as err:  # noqa: BLE001 - a bad input never stops the set, it is recorded
                         reason = f"{type(err).__name__}: {err}".strip().rstrip(":")
                         skipped.append({"input": item.origin or item.key, "key": item.key, "reason": reason})
                     else:
@@ -458,7 +459,7 @@ def prepare(
         }
         try:
             manifest = _finalize(out, n_units, settings, src.skipped)
-        except BaseException as err:  # reach the last barrier anyway, then raise
+        except BaseException as err:  # noqa: BLE001 - reach the last barrier anyway, then re-raise
             error = err
     state.wait_for_everyone()
     if error is not None:

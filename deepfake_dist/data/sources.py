@@ -16,9 +16,10 @@ import functools
 import hashlib
 import re
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from PIL import Image
 
@@ -121,7 +122,7 @@ def _only_real(spec: str, label: str | None) -> None:
 # ----------------------------------------------------------------------------------- builtin
 
 
-@SOURCES.register("builtin", usage="builtin:" + "|".join(["lfw"]))
+@SOURCES.register("builtin", usage="builtin:lfw")
 def _builtin(arg: str, label: str | None) -> Source:
     return BUILTINS.get(arg)(label)
 
