@@ -148,6 +148,7 @@ class EvalStream(IterableDataset):
     def __init__(self, urls, cfg: DataConfig, channels: int, rank: int, world: int):
         self.urls, self.cfg, self.channels, self.rank, self.world = urls, cfg, channels, rank, world
         self.transform = transforms.eval_transform(cfg.resolution, channels, cfg.normalize)
+        self.sample_shape = (channels, cfg.resolution, cfg.resolution)
 
     def __iter__(self):
         worker, workers = _worker()

@@ -1,0 +1,131 @@
+"""The ``deepfake-dist`` command line (also ``python -m deepfake_dist`` and ``launch/train.py``).
+
+Each subcommand is a small function registered in ``COMMANDS``; a ``UserError`` anywhere is
+printed as one line and exits with status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+
+from deepfake_dist import __version__
+from deepfake_dist.errors import UserError
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _train_config(args):
+    from deepfake_dist.config import load_config
+
+    overrides = list(args.overrides)
+    for flag, key in (("epochs", "train.epochs"), ("batch_size", "data.batch_size"), ("lr", "optim.lr"),
+                      ("name", "name"), ("output_dir", "output_dir")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args) -> int:
+    cfg = _train_config(args)
+    from deepfake_dist.train.loop import train
+
+    summary = train(cfg)
+    return 3 if summary.get("stopped") else 0
+
+
+def cmd_prepare(args) -> int:
+    from deepfake_dist.data.prepare import prepare
+
+    split = tuple(float(x) for x in args.split.split(","))
+    if len(split) != 3 or abs(sum(split) - 1) > 1e-6 or min(split) < 0:
+        raise UserError(f"--split '{args.split}' must be three fractions that add up to 1, e.g. 0.8,0.1,0.1")
+    manifest = prepare(
+        args.source, args.out, resolution=args.resolution, fmt=args.format, shard_size=args.shard_size,
+        split=split, workers=args.workers, label=args.label, overwrite=args.overwrite, seed=args.seed,
+        command=shlex.join(["deepfake-dist", *sys.argv[1:]]),
+    )
+    if manifest is not None:
+        from deepfake_dist.data.manifest import info_table
+
+        out.print(info_table(manifest))
+    return 0
+
+
+def cmd_shards(args) -> int:
+    from deepfake_dist.data.manifest import info_table, load_manifest, verify
+
+    if args.action == "info":
+        out.print(info_table(load_manifest(args.set)))
+        return 0
+    problems = verify(args.set)
+    for problem in problems:
+        err.print(f"[red]FAIL[/red] {escape(problem)}")
+    if problems:
+        err.print(f"{args.set}: {len(problems)} problem(s); re-create the set with deepfake-dist prepare --overwrite")
+        return 1
+    out.print(f"{args.set}: all shards match the manifest")
+    return 0
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a model from a YAML config (any launch mode)")
+    p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/hybrid.yaml")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="per process")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--name", help="run name (folder under output_dir)")
+    p.add_argument("--output-dir", dest="output_dir")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override any config key")
+    p.set_defaults(fn=cmd_train)
+
+
+def _add_prepare(sub):
+    p = sub.add_parser("prepare", help="turn a face dataset into WebDataset shards with a manifest")
+    p.add_argument("--source", required=True, help="builtin:lfw | celeba:PATH | folder:PATH")
+    p.add_argument("--out", required=True, help="output folder, e.g. shards/lfw")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--format", choices=["jpg", "png"], default="png")
+    p.add_argument("--shard-size", dest="shard_size", type=int, default=1000)
+    p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions for unsplit sources")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--label", choices=["real", "fake"], help="label of a flat folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_prepare)
+
+
+def _add_shards(sub):
+    p = sub.add_parser("shards", help="check or describe a shard set")
+    p.add_argument("action", choices=["verify", "info"])
+    p.add_argument("set", help="shard set folder (holds manifest.json)")
+    p.set_defaults(fn=cmd_shards)
+
+
+COMMANDS = [_add_train, _add_prepare, _add_shards]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepfake-dist", description="Distributed deepfake generation and detection.")
+    p.add_argument("--version", action="version", version=f"deepfake-dist {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        err.print(f"[bold red]error:[/bold red] {escape(str(e))}")
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130

@@ -1,0 +1,314 @@
+"""Typed experiment configs: YAML files -> dataclasses, with ``key.sub=value`` overrides.
+
+Every problem (missing file, unknown key, wrong type, impossible value) raises a ``UserError``
+whose one line names the file, the key, what was expected and, for a typo, the closest key.
+The ``model`` section is open: its keys are checked against the chosen model's constructor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from deepfake_dist.errors import UserError
+from deepfake_dist.registry import closest
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation; each transform fires with its probability."""
+
+    hflip: float = 0.5
+    crop: float = 0.5  # probability of a random resized crop
+    crop_scale: tuple[float, float] = (0.7, 1.0)
+    jitter: float = 0.3  # probability of brightness/contrast jitter
+    jitter_strength: float = 0.2
+    jpeg: float = 0.1  # JPEG recompression, Wang et al. 2020
+    jpeg_quality: tuple[int, int] = (30, 100)
+    blur: float = 0.1  # Gaussian blur, Wang et al. 2020
+    blur_sigma: tuple[float, float] = (0.1, 3.0)
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # shard set folders (each with manifest.json)
+    val: Optional[list[str]] = None  # defaults to the train sets
+    train_split: str = "train"
+    val_split: str = "val"
+    resolution: int = 64
+    channels: Union[int, Literal["auto"]] = "auto"  # "auto": taken from the manifests
+    batch_size: int = 32  # per process
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    normalize: Literal["imagenet", "half"] = "imagenet"  # "half": [-1, 1] as generators want
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class SchedConfig:
+    name: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
+    warmup_steps: int = 0
+    step_size: int = 1000  # for "step": decay every N optimizer steps
+    gamma: float = 0.1
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    max_steps: Optional[int] = None  # stop after this many optimizer steps
+    grad_accum: int = 1
+    grad_clip: Optional[float] = 1.0
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None  # None: the launcher's
+    monitor: str = "val/auroc"  # metric that picks the best checkpoint (validation only)
+    monitor_mode: Literal["max", "min"] = "max"
+    early_stopping: Optional[int] = None  # epochs without improvement before stopping
+    log_every: int = 10
+    timeout_s: int = 1800  # a rank that dies or stalls ends the job after this many seconds
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: Optional[int] = None
+    every_epochs: int = 1
+    keep_last: int = 2
+    resume: str = "auto"  # "auto" | "none" | path to a checkpoints/step-N folder
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "deepfake_dist"
+    entity: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    args: dict = field(default_factory=dict)  # constructor arguments, checked against it
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply ``key.sub=value`` overrides, and check everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' not found; pass an existing YAML file, e.g. configs/smoke.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    for item in overrides:
+        apply_override(raw, item, where=f"{path} (override '{item}')")
+    return build_config(raw, where=str(path))
+
+
+def apply_override(raw: dict, item: str, where: str) -> None:
+    """Set ``a.b.c=value`` in the raw dict; the value is parsed as YAML (so 3, 1e-3, [a, b] work)."""
+    if "=" not in item:
+        raise UserError(f"{where}: an override must look like key.sub=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"{where}: '{part}' is not a section, cannot set '{key}'")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def build_config(raw: dict, where: str) -> Config:
+    cfg = _build(Config, raw, where, prefix="")
+    _check_model_args(cfg, where)
+    _check_values(cfg, where)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    """Plain, YAML-safe dict of a config (tuples become lists)."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls, raw: Any, where: str, prefix: str):
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if cls is ModelConfig:  # model.<arg> keys other than name go to args
+        raw = {"name": raw.get("name", ModelConfig.name), "args": {k: v for k, v in raw.items() if k != "name"}}
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise UserError(
+                f"{where}: unknown key '{prefix}{key}'{closest(key, names)}; "
+                f"valid keys here: {', '.join(names)}"
+            )
+        values[key] = _coerce(hints[key], value, where, prefix + key)
+    return cls(**values)
+
+
+def _coerce(tp, value, where: str, key: str):
+    """Check ``value`` against the annotation ``tp``; convert lists to tuples, ints to floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, key + ".")
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in args:
+            try:
+                return _coerce(option, value, where, key)
+            except UserError as e:
+                errors.append(e)
+        raise UserError(f"{where}: '{key}' expected {_describe(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is Literal:
+        if value in args:
+            return value
+        hint = closest(str(value), [str(a) for a in args])
+        raise UserError(f"{where}: '{key}' expected one of {list(args)}, got {value!r}{hint}")
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            if origin is tuple and len(value) != len(args):
+                raise UserError(f"{where}: '{key}' expected a list of {len(args)} values, got {value!r}")
+            inner = args if origin is tuple else [args[0]] * len(value)
+            items = [_coerce(t, v, where, f"{key}[{i}]") for i, (t, v) in enumerate(zip(inner, value))]
+            return tuple(items) if origin is tuple else items
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise UserError(f"{where}: '{key}' expected {_describe(tp)}, got {value!r}")
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _check_model_args(cfg: Config, where: str) -> None:
+    """Model keys are whatever the registered constructor accepts."""
+    from deepfake_dist.models import MODELS
+
+    try:
+        ctor = MODELS.get(cfg.model.name)
+    except UserError as e:
+        raise UserError(f"{where}: 'model.name': {e}") from None
+    params = inspect.signature(ctor).parameters
+    valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in cfg.model.args:
+        if key not in valid:
+            raise UserError(
+                f"{where}: unknown key 'model.{key}' for model '{cfg.model.name}'{closest(key, valid)}; "
+                f"valid keys: name, {', '.join(valid)}"
+            )
+
+
+def _check_values(cfg: Config, where: str) -> None:
+    positive = {
+        "data.resolution": cfg.data.resolution,
+        "data.batch_size": cfg.data.batch_size,
+        "train.epochs": cfg.train.epochs,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.log_every": cfg.train.log_every,
+        "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{where}: '{key}' must be positive, got {value}")
+    for key, value in {"train.max_steps": cfg.train.max_steps, "checkpoint.every_steps": cfg.checkpoint.every_steps}.items():
+        if value is not None and value <= 0:
+            raise UserError(f"{where}: '{key}' must be positive or null, got {value}")
+    if cfg.data.num_workers < 0:
+        raise UserError(f"{where}: 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.channels not in ("auto", 1, 3):
+        raise UserError(f"{where}: 'data.channels' must be 1, 3 or auto, got {cfg.data.channels}")
+    if not cfg.data.train:
+        raise UserError(f"{where}: 'data.train' is empty; list at least one shard set folder, e.g. [shards/lfw]")
+    aug = cfg.data.augment
+    for name in ("hflip", "crop", "jitter", "jpeg", "blur"):
+        p = getattr(aug, name)
+        if not 0.0 <= p <= 1.0:
+            raise UserError(f"{where}: 'data.augment.{name}' is a probability in [0, 1], got {p}")
+    for folder in [*cfg.data.train, *(cfg.data.val or [])]:
+        if not (Path(folder) / "manifest.json").is_file():
+            raise UserError(
+                f"{where}: shard set '{folder}' has no manifest.json; "
+                f"create it with: deepfake-dist prepare --source ... --out {folder}"
+            )
+    if cfg.checkpoint.resume not in ("auto", "none") and not Path(cfg.checkpoint.resume).is_dir():
+        raise UserError(
+            f"{where}: 'checkpoint.resume' is '{cfg.checkpoint.resume}', which is neither auto, none nor a checkpoint folder"
+        )

@@ -1,0 +1,61 @@
+"""Real-vs-fake detectors: one logit per image, binary cross-entropy, validation metrics."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from deepfake_dist.data.loader import eval_loader
+from deepfake_dist.models import create_model
+from deepfake_dist.predictions import predict
+from deepfake_dist.tasks import TASKS
+from deepfake_dist.train.metrics import binary_metrics
+from deepfake_dist.train.optim import build_optimizer, build_scheduler
+
+CLASS_NAMES = ["real", "fake"]
+
+
+@TASKS.register("detector")
+class DetectorTask:
+    def __init__(self, cfg, accelerator, channels: int):
+        self.cfg, self.accelerator, self.channels = cfg, accelerator, channels
+        model = create_model(cfg.model.name, in_channels=channels, **cfg.model.args)
+        opt = build_optimizer(model.parameters(), cfg.optim)
+        self.model, self.opt = accelerator.prepare(model, opt)
+        self.sched = None
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The schedule needs the run's length, which the loop knows once data is counted."""
+        self.sched = self.accelerator.prepare(build_scheduler(self.opt, self.cfg.sched, total_steps))
+
+    def train_step(self, batch) -> dict[str, float]:
+        self.model.train()
+        with self.accelerator.accumulate(self.model):
+            logits = self.model(batch.image)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label.float())
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and self.cfg.train.grad_clip:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            self.opt.step()
+            if self.accelerator.sync_gradients:
+                self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+        return {"loss": loss.detach().item(), "lr": self.sched.get_last_lr()[0]}
+
+    def validate(self) -> dict[str, float]:
+        cfg = self.cfg
+        sets = cfg.data.val or cfg.data.train
+        loader = eval_loader(cfg.data, sets, cfg.data.val_split, self.channels,
+                             self.accelerator.process_index, self.accelerator.num_processes)
+        preds = predict(self.accelerator, self.model, loader)
+        metrics = binary_metrics(preds.scores, preds.labels)
+        metrics["loss"] = F.binary_cross_entropy_with_logits(preds.logits, preds.labels.float()).item()
+        metrics["samples"] = len(preds.keys)
+        return metrics
+
+    def export_modules(self) -> dict[str, torch.nn.Module]:
+        """What the best checkpoint exports, by file name."""
+        return {"model": self.model}
+
+    def export_info(self) -> dict:
+        return {"kind": "detector", "class_names": CLASS_NAMES, "threshold": 0.5}

@@ -1,0 +1,1 @@
+"""The training loop, its checkpoints, metrics and logging; tasks plug in their step."""

@@ -1,0 +1,154 @@
+"""The one training loop: every task (detector, GAN, autoencoder) runs through it.
+
+It owns what all tasks share: the data stream, epochs and steps, throughput accounting,
+validation and best-model export (validation split only), checkpoints and ``resume: auto``,
+early stopping, and a clean checkpoint-and-exit on SIGTERM / SIGUSR1 (preemption).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate.utils import set_seed
+
+from deepfake_dist import __version__
+from deepfake_dist.config import Config, to_dict
+from deepfake_dist.data.loader import manifest_ids, resolve_channels, train_loader
+from deepfake_dist.tasks import create_task
+from deepfake_dist.train.checkpoint import export_model, find_resume, load_checkpoint, save_checkpoint
+from deepfake_dist.train.runtime import make_accelerator
+from deepfake_dist.train.tracking import Tracker, console, start_trackers
+
+
+class _StopRequest:
+    """Remembers a SIGTERM/SIGUSR1; ranks agree on it at each step so all stop together."""
+
+    def __init__(self):
+        self.asked = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.asked = True
+
+    def agreed(self, accelerator) -> bool:
+        flag = torch.tensor([1.0 if self.asked else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0) if accelerator.num_processes > 1 else self.asked
+
+
+def _improved(value: float, best: float | None, mode: str) -> bool:
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def train(cfg: Config) -> dict:
+    """Train ``cfg`` to the end (or to a stop request); returns the final summary."""
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    run_dir = cfg.run_dir
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    accelerator.wait_for_everyone()
+
+    channels = resolve_channels(cfg.data, cfg.data.train)
+    task = create_task(cfg, accelerator, channels)
+    loader, stream = train_loader(cfg.data, channels, accelerator.process_index, accelerator.num_processes, cfg.seed)
+    batches_per_epoch = stream.batches_per_worker * max(cfg.data.num_workers, 1)
+    steps_per_epoch = max(batches_per_epoch // cfg.train.grad_accum, 1)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    task.set_total_steps(total_steps)
+
+    state = {"epoch": 0, "step": 0, "batch": 0, "best": None, "best_step": None, "stale_epochs": 0}
+    resume = find_resume(accelerator, run_dir, cfg.checkpoint.resume)
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume)
+        if accelerator.is_main_process:
+            console.print(f"resuming from {resume} (epoch {state['epoch']}, step {state['step']})")
+
+    manifests = manifest_ids(sorted(set(cfg.data.train + (cfg.data.val or []))))
+    start_trackers(accelerator, cfg, {"manifests": manifests, "world_size": accelerator.num_processes})
+    tracker = Tracker(accelerator, cfg, total_steps, state["step"])
+    stop = _StopRequest()
+    export_info = {
+        **task.export_info(),
+        "model": cfg.model.name,
+        "model_args": cfg.model.args,
+        "in_channels": channels,
+        "resolution": cfg.data.resolution,
+        "normalize": cfg.data.normalize,
+        "manifests": manifests,
+        "config": to_dict(cfg),
+        "package_version": __version__,
+    }
+
+    def checkpoint():
+        save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep_last)
+
+    finished = state["step"] >= total_steps
+    stopped_early = False
+    while not finished and state["epoch"] < cfg.train.epochs:
+        stream.set_epoch(state["epoch"])
+        wait = compute = 0.0
+        seen = 0
+        tick = time.perf_counter()
+        for index, batch in enumerate(loader):
+            if index < state["batch"]:  # replay to the resume point of this epoch
+                tick = time.perf_counter()
+                continue
+            batch = batch.to(accelerator.device)
+            started = time.perf_counter()
+            wait += started - tick
+            logs = task.train_step(batch)
+            tick = time.perf_counter()
+            compute += tick - started
+            seen += len(batch)
+            state["batch"] = index + 1
+            if not accelerator.sync_gradients:
+                continue
+            state["step"] += 1
+            if state["step"] % cfg.train.log_every == 0 or state["step"] == total_steps:
+                rate = seen / max(wait + compute, 1e-9)
+                logs.update({"images_per_s": rate * accelerator.num_processes, "images_per_s_per_rank": rate,
+                             "data_wait_frac": wait / max(wait + compute, 1e-9), "epoch": state["epoch"]})
+                tracker.log({f"train/{k}": v for k, v in logs.items()}, state["step"])
+                tracker.advance(state["step"], state["epoch"], {k: logs[k] for k in ("loss", "lr") if k in logs})
+            if cfg.checkpoint.every_steps and state["step"] % cfg.checkpoint.every_steps == 0:
+                checkpoint()
+            if stop.agreed(accelerator):
+                checkpoint()
+                if accelerator.is_main_process:
+                    console.print(f"stop requested: checkpoint written at step {state['step']}; rerun to resume")
+                tracker.close({"stopped at step": state["step"]})
+                return {"stopped": True, **state}
+            if state["step"] >= total_steps:
+                finished = True
+                break
+
+        metrics = task.validate()
+        tracker.log({f"val/{k}": v for k, v in metrics.items()}, state["step"])
+        value = metrics.get(cfg.train.monitor.removeprefix("val/"))
+        if value is None or _improved(value, state["best"], cfg.train.monitor_mode):  # None: nothing to rank by
+            state.update(best=value, best_step=state["step"], stale_epochs=0)
+            for name, module in task.export_modules().items():
+                export_model(accelerator, module, run_dir, {**export_info, "step": state["step"],
+                                                            "val_metrics": metrics}, name=name)
+        else:
+            state["stale_epochs"] += 1
+        state["epoch"] += 1
+        state["batch"] = 0
+        if cfg.train.early_stopping and state["stale_epochs"] >= cfg.train.early_stopping:
+            stopped_early = True
+        if state["epoch"] % cfg.checkpoint.every_epochs == 0 or finished or stopped_early:
+            checkpoint()
+        if stopped_early:
+            break
+
+    summary = {"run": str(run_dir), "epochs": state["epoch"], "steps": state["step"],
+               f"best {cfg.train.monitor}": state["best"], "best step": state["best_step"],
+               "early stopped": stopped_early}
+    tracker.close(summary)
+    return summary

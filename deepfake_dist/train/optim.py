@@ -1,0 +1,38 @@
+"""Optimizers and learning-rate schedules from the config (torch's own implementations)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from deepfake_dist.config import OptimConfig, SchedConfig
+
+
+def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, total_steps: int):
+    """Per-optimizer-step schedule with linear warm-up (one-cycle has its own warm-up)."""
+    if cfg.name == "onecycle":
+        pct = min(max(cfg.warmup_steps / max(total_steps, 1), 0.01), 0.99) if cfg.warmup_steps else 0.3
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(total_steps, 1), pct_start=pct
+        )
+    warmup = cfg.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.name == "cosine":
+            progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.name == "step":
+            return cfg.gamma ** ((step - warmup) // cfg.step_size)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)

@@ -1,0 +1,89 @@
+"""What a run reports: a rich progress bar and summary (main process only), ``metrics.jsonl``
+(always, no wandb needed) and wandb through Accelerate's trackers (online, offline or off)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from accelerate import Accelerator
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from deepfake_dist.config import Config, to_dict
+
+console = Console(stderr=True)
+
+
+def tracker_name(cfg: Config) -> str | None:
+    return None if cfg.wandb.mode == "disabled" else "wandb"
+
+
+def start_trackers(accelerator: Accelerator, cfg: Config, extra: dict) -> None:
+    if cfg.wandb.mode == "disabled":
+        return
+    os.environ.setdefault("WANDB_SILENT", "true")
+    accelerator.init_trackers(
+        cfg.wandb.project,
+        config={**to_dict(cfg), **extra},
+        init_kwargs={
+            "wandb": {
+                "mode": cfg.wandb.mode,
+                "entity": cfg.wandb.entity,
+                "name": cfg.name,
+                "dir": str(cfg.run_dir),
+            }
+        },
+    )
+
+
+class Tracker:
+    """Fans one ``log(values, step)`` out to metrics.jsonl, wandb and the progress bar."""
+
+    def __init__(self, accelerator: Accelerator, cfg: Config, total_steps: int, start_step: int):
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.jsonl = cfg.run_dir / "metrics.jsonl"
+        self.progress = None
+        if self.main:
+            self.progress = Progress(
+                TextColumn("[bold]{task.fields[epoch]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeRemainingColumn(),
+                console=console,
+                disable=not console.is_terminal and not os.environ.get("DEEPFAKE_DIST_PROGRESS"),
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, epoch="", stats="")
+            self.progress.start()
+
+    def log(self, values: dict, step: int) -> None:
+        if self.main:
+            record = {"step": step, "time": time.time(), **values}
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.accelerator.log(values, step=step)
+
+    def advance(self, step: int, epoch: int, stats: dict) -> None:
+        if self.progress:
+            text = "  ".join(f"{k} {v:.4g}" for k, v in stats.items())
+            self.progress.update(self.task, completed=step, epoch=f"epoch {epoch}", stats=text)
+
+    def close(self, summary: dict) -> None:
+        if self.progress:
+            self.progress.stop()
+            table = Table(title="run summary")
+            table.add_column("what")
+            table.add_column("value", justify="right")
+            for key, value in summary.items():
+                table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+            console.print(table)
+        self.accelerator.end_training()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

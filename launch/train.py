@@ -1,0 +1,12 @@
+"""Entry point for launchers: ``accelerate launch launch/train.py --config configs/hybrid.yaml``.
+
+Same code as ``deepfake-dist train``; kept as a file because launchers (accelerate, torchrun,
+srun) take a script path.
+"""
+
+import sys
+
+from deepfake_dist.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))
