@@ -98,3 +98,18 @@ def celeba_folder(tmp_path, make_face_images) -> Path:
     bbox = [f"{n} {10 + i} {20 + i} {100 + i} {120 + i}" for i, n in enumerate(names)]
     (root / "list_bbox_celeba.txt").write_text(f"{len(names)}\nimage_id x_1 y_1 width height\n" + "\n".join(bbox) + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def face_shards(tmp_path_factory) -> Path:
+    """A grey 32-px shard set of LFW faces (real) and toy fakes (see ``datasets.toy_fake``):
+    60 + 60 images, 16 per shard, split 0.8/0.1/0.1. Built once per test session."""
+    from datasets import write_face_folder
+
+    from deepfake_dist.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("face_shards")
+    folder = write_face_folder(root / "faces", 60, 60)
+    out = root / "shards" / "faces"
+    prepare(f"folder:{folder}", out, resolution=32, fmt="png", shard_size=16)
+    return out

@@ -333,4 +333,16 @@ def _folder(arg: str, label: str | None) -> Source:
             inner = path.relative_to(label_dir).parts
             meta["generator"] = inner[0] if len(inner) > 1 else "unknown"
         items.append(Item(key, split, LABELS[name], functools.partial(open_image, str(path)), meta, str(path)))
-    return Source(spec, items, channels=None)
+    return Source(spec, items, channels=1 if _all_grey(p for p, *_ in found) else None)
+
+
+def _all_grey(paths) -> bool:
+    """A folder of grey images stays grey (only headers are read), so colour never labels a set."""
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                if img.mode not in ("L", "LA", "I", "I;16", "1"):
+                    return False
+        except OSError:  # unreadable: prepare skips and records it
+            continue
+    return True

@@ -4,13 +4,54 @@ is picked by the model's ``kind`` in the model registry."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
+import torch
+
 from deepfake_dist.registry import Registry
 
 TASKS = Registry("task")
 
 
-def create_task(cfg, accelerator, channels: int):
-    from deepfake_dist.models import model_kind
-    from deepfake_dist.tasks import detector  # noqa: F401  (registers)
+class Task:
+    """What the loop calls. Subclasses register with ``@TASKS.register(kind)``."""
 
+    def __init__(self, cfg, accelerator, channels: int):
+        self.cfg, self.accelerator, self.channels = cfg, accelerator, channels
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Called once the run's length is known (schedules need it)."""
+
+    def train_step(self, batch) -> dict[str, float]:
+        """One batch: forward, backward(s), optimizer step(s); returns what to log."""
+        raise NotImplementedError
+
+    def after_step(self, step: int, tracker) -> None:
+        """Periodic extras after an optimizer step (e.g. a GAN's sample grid)."""
+
+    def validate(self) -> dict[str, float]:
+        """Metrics on the validation split; ``train.monitor`` picks the best by one of them."""
+        return {}
+
+    def export_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules the best checkpoint exports as ``<name>.safetensors`` + ``<name>.json``."""
+        return {}
+
+    def export_info(self) -> dict:
+        return {}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Extra state outside ``save_state`` (e.g. an EMA), saved as safetensors (no pickle)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+def create_task(cfg, accelerator, channels: int) -> Task:
+    from deepfake_dist.models import model_kind
+
+    for module in pkgutil.iter_modules(__path__):  # every task module registers itself
+        importlib.import_module(f"{__name__}.{module.name}")
     return TASKS.get(model_kind(cfg.model.name))(cfg, accelerator, channels)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from deepfake_dist.data.loader import eval_loader
 from deepfake_dist.models import create_model
 from deepfake_dist.predictions import predict
-from deepfake_dist.tasks import TASKS
+from deepfake_dist.tasks import TASKS, Task
 from deepfake_dist.train.metrics import binary_metrics
 from deepfake_dist.train.optim import build_optimizer, build_scheduler
 
@@ -16,16 +16,15 @@ CLASS_NAMES = ["real", "fake"]
 
 
 @TASKS.register("detector")
-class DetectorTask:
+class DetectorTask(Task):
     def __init__(self, cfg, accelerator, channels: int):
-        self.cfg, self.accelerator, self.channels = cfg, accelerator, channels
+        super().__init__(cfg, accelerator, channels)
         model = create_model(cfg.model.name, in_channels=channels, **cfg.model.args)
         opt = build_optimizer(model.parameters(), cfg.optim)
         self.model, self.opt = accelerator.prepare(model, opt)
         self.sched = None
 
     def set_total_steps(self, total_steps: int) -> None:
-        """The schedule needs the run's length, which the loop knows once data is counted."""
         self.sched = self.accelerator.prepare(build_scheduler(self.opt, self.cfg.sched, total_steps))
 
     def train_step(self, batch) -> dict[str, float]:

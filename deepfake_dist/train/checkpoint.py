@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from deepfake_dist.errors import UserError
 
 STATE_FILE = "trainer_state.json"
+TENSORS_FILE = "task_state.safetensors"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
@@ -38,7 +39,8 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep_last: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep_last: int,
+                    tensors: dict[str, torch.Tensor]) -> Path:
     """Save the full training state on all ranks (DeepSpeed needs every rank), then publish it."""
     folder = checkpoint_dir(run_dir)
     final = folder / f"step-{state['step']}"
@@ -50,6 +52,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep_l
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
         write_json_atomic(tmp / STATE_FILE, state)
         if final.exists():
             shutil.rmtree(final)
@@ -78,9 +82,11 @@ def find_resume(accelerator: Accelerator, run_dir: Path, resume: str) -> Path | 
     return Path(choice[0]) if choice[0] else None
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
+def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The loop's counters and the task's extra tensors; models/optimizers are restored in place."""
     accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text())
+    tensors = load_file(str(path / TENSORS_FILE)) if (path / TENSORS_FILE).is_file() else {}
+    return json.loads((path / STATE_FILE).read_text()), tensors
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -65,7 +65,8 @@ def train(cfg: Config) -> dict:
     state = {"epoch": 0, "step": 0, "batch": 0, "best": None, "best_step": None, "stale_epochs": 0}
     resume = find_resume(accelerator, run_dir, cfg.checkpoint.resume)
     if resume is not None:
-        state = load_checkpoint(accelerator, resume)
+        state, tensors = load_checkpoint(accelerator, resume)
+        task.load_state_tensors(tensors)
         if accelerator.is_main_process:
             console.print(f"resuming from {resume} (epoch {state['epoch']}, step {state['step']})")
 
@@ -86,7 +87,7 @@ def train(cfg: Config) -> dict:
     }
 
     def checkpoint():
-        save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep_last)
+        save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep_last, task.state_tensors())
 
     finished = state["step"] >= total_steps
     stopped_early = False
@@ -116,6 +117,7 @@ def train(cfg: Config) -> dict:
                              "data_wait_frac": wait / max(wait + compute, 1e-9), "epoch": state["epoch"]})
                 tracker.log({f"train/{k}": v for k, v in logs.items()}, state["step"])
                 tracker.advance(state["step"], state["epoch"], {k: logs[k] for k in ("loss", "lr") if k in logs})
+            task.after_step(state["step"], tracker)
             if cfg.checkpoint.every_steps and state["step"] % cfg.checkpoint.every_steps == 0:
                 checkpoint()
             if stop.agreed(accelerator):
