@@ -57,4 +57,5 @@ class DetectorTask(Task):
         return {"model": self.model}
 
     def export_info(self) -> dict:
-        return {"kind": "detector", "class_names": CLASS_NAMES, "threshold": 0.5}
+        return {"kind": "detector", "class_names": CLASS_NAMES, "threshold": 0.5,
+                "build_args": {"in_channels": self.channels}}

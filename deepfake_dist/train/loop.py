@@ -78,7 +78,6 @@ def train(cfg: Config) -> dict:
         **task.export_info(),
         "model": cfg.model.name,
         "model_args": cfg.model.args,
-        "in_channels": channels,
         "resolution": cfg.data.resolution,
         "normalize": cfg.data.normalize,
         "manifests": manifests,

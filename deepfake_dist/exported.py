@@ -1,0 +1,62 @@
+"""Load an exported model (``NAME.safetensors`` + ``NAME.json``) from a run folder or a file.
+
+This is the only way models are loaded for evaluation, synthesis, compression and serving:
+weights come from safetensors (never a pickle) and the architecture from the JSON, which the
+training loop wrote next to them (see ``train.checkpoint.export_model``).
+"""
+
+from __future__ import annotations
+
+import json
+from operator import attrgetter
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from deepfake_dist.errors import UserError
+from deepfake_dist.models import create_model
+
+
+def resolve(path: str | Path, name: str = "model") -> tuple[Path, Path]:
+    """RUN_OR_FILE -> (weights, info): a run folder holds ``NAME.safetensors``; a file names itself."""
+    path = Path(path)
+    weights = path / f"{name}.safetensors" if path.is_dir() else path
+    info = weights.with_suffix(".json")
+    if weights.suffix != ".safetensors":
+        raise UserError(f"{path}: models load from .safetensors files only (no pickles); pass a run folder or NAME.safetensors")
+    for file in (weights, info):
+        if not file.is_file():
+            raise UserError(f"{file} not found; pass a run folder that finished training (it holds {name}.safetensors and {name}.json)")
+    return weights, info
+
+
+def load_info(path: str | Path, name: str = "model") -> dict:
+    _, info = resolve(path, name)
+    try:
+        return json.loads(info.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{info}: not valid JSON ({e}); re-export the model") from None
+
+
+def load_exported(path: str | Path, name: str = "model") -> tuple[torch.nn.Module, dict]:
+    """The model in eval mode on CPU, and its info (config, threshold, manifests, ...).
+
+    ``info["module"]``, when present, names the part of the built model that was exported
+    (e.g. ``generator`` of a GAN).
+    """
+    weights, _ = resolve(path, name)
+    info = load_info(path, name)
+    model = create_model(info["model"], **info.get("build_args", {}), **info.get("model_args", {}))
+    target = attrgetter(info["module"])(model) if info.get("module") else model
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{weights}: cannot read the weights ({e}); the file is damaged, re-export it") from None
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise UserError(f"{weights}: weights do not fit model '{info['model']}' ({first})") from None
+    return target.eval(), info
