@@ -7,19 +7,26 @@ early stopping, and a clean checkpoint-and-exit on SIGTERM / SIGUSR1 (preemption
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
 from deepfake_dist import __version__
 from deepfake_dist.config import Config, to_dict
 from deepfake_dist.data.loader import manifest_ids, resolve_channels, train_loader
 from deepfake_dist.tasks import create_task
-from deepfake_dist.train.checkpoint import export_model, find_resume, load_checkpoint, save_checkpoint
+from deepfake_dist.train.checkpoint import (
+    export_model,
+    find_resume,
+    load_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+)
 from deepfake_dist.train.runtime import make_accelerator
 from deepfake_dist.train.tracking import Tracker, console, start_trackers
 
@@ -148,8 +155,31 @@ def train(cfg: Config) -> dict:
         if stopped_early:
             break
 
+    digests = rank_digests(accelerator, task.export_modules())
     summary = {"run": str(run_dir), "epochs": state["epoch"], "steps": state["step"],
                f"best {cfg.train.monitor}": state["best"], "best step": state["best_step"],
-               "early stopped": stopped_early}
+               "early stopped": stopped_early, "ranks agree": len(set(digests)) == 1}
+    if accelerator.is_main_process:
+        write_json_atomic(run_dir / "summary.json", {**summary, "rank_digests": digests})
     tracker.close(summary)
     return summary
+
+
+def rank_digests(accelerator, modules: dict) -> list[str]:
+    """A hash of each rank's weights: replicas that drifted apart (a broken DDP setup) show up
+    as different hashes. Under ZeRO-3 each rank holds only a partition, so the gathered state
+    is hashed instead."""
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        state = accelerator.get_state_dict(modules[name]) if _zero3(accelerator) else \
+            accelerator.unwrap_model(modules[name]).state_dict()
+        for key in sorted(state):
+            digest.update(key.encode())
+            digest.update(state[key].detach().float().cpu().numpy().tobytes())
+    mine = [digest.hexdigest()]
+    return gather_object(mine) if accelerator.num_processes > 1 else mine
+
+
+def _zero3(accelerator) -> bool:
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.zero_stage == 3
