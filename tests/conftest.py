@@ -113,3 +113,24 @@ def face_shards(tmp_path_factory) -> Path:
     out = root / "shards" / "faces"
     prepare(f"folder:{folder}", out, resolution=32, fmt="png", shard_size=16)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps its state in process-wide singletons; in-process runs each start clean."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def smoke_config(tmp_path, face_shards):
+    """``configs/smoke.yaml`` pointed at the test shards, writing under tmp_path; returns
+    (path, overrides) for ``load_config`` or the CLI."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    overrides = [f"data.train=[{face_shards}]", f"output_dir={tmp_path / 'runs'}", "wandb.mode=disabled"]
+    return root / "configs" / "smoke.yaml", overrides
