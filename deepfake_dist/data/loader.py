@@ -145,9 +145,9 @@ def train_loader(cfg: DataConfig, channels: int, rank: int, world: int, seed: in
 class EvalStream(IterableDataset):
     """Every sample of the split once: shards split over ranks then workers, last batch kept."""
 
-    def __init__(self, urls, cfg: DataConfig, channels: int, rank: int, world: int):
+    def __init__(self, urls, cfg: DataConfig, channels: int, rank: int, world: int, perturb=None):
         self.urls, self.cfg, self.channels, self.rank, self.world = urls, cfg, channels, rank, world
-        self.transform = transforms.eval_transform(cfg.resolution, channels, cfg.normalize)
+        self.transform = transforms.eval_transform(cfg.resolution, channels, cfg.normalize, perturb)
         self.sample_shape = (channels, cfg.resolution, cfg.resolution)
 
     def __iter__(self):
@@ -165,10 +165,11 @@ class EvalStream(IterableDataset):
             yield collate(batch)
 
 
-def eval_loader(cfg: DataConfig, sets: list[str], split: str, channels: int, rank: int, world: int):
+def eval_loader(cfg: DataConfig, sets: list[str], split: str, channels: int, rank: int, world: int, perturb=None):
+    """``perturb``: a picklable transform of the decoded uint8 image (see ``transforms.eval_transform``)."""
     urls = [u for s in sets for u in shard_urls(s, split)]
     if not urls:
         raise UserError(f"no '{split}' shards in {sets}; prepare the sets with a {split} split")
-    stream = EvalStream(urls, cfg, channels, rank, world)
+    stream = EvalStream(urls, cfg, channels, rank, world, perturb)
     workers = min(cfg.num_workers, max(len(urls) // world, 1))
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)

@@ -30,9 +30,11 @@ def normalize(channels: int, kind: str) -> v2.Normalize:
     return v2.Normalize(mean, std)
 
 
-def eval_transform(resolution: int, channels: int, norm: str) -> v2.Compose:
+def eval_transform(resolution: int, channels: int, norm: str, perturb=None) -> v2.Compose:
+    """``perturb`` (a robustness test: JPEG, blur, downscale) acts on the decoded uint8 image first."""
     return v2.Compose(
         [
+            *([perturb] if perturb is not None else []),
             v2.Resize((resolution, resolution), antialias=True),
             v2.ToDtype(torch.float32, scale=True),
             normalize(channels, norm),
