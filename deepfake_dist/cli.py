@@ -40,19 +40,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from deepfake_dist.data.prepare import prepare
+    from deepfake_dist.data.manifest import info_table
+    from deepfake_dist.data.prepare import distributed_state, prepare
 
-    split = tuple(float(x) for x in args.split.split(","))
-    if len(split) != 3 or abs(sum(split) - 1) > 1e-6 or min(split) < 0:
-        raise UserError(f"--split '{args.split}' must be three fractions that add up to 1, e.g. 0.8,0.1,0.1")
     manifest = prepare(
         args.source, args.out, resolution=args.resolution, fmt=args.format, shard_size=args.shard_size,
-        split=split, workers=args.workers, label=args.label, overwrite=args.overwrite, seed=args.seed,
-        command=shlex.join(["deepfake-dist", *sys.argv[1:]]),
+        split=args.split, workers=args.workers, label=args.label, overwrite=args.overwrite, seed=args.seed,
+        quality=args.quality, command=shlex.join(["deepfake-dist", *sys.argv[1:]]), progress=True,
     )
-    if manifest is not None:
-        from deepfake_dist.data.manifest import info_table
-
+    if distributed_state().is_main_process:
         out.print(info_table(manifest))
     return 0
 
@@ -90,7 +86,9 @@ def _add_prepare(sub):
     p.add_argument("--source", required=True, help="builtin:lfw | celeba:PATH | folder:PATH")
     p.add_argument("--out", required=True, help="output folder, e.g. shards/lfw")
     p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--format", choices=["jpg", "png"], default="png")
+    p.add_argument("--format", choices=["jpg", "png"], default="png",
+                   help="png (lossless) by default, so real and generated sets carry no compression difference")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality")
     p.add_argument("--shard-size", dest="shard_size", type=int, default=1000)
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions for unsplit sources")
     p.add_argument("--workers", type=int, default=1)

@@ -374,7 +374,7 @@ def prepare(
     source: str,
     out: str | Path,
     resolution: int = 64,
-    fmt: str = "jpg",
+    fmt: str = "png",
     shard_size: int = 1000,
     split: Sequence[float] | str = (0.8, 0.1, 0.1),
     workers: int = 1,
