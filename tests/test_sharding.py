@@ -73,7 +73,7 @@ def test_folder_real_fake_layout_split_by_fractions(face_folder, tmp_path):
     assert generators["fake/gan_a/g_000.png"] == "gan_a"
     assert generators["fake/f_000.jpg"] == "unknown"
     assert generators["real/r_000.jpg"] is None
-    assert (manifest["channels"], manifest["mode"], manifest["format"]) == (3, "RGB", "jpg")
+    assert (manifest["channels"], manifest["mode"], manifest["format"]) == (3, "RGB", "png")  # png is the default
 
 
 def test_folder_fixed_split_layout(split_face_folder, split_face_counts, tmp_path):
