@@ -166,7 +166,7 @@ def test_bad_arguments(kwargs, message, tmp_path):
 
 def test_manifest_matches_files(face_folder, tmp_path):
     out = tmp_path / "set"
-    manifest = prepare(f"folder:{face_folder}", out, resolution=16, shard_size=3, command="deepfake-dist prepare x")
+    manifest = prepare(f"folder:{face_folder}", out, resolution=16, shard_size=3, fmt="jpg", command="deepfake-dist prepare x")
     assert sorted(p.name for p in out.iterdir()) == sorted([s["file"] for s in manifest["shards"]] + ["manifest.json"])
     for shard in manifest["shards"]:
         data = (out / shard["file"]).read_bytes()
