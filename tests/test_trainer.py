@@ -85,3 +85,16 @@ def test_resume_after_kill_ends_with_same_weights(smoke_config):
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] == b[key]).all(), key
+
+
+def test_gradient_accumulation_and_early_stopping(smoke_config):
+    path, overrides = smoke_config
+    plain = train(load_config(path, overrides + ["name=plain", "train.epochs=1"]))
+    accum = train(load_config(path, overrides + ["name=accum", "train.epochs=1", "train.grad_accum=2"]))
+    assert accum["steps"] * 2 == plain["steps"]  # one optimizer step per two batches
+
+    # the monitored metric can never improve on its first value: stop after 1 stale epoch
+    cfg = load_config(path, overrides + ["name=early", "train.epochs=5", "train.monitor=val/samples",
+                                         "train.early_stopping=1"])
+    stopped = train(cfg)
+    assert stopped["early stopped"] and stopped["epochs"] == 2
