@@ -105,7 +105,79 @@ def _add_shards(sub):
     p.set_defaults(fn=cmd_shards)
 
 
-COMMANDS = [_add_train, _add_prepare, _add_shards]
+
+def _command_line() -> str:
+    return shlex.join(["deepfake-dist", *sys.argv[1:]])
+
+
+def cmd_evaluate(args) -> int:
+    from deepfake_dist.evaluation import evaluate
+
+    evaluate(args.checkpoint, args.data, split=args.split, out=args.out, val_split=args.val_split,
+             robustness=not args.no_robustness, explain=not args.no_explain, report=not args.no_report,
+             batch_size=args.batch_size, layer=args.layer, num_workers=args.workers, command=_command_line())
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import json
+
+    from deepfake_dist.scoring import load_scorer, rows_table, score_files
+
+    rows = score_files(load_scorer(args.checkpoint), args.paths, frames=args.frames, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        out.print(rows_table(rows))
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+def cmd_explain(args) -> int:
+    from deepfake_dist.scoring import explain_files, load_scorer
+
+    for row in explain_files(load_scorer(args.checkpoint), args.images, args.out, layer=args.layer):
+        out.print(f"{escape(row['path'])}: p(fake) {row['probability']:.4f} ({row['verdict']}) -> {escape(row['overlay'])}")
+    return 0
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="metrics, per-source, calibration, robustness, Grad-CAM and a report "
+                                        "for one or more detectors (any launch mode)")
+    p.add_argument("--checkpoint", required=True, nargs="+", help="run folder(s) or model .safetensors file(s)")
+    p.add_argument("--data", required=True, nargs="+", help="shard set folders, e.g. shards/real shards/fake")
+    p.add_argument("--split", default="test", help="split to report on")
+    p.add_argument("--val-split", dest="val_split", default="val",
+                   help="split that picks the threshold and fits the temperature (never the reported split)")
+    p.add_argument("--out", help="output folder (default RUN/eval-SPLIT for one checkpoint, else ./eval-SPLIT)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=64, help="per process")
+    p.add_argument("--workers", type=int, default=1, help="data loader workers per process")
+    p.add_argument("--layer", help="module for Grad-CAM and feature maps (default: each model's gradcam_layer)")
+    p.add_argument("--no-robustness", dest="no_robustness", action="store_true", help="skip JPEG/blur/downscale runs")
+    p.add_argument("--no-explain", dest="no_explain", action="store_true", help="skip Grad-CAM and feature maps")
+    p.add_argument("--no-report", dest="no_report", action="store_true", help="skip index.html and report.md")
+    p.set_defaults(fn=cmd_evaluate)
+
+
+def _add_predict(sub):
+    p = sub.add_parser("predict", help="score image files, folders and videos; one row per file "
+                                       "(exit status 1 when a file could not be scored)")
+    p.add_argument("--checkpoint", required=True, help="run folder or model .safetensors file")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="images, folders (searched recursively) or videos")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--frames", type=int, default=16, help="frames sampled per video")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    p.set_defaults(fn=cmd_predict)
+
+
+def _add_explain(sub):
+    p = sub.add_parser("explain", help="Grad-CAM overlays for any images")
+    p.add_argument("--checkpoint", required=True, help="run folder or model .safetensors file")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--out", default="explain", help="folder for the overlays")
+    p.add_argument("--layer", help="module to explain (default: the model's gradcam_layer)")
+    p.set_defaults(fn=cmd_explain)
+
+COMMANDS = [_add_train, _add_prepare, _add_shards, _add_evaluate, _add_predict, _add_explain]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,8 +1,77 @@
-"""The comparison table of several detectors: rich (console), Markdown and CSV."""
+"""The comparison table of several detectors, as a rich ``Table`` (console), Markdown and CSV.
+
+Accuracy, precision, recall and F1 are at the fixed threshold 0.5; the ``@val`` columns are at
+the threshold chosen on the validation split (never on the test split); ROC-AUC, AP and EER do
+not depend on a threshold. Each table says so in its title.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 
-def comparison_table(rows: list[dict]):
-    """A rich ``Table``: model, accuracy, precision, recall, F1, ROC-AUC, parameters, images/s."""
-    raise NotImplementedError("comparison_table is being written (issue 4)")
+from rich.table import Table
+
+TITLE = "Detectors on {split} ({images} images): metrics at threshold 0.5; @val = at the threshold chosen on validation"
+
+# (row key, header, format)
+COLUMNS = [
+    ("run", "run", "{}"),
+    ("model", "model", "{}"),
+    ("accuracy", "accuracy", "{:.4f}"),
+    ("precision", "precision", "{:.4f}"),
+    ("recall", "recall", "{:.4f}"),
+    ("f1", "F1", "{:.4f}"),
+    ("auroc", "ROC-AUC", "{:.4f}"),
+    ("ap", "AP", "{:.4f}"),
+    ("eer", "EER", "{:.4f}"),
+    ("val_threshold", "threshold@val", "{:.4f}"),
+    ("accuracy@val", "accuracy@val", "{:.4f}"),
+    ("f1@val", "F1@val", "{:.4f}"),
+    ("params", "parameters", "{:,}"),
+    ("images_per_s", "images/s", "{:.1f}"),
+]
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    return "n/a" if value is None else fmt.format(value)
+
+
+def title(rows: list[dict]) -> str:
+    first = rows[0] if rows else {}
+    return TITLE.format(split=first.get("split", "test"), images=first.get("test_images", "?"))
+
+
+def comparison_table(rows: list[dict]) -> Table:
+    """A rich ``Table``: run, model, accuracy, precision, recall, F1, ROC-AUC, AP, EER, the
+    validation threshold and the metrics there, parameters and inference images/s."""
+    table = Table(title=title(rows), title_justify="left")
+    for key, header, _ in COLUMNS:
+        table.add_column(header, justify="left" if key in ("run", "model") else "right")
+    for row in rows:
+        table.add_row(*(_cell(row, key, fmt) for key, _, fmt in COLUMNS))
+    return table
+
+
+def cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Headers and formatted cells, for the Markdown and HTML report."""
+    return [h for _, h, _ in COLUMNS], [[_cell(r, k, f) for k, _, f in COLUMNS] for r in rows]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    headers, body = cells(rows)
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if k in ("run", "model") else "---:" for k, _, _ in COLUMNS) + "|",
+             *("| " + " | ".join(r) + " |" for r in body)]
+    return "\n".join([f"**{title(rows)}**", "", *lines]) + "\n"
+
+
+def csv_text(rows: list[dict]) -> str:
+    """Plain numbers (no formatting) under the row keys, for spreadsheets and scripts."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([k for k, _, _ in COLUMNS])
+    for row in rows:
+        writer.writerow(["" if row.get(k) is None else row[k] for k, _, _ in COLUMNS])
+    return buffer.getvalue()

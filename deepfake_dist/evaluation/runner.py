@@ -1,8 +1,192 @@
-"""``evaluate``: score exported detectors on shard sets across ranks and write the results."""
+"""``evaluate``: score exported detectors on shard sets across ranks and write the results.
+
+Every rank scores its own shards (``predictions.predict`` gathers them with no sample lost or
+counted twice), so every rank holds the same predictions and computes the same numbers; only
+the main process writes files and draws pictures. The operating threshold and the temperature
+come from the validation split; the test split is scored once and never tunes anything.
+"""
 
 from __future__ import annotations
 
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+
+from deepfake_dist.config import DataConfig
+from deepfake_dist.data.loader import eval_loader
+from deepfake_dist.data.manifest import load_manifest, split_count
+from deepfake_dist.errors import UserError
+from deepfake_dist.evaluation import metrics as M
+from deepfake_dist.evaluation.robustness import PERTURBATIONS
+from deepfake_dist.evaluation.sources import per_source
+from deepfake_dist.exported import load_exported, resolve
+from deepfake_dist.predictions import Predictions, predict
+from deepfake_dist.train.tracking import console
+
+SUMMARY_KEYS = ("accuracy", "precision", "recall", "f1", "auroc", "ap", "eer")
+
+
+@dataclass
+class Scored:
+    """One detector's evaluation: what every rank computes from the gathered predictions."""
+
+    checkpoint: str
+    run: str
+    model: torch.nn.Module
+    info: dict
+    data_cfg: DataConfig
+    test: Predictions
+    val: Predictions | None
+    result: dict  # JSON-ready: row, metrics, sources, calibration, robustness
+
+
+def _accelerator():
+    """An Accelerator for any launch: gloo on CPU-only machines under torchrun / accelerate
+    launch (see ``data.prepare.distributed_state``), the GPU otherwise."""
+    from accelerate import Accelerator
+
+    from deepfake_dist.data.prepare import distributed_state
+
+    state = distributed_state()
+    return Accelerator(cpu=state.device.type == "cpu")
+
+
+def run_name(checkpoint: str | Path) -> str:
+    """``runs/x`` and ``runs/x/model.safetensors`` -> ``x``; ``dir/other.safetensors`` -> ``other``."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path.resolve().name
+    return path.resolve().parent.name if path.stem == "model" else path.stem
+
+
+def _unique_runs(checkpoints: list[str]) -> list[str]:
+    names = [re.sub(r"[^A-Za-z0-9_.-]+", "_", run_name(c)) for c in checkpoints]
+    return [f"{n}-{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def default_out(checkpoints: list[str], split: str) -> Path:
+    """``RUN/eval-SPLIT`` for one checkpoint, ``eval-SPLIT`` in the working folder for several."""
+    if len(checkpoints) == 1:
+        path = Path(checkpoints[0])
+        return (path if path.is_dir() else path.parent) / f"eval-{split}"
+    return Path(f"eval-{split}")
+
+
+def has_split(data: list[str], split: str) -> bool:
+    return any(split_count(load_manifest(s), split) > 0 for s in data)
+
+
+@torch.no_grad()
+def throughput(accelerator, model: torch.nn.Module, shape: tuple, seconds: float = 1.0) -> float:
+    """Forward-only images/s of one process on a fixed batch of ``shape`` (after one warm-up)."""
+    x = torch.randn(shape, device=accelerator.device)
+
+    def step():
+        with accelerator.autocast():
+            model(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    step()
+    n, start = 0, time.perf_counter()
+    while n < 2 or time.perf_counter() - start < seconds:
+        step()
+        n += 1
+    return n * shape[0] / (time.perf_counter() - start)
+
+
+def _metrics_pair(preds: Predictions, threshold: float | None) -> dict:
+    """Metrics at 0.5 and, when a validation threshold exists, at it."""
+    out = {"0.5": M.detection_metrics(preds.scores, preds.labels, 0.5)}
+    if threshold is not None:
+        out["val"] = M.detection_metrics(preds.scores, preds.labels, threshold)
+    return out
+
+
+def _calibration(test: Predictions, val: Predictions | None) -> dict:
+    out = {"ece": M.ece(test.scores, test.labels), "bins": M.reliability(test.scores, test.labels)}
+    if val is not None:
+        t = M.fit_temperature(val.logits, val.labels)
+        scaled = torch.sigmoid(test.logits / t)
+        out.update(temperature=t, ece_scaled=M.ece(scaled, test.labels), bins_scaled=M.reliability(scaled, test.labels),
+                   ece_val=M.ece(val.scores, val.labels),
+                   ece_val_scaled=M.ece(torch.sigmoid(val.logits / t), val.labels))
+    return out
+
+
+def _score_one(accelerator, checkpoint: str, run: str, data: list[str], split: str, val_split: str,
+               robustness: bool, batch_size: int, num_workers: int) -> Scored:
+    model, info = load_exported(checkpoint)
+    if info.get("kind") != "detector":
+        raise UserError(f"--checkpoint {checkpoint}: holds a {info.get('kind', 'unknown')} model; evaluate takes detectors")
+    channels = int(info.get("build_args", {}).get("in_channels", 3))
+    cfg = DataConfig(train=list(data), resolution=int(info["resolution"]), channels=channels, batch_size=batch_size,
+                     num_workers=num_workers, normalize=info.get("normalize", "imagenet"))
+    model.to(accelerator.device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def score(which: str, perturb=None) -> Predictions:
+        return predict(accelerator, model, eval_loader(cfg, data, which, channels, rank, world, perturb))
+
+    main = accelerator.is_main_process
+    if main:
+        console.print(f"[bold]{run}[/bold]: scoring the {split} split of {', '.join(map(str, data))} on {world} process(es)")
+    start = time.perf_counter()
+    test = score(split)
+    seconds = time.perf_counter() - start
+    val = score(val_split) if val_split != split and has_split(data, val_split) else None
+    if val is not None and val.labels.min() == val.labels.max():
+        val = None  # one class only: no threshold or temperature can be fitted on it
+    threshold = M.val_threshold(val.scores, val.labels) if val is not None else None
+    result = {"metrics": _metrics_pair(test, threshold),
+              "sources": per_source(test, {"0.5": 0.5, **({"val": threshold} if threshold is not None else {})}),
+              "calibration": _calibration(test, val), "robustness": []}
+    if robustness:
+        for name, perturb in PERTURBATIONS.items():
+            if main:
+                console.print(f"  robustness: {name}")
+            perturbed = score(split, perturb)
+            result["robustness"].append({"perturbation": name, **_metrics_pair(perturbed, threshold)})
+    shape = (batch_size, channels, cfg.resolution, cfg.resolution)
+    row = {
+        "run": run, "model": info["model"], "checkpoint": str(checkpoint), "split": split,
+        **{k: result["metrics"]["0.5"].get(k) for k in SUMMARY_KEYS},
+        "val_threshold": threshold,
+        **{f"{k}@val": result["metrics"].get("val", {}).get(k) for k in ("accuracy", "precision", "recall", "f1")},
+        "params": sum(p.numel() for p in model.parameters()),
+        "images_per_s": throughput(accelerator, model, shape),
+        "eval_images_per_s": len(test.keys) / max(seconds, 1e-9),
+        "test_images": len(test.keys), "val_images": len(val.keys) if val is not None else 0,
+        "temperature": result["calibration"].get("temperature"),
+        "ece": result["calibration"]["ece"], "ece_scaled": result["calibration"].get("ece_scaled"),
+        "world_size": world,
+    }
+    result["row"] = row
+    return Scored(str(checkpoint), run, model, info, cfg, test, val, result)
+
+
+def _store_calibration(scored: Scored, data: list[str], val_split: str) -> None:
+    """Write the fitted temperature (and the validation threshold) into the model's JSON."""
+    from deepfake_dist.train.checkpoint import write_json_atomic
+
+    calibration = scored.result["calibration"]
+    if "temperature" not in calibration:
+        return
+    _, info_file = resolve(scored.checkpoint)
+    info = dict(scored.info)
+    info["temperature"] = calibration["temperature"]
+    info["calibration"] = {"temperature": calibration["temperature"], "val_threshold": scored.result["row"]["val_threshold"],
+                           "fitted_on": {"sets": {str(s): load_manifest(s)["id"] for s in data}, "split": val_split},
+                           "ece_val": calibration["ece_val"], "ece_val_scaled": calibration["ece_val_scaled"]}
+    try:
+        write_json_atomic(info_file, info)
+    except OSError as e:
+        console.print(f"[yellow]could not store the temperature in {info_file} ({e}); it is in results.json[/yellow]")
 
 
 def evaluate(
@@ -17,14 +201,50 @@ def evaluate(
     report: bool = True,
     batch_size: int = 64,
     accelerator=None,
+    layer: str | None = None,
+    num_workers: int = 1,
+    command: str | None = None,
 ) -> dict:
     """Evaluate each exported detector (run folder or ``.safetensors``) on ``split`` of ``data``.
 
     Call it on every rank (``accelerate launch`` or plain python); each rank scores its own
     shards and the predictions are gathered with no sample lost or counted twice. Only the main
-    process writes files. Returns ``{"rows": [...], "out": Path, "table_md": str}``, one row per
-    checkpoint with model, checkpoint, accuracy, precision, recall, f1, auroc, ap, eer, params,
-    images_per_s, test_images (metrics at 0.5; the same at the validation threshold under
-    ``val_threshold`` keys).
+    process writes files (into ``out``, default ``default_out``) and fits nothing on ``split``:
+    the threshold (``val_threshold``) and the temperature (stored in the model's JSON as
+    ``temperature``) come from ``val_split`` of the same sets. ``layer`` overrides each model's
+    ``gradcam_layer`` for Grad-CAM and feature maps; ``command`` is recorded in the report.
+
+    Returns ``{"rows": [...], "out": Path, "table_md": str, "results": [...]}``: one row per
+    checkpoint with run, model, checkpoint, accuracy, precision, recall, f1 (at 0.5), auroc, ap,
+    eer, val_threshold, accuracy@val ... f1@val, params, images_per_s, test_images, ...
     """
-    raise NotImplementedError("evaluate is being written (issue 4)")
+    from deepfake_dist.evaluation.compare import comparison_table, markdown_table
+
+    if not checkpoints:
+        raise UserError("evaluate: no --checkpoint given; pass a run folder or model.safetensors")
+    if not data:
+        raise UserError("evaluate: no --data given; pass shard set folders, e.g. --data shards/real shards/fake")
+    for folder in data:
+        load_manifest(folder)  # a clear error for a missing or unfinished set, before any work
+    if batch_size <= 0:
+        raise UserError(f"--batch-size {batch_size}: must be positive")
+    accelerator = accelerator or _accelerator()
+    out = Path(out) if out is not None else default_out(checkpoints, split)
+    command = command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    runs = _unique_runs([str(c) for c in checkpoints])
+    scored = [_score_one(accelerator, str(c), r, [str(d) for d in data], split, val_split, robustness, batch_size,
+                         num_workers) for c, r in zip(checkpoints, runs)]
+    rows = [s.result["row"] for s in scored]
+    table_md = markdown_table(rows)
+    if accelerator.is_main_process:
+        from deepfake_dist.evaluation.outputs import write_outputs
+
+        out.mkdir(parents=True, exist_ok=True)
+        for s in scored:
+            _store_calibration(s, [str(d) for d in data], val_split)
+        write_outputs(out, scored, [str(d) for d in data], split, val_split, command, explain=explain, report=report,
+                      layer=layer, table_md=table_md)
+        console.print(comparison_table(rows))
+        console.print(f"results in {out}" + (f" (open {out / 'index.html'})" if report else ""))
+    accelerator.wait_for_everyone()
+    return {"rows": rows, "out": out, "table_md": table_md, "results": [s.result for s in scored]}
