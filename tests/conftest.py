@@ -134,3 +134,28 @@ def smoke_config(tmp_path, face_shards):
     root = Path(__file__).resolve().parent.parent
     overrides = [f"data.train=[{face_shards}]", f"output_dir={tmp_path / 'runs'}", "wandb.mode=disabled"]
     return root / "configs" / "smoke.yaml", overrides
+
+
+@pytest.fixture(scope="session")
+def eval_sets(tmp_path_factory) -> dict:
+    """Shard sets for the evaluation tests (see ``eval_setup``): {"data": [faces, gen], "faces_folder"}."""
+    from eval_setup import make_eval_sets
+
+    return make_eval_sets(tmp_path_factory.mktemp("eval_sets"))
+
+
+@pytest.fixture(scope="session")
+def detectors(eval_sets, tmp_path_factory) -> list[str]:
+    """Two small CNN run folders trained on the evaluation sets."""
+    from eval_setup import train_detectors
+
+    return train_detectors(eval_sets["data"], tmp_path_factory.mktemp("eval_runs"))
+
+
+@pytest.fixture(scope="session")
+def evaluated(detectors, eval_sets, tmp_path_factory) -> dict:
+    """One full single-process ``evaluate`` of both detectors (robustness, Grad-CAM, report)."""
+    from deepfake_dist.evaluation import evaluate
+
+    out = tmp_path_factory.mktemp("evaluation") / "eval"
+    return evaluate(detectors, eval_sets["data"], out=out, batch_size=8, num_workers=0, command="pytest evaluated")
