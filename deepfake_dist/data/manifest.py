@@ -97,7 +97,13 @@ def split_count(manifest: dict[str, Any], split: str, label: str | None = None) 
     return int(counts.get(label or "total", 0))
 
 
-def _read_shard(path: Path, image_ext: str) -> tuple[Counter, list[str]]:
+def image_members(manifest: dict[str, Any]) -> list[str]:
+    """A sample's image members: ``png`` / ``jpg``, or a clip's ``f000.png``, ``f001.png``, ..."""
+    frames, fmt = manifest.get("frames"), manifest["format"]
+    return [f"f{i:03d}.{fmt}" for i in range(frames)] if frames else [fmt]
+
+
+def _read_shard(path: Path, images: list[str]) -> tuple[Counter, list[str]]:
     """Label counts of a shard's samples by reading the tar, and problems with its samples."""
     members: dict[str, dict[str, bytes | None]] = {}
     with tarfile.open(path, "r") as tar:
@@ -118,7 +124,7 @@ def _read_shard(path: Path, image_ext: str) -> tuple[Counter, list[str]]:
             problems.append(f"sample {key} has cls {cls!r}, expected b'0' or b'1'")
         else:
             labels[LABEL_NAMES[int(cls)]] += 1
-        missing = [ext for ext in (image_ext, "json") if ext not in entry]
+        missing = [ext for ext in (*images, "json") if ext not in entry]
         if missing:
             problems.append(f"sample {key} lacks {' and '.join(missing)}")
     labels["total"] = len(members)
@@ -147,7 +153,7 @@ def verify(set_dir: str | Path) -> list[str]:
         if digest != shard["sha256"]:
             problems.append(f"{name}: sha256 {digest[:12]}... differs from the manifest's {shard['sha256'][:12]}...")
         try:
-            labels, sample_problems = _read_shard(path, manifest["format"])
+            labels, sample_problems = _read_shard(path, image_members(manifest))
         except (tarfile.TarError, OSError, EOFError) as err:
             problems.append(f"{name}: not a readable tar ({err})")
             continue
@@ -205,6 +211,8 @@ def info_table(manifest: dict[str, Any]):
 
     pre = manifest.get("preprocessing", {})
     image = f"{manifest['resolution']}x{manifest['resolution']} {manifest.get('mode', '?')} {manifest['format']}"
+    if manifest.get("frames"):
+        image = f"clips of {manifest['frames']} frames, {image}"
     if manifest["format"] == "jpg" and pre.get("jpeg_quality") is not None:
         image += f" (quality {pre['jpeg_quality']}, {pre.get('jpeg_subsampling', '?')})"
     created = manifest.get("created", {})
@@ -224,6 +232,13 @@ def info_table(manifest: dict[str, Any]):
         ("command", created.get("command") or "?"),
     ):
         settings.add_row(key, str(value))
+    video = pre.get("video")
+    if video:
+        sampling = f"every {video['frame_step']}" if video["sampling"] == "step" else "uniform"
+        settings.add_row("video", (
+            f"{'one sample per frame' if video['frame_level'] else str(video['frames']) + ' frames per clip'}, "
+            f"up to {video['clips_per_video']} clips per video ({sampling}), face crop margin {video['margin']} "
+            f"({video['face_detector']['kind']} detector)"))
 
     table = Table.grid(padding=(1, 0))
     table.title = f"shard set {manifest.get('name', '')}"

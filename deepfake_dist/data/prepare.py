@@ -9,7 +9,9 @@ splits get the same real/fake ratio), each split's items are put in a seeded ord
 shards of ``shard_size``. Units of work (``unit = rank * workers + worker``) each take a
 contiguous run of those planned shards. So the shards' bytes, and the manifest ``id``, are the
 same whatever ``workers`` and number of ranks made them (tar mtimes are fixed at 0). An input
-that cannot be decoded is skipped and recorded; its shard is then short by one.
+that cannot be decoded is skipped and recorded; its shard is then short by one. The plan counts
+inputs: one that yields several samples (a video's clips, ``sources.Expanded``) puts them all in
+its shard, so ``shard_size`` counts videos there.
 
 Parallelism. Ranks come from ``accelerate.PartialState`` (one process without a launcher;
 ``accelerate launch`` / torchrun give several); each rank runs its ``workers`` units in spawned
@@ -45,7 +47,7 @@ from deepfake_dist.data.manifest import (
     load_manifest,
     manifest_id,
 )
-from deepfake_dist.data.sources import LABEL_NAMES, SPLITS, Item, open_source
+from deepfake_dist.data.sources import LABEL_NAMES, SPLITS, Expanded, Item, Sample, open_source
 from deepfake_dist.errors import UserError
 
 TMP_DIR = ".tmp"
@@ -73,7 +75,6 @@ class UnitJob:
     resolution: int
     fmt: str
     quality: int
-    shard_size: int
 
 
 # ------------------------------------------------------------------------------- planning
@@ -149,8 +150,24 @@ def _init_worker(counter) -> None:
     _tick = tick
 
 
-def _encode_item(item: Item, job: UnitJob) -> bytes:
-    return imageio.encode(imageio.preprocess(item.load(), job.mode, job.resolution), job.fmt, job.quality)
+def _encode_image(img, job: UnitJob) -> bytes:
+    return imageio.encode(imageio.preprocess(img, job.mode, job.resolution), job.fmt, job.quality)
+
+
+def _encode_item(item: Item, job: UnitJob) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """The item's encoded samples (all of them, or an exception: never half an input) and the
+    parts of it that yielded none. A clip's frames become members ``f000.<fmt>``, ``f001.<fmt>``..."""
+    loaded = item.load()
+    parts = loaded if isinstance(loaded, Expanded) else Expanded([Sample("", loaded)])
+    samples = []
+    for part in parts.samples:
+        if isinstance(part.image, list):
+            images = {f"f{i:03d}.{job.fmt}": _encode_image(img, job) for i, img in enumerate(part.image)}
+        else:
+            images = {job.fmt: _encode_image(part.image, job)}
+        samples.append({"__key__": item.key + part.suffix, **images, "cls": str(item.label).encode(),
+                        "json": json.dumps({**item.meta, **part.meta}, sort_keys=True).encode()})
+    return samples, parts.dropped
 
 
 def write_unit(job: UnitJob) -> dict[str, Any]:
@@ -166,9 +183,10 @@ def write_unit(job: UnitJob) -> dict[str, Any]:
         run = list(run)  # consecutive indices of one split
         pattern = str(tmp).replace("%", "%%") + os.sep + f"{split}-%06d.tar"
         # The layout is planned: the writer starts at this run's first index and we move it to
-        # the next file at each planned boundary (so skipped inputs never shift later shards).
+        # the next file at each planned boundary (so skipped inputs never shift later shards,
+        # and an input with several samples never spills into the next one).
         writer = wds.ShardWriter(
-            pattern, maxcount=job.shard_size, maxsize=float("inf"), start_shard=run[0].index,
+            pattern, maxcount=float("inf"), maxsize=float("inf"), start_shard=run[0].index,
             verbose=0, encoder=False, mtime=TAR_MTIME,
         )
         try:
@@ -178,18 +196,15 @@ def write_unit(job: UnitJob) -> dict[str, Any]:
                 counts = {label: 0 for label in LABEL_NAMES}
                 for item in plan.items:
                     try:
-                        data = _encode_item(item, job)
+                        samples, dropped = _encode_item(item, job)
                     except Exception as err:  # noqa: BLE001 - a bad input never stops the set, it is recorded
                         reason = f"{type(err).__name__}: {err}".strip().rstrip(":")
                         skipped.append({"input": item.origin or item.key, "key": item.key, "reason": reason})
                     else:
-                        writer.write({
-                            "__key__": item.key,
-                            job.fmt: data,
-                            "cls": str(item.label).encode(),
-                            "json": json.dumps(item.meta, sort_keys=True).encode(),
-                        })
-                        counts[LABEL_NAMES[item.label]] += 1
+                        for sample in samples:
+                            writer.write(sample)
+                        counts[LABEL_NAMES[item.label]] += len(samples)
+                        skipped += [{"input": item.origin or item.key, "key": item.key, **d} for d in dropped]
                     if _tick is not None:
                         _tick(1)
                 shards.append({"split": split, "index": plan.index, "file": f"{split}-{plan.index:06d}.tar",
@@ -332,6 +347,9 @@ def _default_command(**args: Any) -> str:
         parts += ["--quality", str(args["quality"])]
     if args["label"]:
         parts += ["--label", args["label"]]
+    for name, value in args["options"].items():  # the source kind's options, as CLI flags
+        flag = "--" + name.replace("_", "-")
+        parts += [flag] if value is True else [] if value is False else [flag, str(value)]
     return shlex.join(parts)
 
 
@@ -384,15 +402,17 @@ def prepare(
     quality: int = 95,
     command: str | None = None,
     progress: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Shard ``source`` (``builtin:lfw``, ``celeba:PATH``, ``folder:PATH``) into ``out``.
+    """Shard ``source`` (``builtin:lfw``, ``celeba:PATH``, ``folder:PATH``, ``videos:PATH``) into ``out``.
 
     Call it on every rank (under ``accelerate launch`` each rank writes its part); every rank
     returns the manifest. ``label`` ("real"/"fake") is for a flat folder; ``split`` fractions
     apply to items whose split the source does not fix; ``command`` is recorded in the manifest
     (default: the equivalent ``deepfake-dist prepare`` command); ``progress`` shows a rich bar
-    on the main process. Raises ``UserError`` for bad arguments, a bad source or a non-empty
-    ``out`` without ``overwrite`` -- before any file is written.
+    on the main process; ``options`` are the source kind's own (``videos``: ``data.video.VideoOptions``
+    fields, None values ignored). Raises ``UserError`` for bad arguments, a bad source or a
+    non-empty ``out`` without ``overwrite`` -- before any file is written.
     """
     fmt = {"jpeg": "jpg"}.get(str(fmt).lower(), str(fmt).lower())
     if fmt not in imageio.FORMATS:
@@ -407,7 +427,8 @@ def prepare(
     state = distributed_state()
 
     _check_output(out, overwrite)  # every rank sees the same folder, so all raise or none
-    src = open_source(source, label)
+    src = open_source(source, label, options)
+    options = {k: v for k, v in (options or {}).items() if v is not None}
     mode = "L" if src.channels == 1 else "RGB"
     plans = plan_shards(src.items, fractions, seed, shard_size)
     n_units = state.num_processes * workers
@@ -422,7 +443,7 @@ def prepare(
     state.wait_for_everyone()
 
     mine = range(state.process_index * workers, (state.process_index + 1) * workers)
-    jobs = [UnitJob(u, str(tmp / f"unit-{u}"), runs[u], mode, resolution, fmt, quality, shard_size) for u in mine]
+    jobs = [UnitJob(u, str(tmp / f"unit-{u}"), runs[u], mode, resolution, fmt, quality) for u in mine]
     _run_units(jobs, workers, progress and state.is_main_process)
     state.wait_for_everyone()
 
@@ -436,10 +457,12 @@ def prepare(
             "format": fmt,
             "channels": 1 if mode == "L" else 3,
             "mode": mode,
+            "frames": src.frames,  # images per sample (a clip's f000.., f001..); None: one image
             "preprocessing": {
                 "exif_transpose": True, "crop": "center", "resize_filter": imageio.RESIZE_FILTER,
                 "jpeg_quality": quality if fmt == "jpg" else None,
                 "jpeg_subsampling": imageio.JPEG_SUBSAMPLING if fmt == "jpg" else None,
+                **src.preprocessing,
             },
             "split": {"fractions": list(fractions), "seed": seed,
                       "assigned_by_fractions": sum(1 for item in src.items if item.split is None)},
@@ -448,7 +471,7 @@ def prepare(
             "created": {
                 "command": command or _default_command(source=source, out=out, resolution=resolution, fmt=fmt,
                                                       shard_size=shard_size, split=fractions, workers=workers,
-                                                      seed=seed, quality=quality, label=label),
+                                                      seed=seed, quality=quality, label=label, options=options),
                 "package_version": _versions()["deepfake_dist"],
                 "versions": _versions(),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

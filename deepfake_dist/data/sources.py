@@ -1,10 +1,13 @@
 """Where raw faces come from: ``SOURCES``, a registry of source kinds, and ``open_source``.
 
-A source spec is ``KIND:ARG`` (``builtin:lfw``, ``celeba:PATH``, ``folder:PATH``). Opening one
-lists its images without decoding them: each ``Item`` carries a picklable ``load`` callable, so the
-decode happens later, in whichever worker process writes that item's shard.
+A source spec is ``KIND:ARG`` (``builtin:lfw``, ``celeba:PATH``, ``folder:PATH``, ``videos:PATH``).
+Opening one lists its inputs without decoding them: each ``Item`` carries a picklable ``load``
+callable, so the decode happens later, in whichever worker process writes that item's shard.
+An input usually yields one image; one that yields several samples (the clips of a video) returns
+``Expanded`` from ``load``.
 
-A new kind is one decorated function::
+A new kind is one decorated function (``options=True`` if it takes keyword options, which
+``prepare(options=...)`` passes through)::
 
     @SOURCES.register("mykind", usage="mykind:PATH")
     def _mykind(arg: str, label: str | None) -> Source: ...
@@ -39,12 +42,13 @@ BUILTINS = Registry("builtin dataset")
 
 @dataclass(frozen=True)
 class Item:
-    """One input image, not yet decoded.
+    """One input (an image, or a video that yields several samples), not yet decoded.
 
     key:   unique within the source, stable across runs, filesystem-safe (``[A-Za-z0-9_-]``).
     split: ``"train" | "val" | "test"``, or ``None`` when the source does not fix it.
     label: 0 real, 1 fake.
-    load:  picklable callable returning the decoded ``PIL.Image`` (raises if the file is bad).
+    load:  picklable callable returning the decoded ``PIL.Image``, or ``Expanded`` for an input
+           that yields several samples (raises if the file is bad or yields nothing).
     meta:  JSON-serialisable: ``source``, ``path`` or ``id``, ``label``, ``generator`` (fakes),
            ``attributes`` / ``bbox`` when known. Stored as the sample's ``json``.
     origin: where it came from, for messages (a file path, ``builtin:lfw#3``); not stored.
@@ -59,13 +63,38 @@ class Item:
 
 
 @dataclass
+class Sample:
+    """One of the samples an input yields: its key is the item's key + ``suffix``; ``image`` is
+    one image or a list (a clip, stored as members ``f000.<fmt>``, ``f001.<fmt>``, ... in order);
+    ``meta`` is merged over the item's meta in the sample's ``json``."""
+
+    suffix: str
+    image: Image.Image | list[Image.Image]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Expanded:
+    """What ``Item.load`` returns for an input with several samples, and the parts of it that
+    yielded none (``{"part", "reason"}``; the manifest lists them under ``skipped``)."""
+
+    samples: list[Sample]
+    dropped: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
 class Source:
-    """An opened source: its items, its colour hint and the inputs rejected while listing."""
+    """An opened source: its items, its colour hint and the inputs rejected while listing.
+
+    ``frames``: images per sample when they are clips (``None``: one image per sample);
+    ``preprocessing``: the source's own settings, recorded in the manifest's ``preprocessing``."""
 
     spec: str
     items: list[Item]
     channels: int | None = None  # 1 grey, 3 colour, None unknown (sharded as RGB)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"input", "reason"}
+    frames: int | None = None
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[Item]:
         return iter(self.items)
@@ -74,9 +103,10 @@ class Source:
         return len(self.items)
 
 
-def open_source(spec: str, label: str | None = None) -> Source:
+def open_source(spec: str, label: str | None = None, options: dict[str, Any] | None = None) -> Source:
     """Parse ``KIND:ARG`` and list the source's items. ``label`` ("real"/"fake") is only for a
-    flat folder. Raises ``UserError`` naming the spec, path or file at fault."""
+    flat folder; ``options`` go to kinds registered with ``options=True`` (``videos``).
+    Raises ``UserError`` naming the spec, path or file at fault."""
     if label is not None and label not in LABELS:
         raise UserError(f"--label {label!r}: expected 'real' or 'fake'")
     kind, sep, arg = spec.partition(":")
@@ -86,7 +116,11 @@ def open_source(spec: str, label: str | None = None) -> Source:
         fn = SOURCES.get(kind)
     except UserError as err:
         raise UserError(f"--source {spec!r}: {err}") from None
-    source = fn(arg, label)
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    if options and not SOURCES.meta(kind).get("options"):
+        flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        raise UserError(f"{flags}: only for videos:PATH sources, not {spec}; drop them")
+    source = fn(arg, label, **options)
     source.spec = spec
     dupes = [k for k, n in Counter(item.key for item in source.items).items() if n > 1]
     if dupes:  # a bug in the source kind, not the user's input
@@ -104,7 +138,7 @@ def safe_key(text: str) -> str:
     return "-".join(p.strip("_") or "_" for p in parts)
 
 
-def _unique_keys(names: list[str]) -> list[str]:
+def unique_keys(names: list[str]) -> list[str]:
     """``safe_key`` of each name; keys that collide get a short hash of their own name."""
     keys = [safe_key(n) for n in names]
     counts = Counter(keys)
@@ -255,7 +289,7 @@ def _celeba(arg: str, label: str | None) -> Source:
         for n in sorted(on_disk - set(splits))
     ]
     items = []
-    for name, key in zip(listed, _unique_keys(listed)):
+    for name, key in zip(listed, unique_keys(listed)):
         meta: dict[str, Any] = {"source": "celeba", "id": name, "label": "real"}
         if name in attributes:
             meta["attributes"] = attributes[name]
@@ -269,11 +303,11 @@ def _celeba(arg: str, label: str | None) -> Source:
 # ----------------------------------------------------------------------------------- folder
 
 
-def _images_under(folder: Path, root: Path) -> list[Path]:
-    """Image files below ``folder``, recursively, skipping hidden files and folders."""
+def _files_under(folder: Path, root: Path, accept: Callable[[Path], bool]) -> list[Path]:
+    """Accepted files below ``folder``, recursively, skipping hidden files and folders."""
     return sorted(
         p for p in folder.rglob("*")
-        if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        if accept(p) and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
 
 
@@ -281,16 +315,10 @@ def _subdirs(folder: Path) -> dict[str, Path]:
     return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")}
 
 
-@SOURCES.register("folder", usage="folder:PATH")
-def _folder(arg: str, label: str | None) -> Source:
-    """``PATH/{train,val,test}/{real,fake}/*``, ``PATH/{real,fake}/*`` or a flat folder + label.
-
-    Fakes in a subfolder of ``fake/`` (``fake/stylegan2/x.png``) record it as their generator.
-    """
-    spec = f"folder:{arg}"
-    root = Path(arg).expanduser()
-    if not root.is_dir():
-        raise UserError(f"{spec}: folder {root} does not exist")
+def labelled_files(spec: str, root: Path, label: str | None, accept: Callable[[Path], bool],
+                   what: str) -> list[tuple[Path, str | None, str, Path]]:
+    """(path, split or None, label name, label folder) of every accepted file under ``root``
+    laid out as ``{train,val,test}/{real,fake}/``, ``{real,fake}/`` or flat (+ ``label``)."""
     subdirs = _subdirs(root)
     split_dirs = {SPLIT_DIRS[n]: p for n, p in subdirs.items() if n in SPLIT_DIRS}
     label_dirs = {n: p for n, p in subdirs.items() if n in LABELS}
@@ -312,26 +340,45 @@ def _folder(arg: str, label: str | None) -> Source:
             labels = {n: p for n, p in _subdirs(split_dir).items() if n in LABELS}
             if not labels:
                 raise UserError(f"{spec}: {split_dir} has no real/ or fake/ folder; expected {split_dir}/real/*, {split_dir}/fake/*")
-            found += [(p, split, name, d) for name, d in sorted(labels.items()) for p in _images_under(d, root)]
+            found += [(p, split, name, d) for name, d in sorted(labels.items()) for p in _files_under(d, root, accept)]
     elif label_dirs:
-        found += [(p, None, name, d) for name, d in sorted(label_dirs.items()) for p in _images_under(d, root)]
+        found += [(p, None, name, d) for name, d in sorted(label_dirs.items()) for p in _files_under(d, root, accept)]
     elif label is None:
         raise UserError(
             f"{spec}: {root} has no real/ or fake/ folders (nor train/ val/ test/); to shard it as "
             "one class pass --label real or --label fake"
         )
     else:
-        found += [(p, None, label, root) for p in _images_under(root, root)]
+        found += [(p, None, label, root) for p in _files_under(root, root, accept)]
     if not found:
-        raise UserError(f"{spec}: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        raise UserError(f"{spec}: no {what} found under {root}")
+    return found
+
+
+def generator_of(path: Path, label_dir: Path) -> str:
+    """A fake's generator: the subfolder of ``fake/`` it sits in (``fake/stylegan2/x.png``)."""
+    inner = path.relative_to(label_dir).parts
+    return inner[0] if len(inner) > 1 else "unknown"
+
+
+@SOURCES.register("folder", usage="folder:PATH")
+def _folder(arg: str, label: str | None) -> Source:
+    """``PATH/{train,val,test}/{real,fake}/*``, ``PATH/{real,fake}/*`` or a flat folder + label.
+
+    Fakes in a subfolder of ``fake/`` (``fake/stylegan2/x.png``) record it as their generator.
+    """
+    spec = f"folder:{arg}"
+    root = Path(arg).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{spec}: folder {root} does not exist")
+    found = labelled_files(spec, root, label, is_image_file, f"images ({', '.join(IMAGE_EXTENSIONS)})")
 
     rels = [p.relative_to(root).as_posix() for p, *_ in found]
     items = []
-    for (path, split, name, label_dir), rel, key in zip(found, rels, _unique_keys(rels)):
+    for (path, split, name, label_dir), rel, key in zip(found, rels, unique_keys(rels)):
         meta: dict[str, Any] = {"source": "folder", "path": rel, "label": name}
         if name == "fake":
-            inner = path.relative_to(label_dir).parts
-            meta["generator"] = inner[0] if len(inner) > 1 else "unknown"
+            meta["generator"] = generator_of(path, label_dir)
         items.append(Item(key, split, LABELS[name], functools.partial(open_image, str(path)), meta, str(path)))
     return Source(spec, items, channels=1 if _all_grey(p for p, *_ in found) else None)
 
@@ -346,3 +393,6 @@ def _all_grey(paths) -> bool:
         except OSError:  # unreadable: prepare skips and records it
             continue
     return True
+
+
+from deepfake_dist.data import video as _video  # noqa: E402,F401 - registers videos:PATH (imports sources)

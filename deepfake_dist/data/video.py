@@ -1,0 +1,465 @@
+"""Videos -> face clips: the ``videos:PATH`` source, and the frame sampling and face cropping
+that scoring a video (``deepfake-dist predict``) reuses, so inference sees what training saw.
+
+One video is one source ``Item``; decoding it yields several samples (``sources.Expanded``):
+one per clip (K frames, members ``f000.<fmt>``, ``f001.<fmt>``, ... in time order) or, with
+``frame_level``, one per frame. The video is the unit of splitting, so no video is in two splits.
+
+Per video, in the worker that writes its shard:
+
+1. plan the frame indices of each clip from the frame count: ``step`` takes K frames every n-th
+   frame (clips centred in N equal parts of the video), ``uniform`` spreads all N*K frames
+   evenly over the video and cuts them into N clips; clips never overlap, so a short video
+   gives fewer clips (recorded) or none (skipped);
+2. decode exactly those frames in one sequential pass (grab/retrieve: exact indices, no seeking);
+3. detect faces on each sampled frame: OpenCV's bundled Haar cascade, or a DNN SSD face
+   detector (``cv2.dnn``) from a local model file;
+4. link the detections across frames into tracks by IoU and keep the largest track (the
+   largest summed box area: big and present on most frames);
+5. per clip: frames where the track has no detection get a box interpolated from its neighbours
+   (or held at the ends); a clip needs a detection on at least half of its frames, else it is
+   dropped and recorded; the boxes are smoothed over time (moving average of 3) and cut as a
+   square of side ``max(w, h) * (1 + 2 * margin)`` around the box centre (black outside the
+   frame). ``prepare`` then resizes every crop to the set's resolution (bicubic).
+
+A video that cannot be decoded, is too short for one clip or shows no face raises, so
+``prepare`` skips it and lists it in the manifest's ``skipped`` with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from deepfake_dist.data.sources import (
+    LABELS,
+    SOURCES,
+    SPLIT_DIRS,
+    Expanded,
+    Item,
+    Sample,
+    Source,
+    generator_of,
+    labelled_files,
+    unique_keys,
+)
+from deepfake_dist.errors import UserError
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
+SAMPLINGS = ("step", "uniform")
+HAAR_CASCADE = "haarcascade_frontalface_default.xml"
+TRACK_IOU = 0.2  # a detection joins a track when it overlaps the track's last box this much
+MIN_DETECTED = 0.5  # a clip needs its own face detection on this fraction of its frames
+SMOOTH = 3  # moving-average window over a clip's boxes (frames)
+DETECT_MAX_SIDE = 640  # frames are downscaled to this for detection (boxes scaled back)
+DNN_INPUT, DNN_MEAN, DNN_CONFIDENCE = 300, (104.0, 177.0, 123.0), 0.5  # OpenCV's res10 SSD face detector
+
+Box = tuple[float, float, float, float]  # x, y, w, h in frame pixels
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """How clips are cut from a video; field names are ``deepfake-dist prepare``'s flags
+    (``clips_per_video`` -> ``--clips-per-video``). Recorded in the manifest."""
+
+    frames: int = 8  # K frames per clip
+    clips_per_video: int = 4  # N clips per video (fewer when the video is short)
+    frame_step: int = 2  # "step" sampling: every n-th frame
+    sampling: str = "step"  # "step" (consecutive, every n-th) | "uniform" (spread over the video)
+    margin: float = 0.15  # added on each side, as a fraction of the face box (0.15: a 1.3x crop)
+    face_model: str | None = None  # a local cv2.dnn face detector file; None: the Haar cascade
+    face_config: str | None = None  # its network description, when the model format needs one
+    frame_level: bool = False  # one sample per frame instead of one per clip
+
+    def __post_init__(self):
+        for name, low in (("frames", 1), ("clips_per_video", 1), ("frame_step", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"--{name.replace('_', '-')} {value}: expected an integer >= {low}")
+        if self.sampling not in SAMPLINGS:
+            raise UserError(f"--sampling {self.sampling}: expected one of {', '.join(SAMPLINGS)}")
+        if not isinstance(self.margin, (int, float)) or not 0 <= self.margin <= 2:
+            raise UserError(f"--margin {self.margin}: expected a fraction of the face box from 0 to 2, e.g. 0.15")
+        for flag, path in (("--face-model", self.face_model), ("--face-config", self.face_config)):
+            if path is not None and not Path(path).expanduser().is_file():
+                raise UserError(
+                    f"{flag} {path}: file not found; give a local OpenCV DNN face detector, e.g. "
+                    "--face-model res10_300x300_ssd_iter_140000.caffemodel --face-config deploy.prototxt "
+                    "(or an SSD .onnx), or leave it out for the bundled Haar cascade"
+                )
+        if self.face_config is not None and self.face_model is None:
+            raise UserError(f"--face-config {self.face_config}: give the model too (--face-model PATH)")
+
+    def settings(self) -> dict[str, Any]:
+        """What the manifest records: these options, the detector (with the model file's
+        sha256) and the fixed tracking constants."""
+        from deepfake_dist.data.manifest import file_sha256
+
+        out = {k: v for k, v in asdict(self).items() if k not in ("face_model", "face_config")}
+        if self.face_model is None:
+            out["face_detector"] = {"kind": "haar", "cascade": HAAR_CASCADE, "opencv": _cv2().__version__}
+        else:
+            out["face_detector"] = {
+                "kind": "dnn", "model": str(self.face_model), "model_sha256": file_sha256(Path(self.face_model).expanduser()),
+                "config": self.face_config, "input": DNN_INPUT, "mean": list(DNN_MEAN), "confidence": DNN_CONFIDENCE,
+                "opencv": _cv2().__version__,
+            }
+        return {"crop": "face", **out, "track_iou": TRACK_IOU, "min_detected": MIN_DETECTED, "box_smoothing": SMOOTH,
+                "detect_max_side": DETECT_MAX_SIDE}
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise UserError("videos need OpenCV: pip install 'deepfake_dist[video]' (opencv-python-headless<5)") from None
+    return cv2
+
+
+# -------------------------------------------------------------------------------- sampling
+
+
+def clip_indices(n_frames: int, opts: VideoOptions) -> list[list[int]]:
+    """Frame indices of each clip, in time order (non-overlapping clips; fewer than
+    ``clips_per_video`` when the video is too short, none when not even one fits)."""
+    k, n_clips = opts.frames, opts.clips_per_video
+    if opts.sampling == "uniform":
+        n_clips = min(n_clips, n_frames // k)
+        total = n_clips * k
+        flat = [int((j + 0.5) * n_frames / total) for j in range(total)]
+        return [flat[c * k : (c + 1) * k] for c in range(n_clips)]
+    span = (k - 1) * opts.frame_step + 1
+    n_clips = min(n_clips, n_frames // span)
+    clips = []
+    for c in range(n_clips):  # each clip centred in its 1/n_clips of the video
+        start = int(c * n_frames / n_clips + (n_frames / n_clips - span) / 2)
+        clips.append(list(range(start, start + span, opts.frame_step)))
+    return clips
+
+
+def _span_text(opts: VideoOptions) -> str:
+    every = f"every {opts.frame_step}" if opts.sampling == "step" else "spread uniformly"
+    return f"{opts.frames} frames ({every})"
+
+
+# -------------------------------------------------------------------------------- decoding
+
+
+class VideoError(Exception):
+    """A video that yields nothing: the message is the reason recorded in the manifest."""
+
+
+def read_frames(path: str, wanted: set[int]) -> tuple[dict[int, np.ndarray], int | None]:
+    """The wanted frames as RGB arrays, in one sequential pass; also the true frame count when
+    the video ended before the last wanted frame (``None`` when it did not)."""
+    cv2 = _cv2()
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise VideoError("OpenCV cannot open it (not a video, damaged, or a codec its FFmpeg lacks)")
+    frames: dict[int, np.ndarray] = {}
+    index, last = 0, max(wanted, default=-1)
+    try:
+        while index <= last:
+            if not cap.grab():
+                return frames, index
+            if index in wanted:
+                ok, bgr = cap.retrieve()
+                if ok:
+                    frames[index] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            index += 1
+    finally:
+        cap.release()
+    return frames, None
+
+
+def probe(path: str) -> tuple[int, float]:
+    """(frame count, fps) from the container; counts by decoding when the header has none."""
+    cv2 = _cv2()
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise VideoError("OpenCV cannot open it (not a video, damaged, or a codec its FFmpeg lacks)")
+    try:
+        count, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), float(cap.get(cv2.CAP_PROP_FPS))
+        if count <= 0:
+            count = 0
+            while cap.grab():
+                count += 1
+    finally:
+        cap.release()
+    return count, fps
+
+
+def sample_frames(path: str, opts: VideoOptions) -> tuple[list[list[int]], dict[int, np.ndarray], int, float]:
+    """(clips, frames by index, frame count, fps); re-plans once when the header overstated the
+    frame count (a truncated file)."""
+    n_frames, fps = probe(path)
+    for _ in range(2):
+        clips = clip_indices(n_frames, opts)
+        if not clips:
+            raise VideoError(f"{n_frames} frame(s): too short for one clip of {_span_text(opts)}")
+        frames, actual = read_frames(path, {i for clip in clips for i in clip})
+        if actual is None or all(i in frames for clip in clips for i in clip):
+            return clips, frames, n_frames, fps
+        n_frames = actual
+    raise VideoError(f"frames could not be decoded after frame {n_frames}")
+
+
+# ------------------------------------------------------------------------------- detection
+
+
+class HaarFaces:
+    """OpenCV's bundled frontal-face Haar cascade (``cv2.data.haarcascades``)."""
+
+    def __init__(self):
+        cv2 = _cv2()
+        path = Path(cv2.data.haarcascades) / HAAR_CASCADE
+        self.cascade = cv2.CascadeClassifier(str(path)) if hasattr(cv2, "CascadeClassifier") else None
+        if self.cascade is None or self.cascade.empty():
+            raise UserError(
+                f"OpenCV {cv2.__version__} ships no Haar cascade {HAAR_CASCADE} (OpenCV 5 moved them out): "
+                "pip install 'opencv-python-headless<5', or give a DNN face detector with --face-model PATH"
+            )
+
+    def __call__(self, rgb: np.ndarray) -> list[Box]:
+        cv2 = _cv2()
+        grey, scale = _detection_image(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+        found = self.cascade.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
+        return [tuple(float(v) / scale for v in box) for box in found]
+
+
+class DnnFaces:
+    """A ``cv2.dnn`` SSD face detector from a local file (OpenCV's res10 300x300 Caffe model or
+    any network with the same output: rows of (image, class, confidence, x1, y1, x2, y2) with
+    coordinates relative to the frame)."""
+
+    def __init__(self, model: str, config: str | None):
+        cv2 = _cv2()
+        try:
+            self.net = cv2.dnn.readNet(str(Path(model).expanduser()), str(Path(config).expanduser()) if config else "")
+        except cv2.error as e:
+            detail = str(e).strip().splitlines()[-1]
+            raise UserError(f"--face-model {model}: OpenCV cannot load it as a DNN ({detail}); a Caffe model also needs --face-config deploy.prototxt") from None
+
+    def __call__(self, rgb: np.ndarray) -> list[Box]:
+        cv2 = _cv2()
+        h, w = rgb.shape[:2]
+        blob = cv2.dnn.blobFromImage(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), 1.0, (DNN_INPUT, DNN_INPUT), DNN_MEAN)
+        self.net.setInput(blob)
+        out = np.asarray(self.net.forward())
+        if out.size % 7:
+            raise UserError(f"the --face-model output has shape {out.shape}; expected SSD detections (..., 7)")
+        boxes = []
+        for _, _, conf, x1, y1, x2, y2 in out.reshape(-1, 7):
+            x1, x2 = np.clip([x1, x2], 0, 1) * w
+            y1, y2 = np.clip([y1, y2], 0, 1) * h
+            if conf >= DNN_CONFIDENCE and x2 > x1 and y2 > y1:
+                boxes.append((float(x1), float(y1), float(x2 - x1), float(y2 - y1)))
+        return boxes
+
+
+def _detection_image(grey: np.ndarray) -> tuple[np.ndarray, float]:
+    h, w = grey.shape[:2]
+    scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
+    if scale < 1.0:
+        grey = _cv2().resize(grey, (round(w * scale), round(h * scale)), interpolation=_cv2().INTER_AREA)
+    return grey, scale
+
+
+@functools.lru_cache(maxsize=4)
+def face_detector(model: str | None = None, config: str | None = None):
+    """The detector for these options, built once per process (OpenCV objects do not pickle)."""
+    return HaarFaces() if model is None else DnnFaces(model, config)
+
+
+# -------------------------------------------------------------------------------- tracking
+
+
+def iou(a: Box, b: Box) -> float:
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def largest_track(detections: dict[int, list[Box]]) -> dict[int, Box]:
+    """Link detections frame to frame (each to the track whose last box it overlaps most, IoU >=
+    ``TRACK_IOU``; else it starts a track) and return the track with the largest summed area."""
+    tracks: list[dict[int, Box]] = []
+    for index in sorted(detections):
+        taken: set[int] = set()
+        for box in sorted(detections[index], key=lambda b: b[2] * b[3], reverse=True):
+            scores = [(iou(t[max(t)], box), k) for k, t in enumerate(tracks) if k not in taken]
+            best = max(scores, default=(0.0, -1))
+            if best[0] >= TRACK_IOU:
+                tracks[best[1]][index] = box
+                taken.add(best[1])
+            else:
+                tracks.append({index: box})
+                taken.add(len(tracks) - 1)
+    return max(tracks, key=lambda t: sum(b[2] * b[3] for b in t.values()), default={})
+
+
+def fill_boxes(indices: list[int], track: dict[int, Box]) -> list[Box]:
+    """The track's box at each index: its detection, else linear interpolation between the
+    nearest detections before and after, else the nearest one (the track must not be empty)."""
+    known = sorted(track)
+    out = []
+    for i in indices:
+        before = [k for k in known if k <= i]
+        after = [k for k in known if k >= i]
+        if before and after and before[-1] != after[0]:
+            a, b = before[-1], after[0]
+            t = (i - a) / (b - a)
+            out.append(tuple(pa + t * (pb - pa) for pa, pb in zip(track[a], track[b])))
+        else:
+            out.append(track[before[-1] if before else after[0]])
+    return out
+
+
+def smooth(boxes: list[Box], window: int = SMOOTH) -> list[Box]:
+    """Centred moving average of the boxes (shorter at the ends): less frame-to-frame jitter."""
+    half = window // 2
+    arr = np.asarray(boxes, dtype=np.float64)
+    return [tuple(arr[max(0, i - half) : i + half + 1].mean(0).tolist()) for i in range(len(arr))]
+
+
+def crop_face(rgb: np.ndarray, box: Box, margin: float) -> Image.Image:
+    """A square of side ``max(w, h) * (1 + 2 * margin)`` centred on the box; black outside."""
+    x, y, w, h = box
+    side = max(w, h) * (1 + 2 * margin)
+    cx, cy = x + w / 2, y + h / 2
+    left, top = round(cx - side / 2), round(cy - side / 2)
+    size = max(round(side), 1)
+    return Image.fromarray(rgb).crop((left, top, left + size, top + size))
+
+
+# --------------------------------------------------------------------------------- samples
+
+
+def video_samples(path: str, opts: VideoOptions) -> Expanded:
+    """A video's samples: one per clip (or per frame), face-cropped at full size, with their
+    frame indices, boxes and detection flags; raises ``VideoError`` when it yields none."""
+    clips, frames, n_frames, fps = sample_frames(path, opts)
+    detect = face_detector(opts.face_model, opts.face_config)
+    indices = sorted(frames)
+    track = largest_track({i: detect(frames[i]) for i in indices})
+    if not track:
+        raise VideoError(f"no face found on its {len(indices)} sampled frame(s)")
+    dropped = []
+    if len(clips) < opts.clips_per_video:
+        dropped.append({"part": f"clips {len(clips)}-{opts.clips_per_video - 1}",
+                        "reason": f"{n_frames} frames: room for {len(clips)} clip(s) of {_span_text(opts)}"})
+    units = [[i] for i in indices] if opts.frame_level else clips
+    samples = []
+    for number, unit in enumerate(units):
+        detected = [i in track for i in unit]
+        part = f"frame {unit[0]}" if opts.frame_level else f"clip {number}"
+        if sum(detected) < MIN_DETECTED * len(unit):
+            dropped.append({"part": part, "reason": f"face found on {sum(detected)} of {len(unit)} frame(s)"})
+            continue
+        boxes = smooth(fill_boxes(unit, track))
+        crops = [crop_face(frames[i], box, opts.margin) for i, box in zip(unit, boxes)]
+        meta = {"frames": unit, "boxes": [[round(v, 1) for v in box] for box in boxes], "detected": detected,
+                "fps": round(fps, 3), "video_frames": n_frames}
+        if opts.frame_level:
+            samples.append(Sample(f"-f{unit[0]:06d}", crops[0], {**meta, "frame": unit[0]}))
+        else:
+            samples.append(Sample(f"-c{number:03d}", crops, {**meta, "clip": number}))
+    if not samples:
+        raise VideoError(f"no {'frame' if opts.frame_level else 'clip'} with a face on enough frames "
+                         f"({', '.join(d['reason'] for d in dropped[-3:])})")
+    return Expanded(samples, dropped)
+
+
+# ---------------------------------------------------------------------------------- source
+
+
+def is_video_file(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+
+
+def _read_csv(spec: str, file: Path) -> tuple[list[tuple[Path, str | None, str, str | None]], list[dict[str, str]]]:
+    """Rows ``path,label[,split[,generator]]`` (a header line naming the columns is optional);
+    paths relative to the CSV's folder. Returns (path, split, label, generator) rows and the
+    listed files that are missing."""
+    with open(file, newline="", encoding="utf-8") as f:
+        rows = [(n, r) for n, r in enumerate(csv.reader(f), 1) if r and any(c.strip() for c in r)]
+    columns = ["path", "label", "split", "generator"]
+    if rows and rows[0][1][0].strip().lower() == "path":
+        columns = [c.strip().lower() for c in rows[0][1]]
+        rows = rows[1:]
+        if "path" not in columns or "label" not in columns:
+            raise UserError(f"{file}:1: the header must name a path and a label column, e.g. path,label,split")
+    found, missing = [], []
+    for lineno, row in rows:
+        fields = dict(zip(columns, (c.strip() for c in row)))
+        label, split = fields.get("label", "").lower(), fields.get("split", "").lower()
+        label = {"0": "real", "1": "fake"}.get(label, label)
+        if label not in LABELS or not fields.get("path"):
+            raise UserError(f"{file}:{lineno}: expected path,label[,split] with label real or fake, got {','.join(row)!r}")
+        if split and split not in SPLIT_DIRS:
+            raise UserError(f"{file}:{lineno}: split {split!r}: expected train, val or test (or nothing)")
+        path = Path(fields["path"]).expanduser()
+        path = path if path.is_absolute() else file.parent / path
+        if not path.is_file():
+            missing.append({"input": str(path), "reason": f"listed in {file.name} line {lineno} but missing"})
+            continue
+        found.append((path, SPLIT_DIRS[split] if split else None, label, fields.get("generator") or None))
+    if not found:
+        raise UserError(f"{spec}: {file} lists no existing video" + (f" (first missing: {missing[0]['input']})" if missing else ""))
+    return found, missing
+
+
+@SOURCES.register("videos", usage="videos:PATH", options=True)
+def _videos(arg: str, label: str | None, **options: Any) -> Source:
+    """``PATH/{real,fake}/*.mp4``, ``PATH/{train,val,test}/{real,fake}/...``, a flat folder +
+    ``--label``, or a CSV file of ``path,label[,split[,generator]]``. Options: ``VideoOptions``."""
+    spec = f"videos:{arg}"
+    try:
+        opts = VideoOptions(**options)
+    except TypeError as e:  # an option this source does not know (a caller's typo)
+        raise UserError(f"{spec}: {e}") from None
+    root = Path(arg).expanduser()
+    skipped: list[dict[str, str]] = []
+    if root.is_file():
+        if label is not None:
+            raise UserError(f"--label {label}: {root} gives each video's label; drop --label")
+        rows, skipped = _read_csv(spec, root)
+        base = root.parent
+    elif root.is_dir():
+        found = labelled_files(spec, root, label, is_video_file, f"videos ({', '.join(VIDEO_EXTENSIONS)})")
+        rows = [(p, split, name, generator_of(p, d) if name == "fake" else None) for p, split, name, d in found]
+        base = root
+    else:
+        raise UserError(f"{spec}: {root} does not exist; give a folder of real/ and fake/ videos or a CSV path,label,split")
+    if opts.face_model is not None:
+        face_detector(opts.face_model, opts.face_config)  # a model OpenCV cannot load fails here, once
+    else:
+        HaarFaces()  # so does an OpenCV without the cascade
+    names = [p.relative_to(base).as_posix() if p.is_relative_to(base) else p.as_posix() for p, *_ in rows]
+    items = []
+    for (path, split, name, generator), rel, key in zip(rows, names, unique_keys(names)):
+        meta: dict[str, Any] = {"source": "videos", "path": rel, "label": name, "video": key}
+        if name == "fake":
+            meta["generator"] = generator or "unknown"
+        items.append(Item(key, split, LABELS[name], functools.partial(video_samples, str(path), opts), meta, str(path)))
+    return Source(spec, items, channels=3, skipped=skipped, frames=None if opts.frame_level else opts.frames,
+                  preprocessing={"video": opts.settings()})
+
+
+def video_options_from(manifest: dict[str, Any]) -> VideoOptions | None:
+    """The options a clip set was made with (from its manifest), for scoring a new video the
+    same way; ``None`` for a set that was not made from videos."""
+    video = manifest.get("preprocessing", {}).get("video")
+    if video is None:
+        return None
+    fields = set(VideoOptions.__dataclass_fields__) - {"face_model", "face_config"}
+    return VideoOptions(**{k: v for k, v in video.items() if k in fields})
+
