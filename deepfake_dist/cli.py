@@ -47,6 +47,7 @@ def cmd_prepare(args) -> int:
         args.source, args.out, resolution=args.resolution, fmt=args.format, shard_size=args.shard_size,
         split=args.split, workers=args.workers, label=args.label, overwrite=args.overwrite, seed=args.seed,
         quality=args.quality, command=shlex.join(["deepfake-dist", *sys.argv[1:]]), progress=True,
+        options={name: getattr(args, name) for name in _VIDEO_OPTIONS},
     )
     if distributed_state().is_main_process:
         out.print(info_table(manifest))
@@ -83,7 +84,7 @@ def _add_train(sub):
 
 def _add_prepare(sub):
     p = sub.add_parser("prepare", help="turn a face dataset into WebDataset shards with a manifest")
-    p.add_argument("--source", required=True, help="builtin:lfw | celeba:PATH | folder:PATH")
+    p.add_argument("--source", required=True, help="builtin:lfw | celeba:PATH | folder:PATH | videos:PATH")
     p.add_argument("--out", required=True, help="output folder, e.g. shards/lfw")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--format", choices=["jpg", "png"], default="png",
@@ -95,7 +96,25 @@ def _add_prepare(sub):
     p.add_argument("--label", choices=["real", "fake"], help="label of a flat folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    from deepfake_dist.data.video import VideoOptions
+
+    d = VideoOptions()
+    v = p.add_argument_group("videos:PATH (folders real/ fake/ of videos, or a CSV path,label,split)")
+    v.add_argument("--frames", type=int, help=f"frames per clip (default {d.frames})")
+    v.add_argument("--clips-per-video", dest="clips_per_video", type=int,
+                   help=f"clips per video, fewer when it is short (default {d.clips_per_video})")
+    v.add_argument("--sampling", choices=["step", "uniform"],
+                   help=f"step: consecutive frames, every n-th; uniform: spread over the video (default {d.sampling})")
+    v.add_argument("--frame-step", dest="frame_step", type=int, help=f"n for --sampling step (default {d.frame_step})")
+    v.add_argument("--margin", type=float, help=f"face crop margin on each side, fraction of the box (default {d.margin})")
+    v.add_argument("--face-model", dest="face_model", help="a local cv2.dnn SSD face detector (default: OpenCV's Haar cascade)")
+    v.add_argument("--face-config", dest="face_config", help="its network description, e.g. deploy.prototxt for Caffe")
+    v.add_argument("--frame-level", dest="frame_level", action="store_true", default=None,
+                   help="one sample per frame (for image detectors) instead of one per clip")
     p.set_defaults(fn=cmd_prepare)
+
+
+_VIDEO_OPTIONS = ("frames", "clips_per_video", "sampling", "frame_step", "margin", "face_model", "face_config", "frame_level")
 
 
 def _add_shards(sub):
