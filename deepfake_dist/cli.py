@@ -196,7 +196,79 @@ def _add_explain(sub):
     p.add_argument("--layer", help="module to explain (default: the model's gradcam_layer)")
     p.set_defaults(fn=cmd_explain)
 
-COMMANDS = [_add_train, _add_prepare, _add_shards, _add_evaluate, _add_predict, _add_explain]
+
+def cmd_compress(args) -> int:
+    from deepfake_dist.deploy.compress import compress, rich_table
+
+    report = compress(args.checkpoint, args.out, prune=args.prune, structured=args.structured,
+                      finetune_epochs=args.finetune_epochs, quantize=args.quantize,
+                      calibration_batches=args.calibration_batches, overrides=args.overrides, threads=args.threads)
+    out.print(rich_table(report["rows"]))
+    out.print(f"written to {escape(str(args.out))}: compress.json, compress.md and the compressed model(s)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from deepfake_dist.deploy.onnx_export import export_onnx
+
+    meta = export_onnx(args.checkpoint, args.onnx, images=args.images, overrides=args.overrides, opset=args.opset)
+    parity = meta["parity"]
+    out.print(f"{escape(str(args.onnx))}: opset {meta['opset']}, dynamic batch; max |ONNX - PyTorch| = "
+              f"{parity['max_abs_diff']:.2e} on {parity['images']} images ({escape(parity['source'])})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from deepfake_dist.serve.app import serve
+
+    serve(args.checkpoint, onnx=args.onnx, host=args.host, port=args.port, token=args.token,
+          max_bytes=args.max_bytes, max_pixels=args.max_pixels, face_crop=args.face_crop)
+    return 0
+
+
+def _add_compress(sub):
+    p = sub.add_parser("compress", help="prune / fine-tune / int8-quantize a detector; table of size, speed, accuracy")
+    p.add_argument("--checkpoint", required=True, help="run folder or model .safetensors file")
+    p.add_argument("--out", required=True, help="output folder for the compressed model(s) and the table")
+    p.add_argument("--prune", type=float, default=0.0, help="fraction of weights to remove, e.g. 0.3")
+    p.add_argument("--structured", action="store_true", help="remove whole conv output channels (L2 norm)")
+    p.add_argument("--finetune-epochs", dest="finetune_epochs", type=int, default=0,
+                   help="fine-tune the pruned model with the normal trainer for N epochs")
+    p.add_argument("--quantize", choices=["int8"], help="int8: static convolutions (calibrated), dynamic Linear/LSTM")
+    p.add_argument("--calibration-batches", dest="calibration_batches", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for the latency columns")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="override the stored training config, e.g. data.train=[shards/lfw]")
+    p.set_defaults(fn=cmd_compress)
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="export a detector to ONNX, checked against PyTorch with onnxruntime")
+    p.add_argument("--checkpoint", required=True, help="run folder or model .safetensors file")
+    p.add_argument("--onnx", required=True, help="output file, e.g. runs/NAME/model.onnx (metadata: model.json)")
+    p.add_argument("--images", help="folder of real images for the parity check (default: the test split)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override the stored training config")
+    p.set_defaults(fn=cmd_export)
+
+
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="HTTP API + web page for a detector (FastAPI + uvicorn)")
+    p.add_argument("--checkpoint", required=True, help="run folder, model .safetensors or (with --onnx) .onnx file")
+    p.add_argument("--onnx", action="store_true", help="score with ONNX Runtime (RUN/model.onnx or the .onnx given)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /v1 endpoints")
+    p.add_argument("--max-bytes", dest="max_bytes", type=int, default=10_000_000, help="largest upload per image")
+    p.add_argument("--max-pixels", dest="max_pixels", type=int, help="largest image (width x height) to decode; "
+                   "default 40 million")
+    p.add_argument("--face-crop", dest="face_crop", action="store_true",
+                   help="detect the largest face (OpenCV Haar cascade) and score its crop")
+    p.set_defaults(fn=cmd_serve)
+
+
+COMMANDS = [_add_train, _add_prepare, _add_shards, _add_evaluate, _add_predict, _add_explain, _add_compress,
+            _add_export, _add_serve]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
@@ -45,7 +46,7 @@ def open_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "
             img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError:
         raise BadImage(f"{name}: the image has too many pixels (limit {max_pixels})", 413) from None
-    except Exception:  # UnidentifiedImageError and whatever a broken header raises
+    except Exception:  # noqa: BLE001 - UnidentifiedImageError and whatever a broken header raises
         raise BadImage(f"{name}: not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})", 415) from None
     width, height = img.size
     if width * height > max_pixels:
@@ -55,18 +56,46 @@ def open_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "
     try:
         img.load()
         return ImageOps.exif_transpose(img)
-    except Exception as e:  # truncated data, bad chunks, decoder errors
+    except Exception as e:  # noqa: BLE001 - truncated data, bad chunks, decoder errors
         raise BadImage(f"{name}: the {img.format} image is damaged or truncated ({e})") from None
     finally:
         img.close()
 
 
+def in_channels(info: dict) -> int:
+    """Input channels of an exported detector (its JSON keeps them in ``build_args``)."""
+    return int(info.get("build_args", {}).get("in_channels") or info.get("in_channels", 3))
+
+
 def model_input(img: Image.Image, info: dict) -> torch.Tensor:
     """PIL image -> normalized float tensor (C, R, R) for the model described by ``info``."""
-    channels, resolution = int(info["in_channels"]), int(info["resolution"])
+    channels, resolution = in_channels(info), int(info["resolution"])
     face = imageio.preprocess(img, "L" if channels == 1 else "RGB", resolution)
     return transforms.eval_transform(resolution, channels, info["normalize"])(pil_to_tensor(face))
 
 
 def bytes_to_input(data: bytes, info: dict, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "upload") -> torch.Tensor:
     return model_input(open_upload(data, max_pixels, name), info)
+
+
+FACE_MARGIN = 0.25  # of the face box, added on every side before the square crop
+
+
+def largest_face(img: Image.Image, margin: float = FACE_MARGIN) -> tuple[Image.Image, dict]:
+    """The largest frontal face (OpenCV's Haar cascade from ``cv2.data``) cropped with
+    ``margin``, and what was found: ``{"detected", "faces", "box": [x, y, w, h]}``. With no face
+    the whole image comes back (``detected`` false), so the caller can still score it."""
+    try:
+        import cv2
+        import numpy as np
+    except ImportError:
+        raise UserError("face cropping needs OpenCV: pip install 'deepfake_dist[video]'") from None
+    cascade = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"))
+    grey = np.asarray(imageio.to_mode(img, "L"))
+    boxes = cascade.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
+    if len(boxes) == 0:
+        return img, {"detected": False, "faces": 0, "box": None}
+    x, y, w, h = (int(v) for v in max(boxes, key=lambda b: int(b[2]) * int(b[3])))
+    m = int(margin * max(w, h))
+    crop = img.crop((max(x - m, 0), max(y - m, 0), min(x + w + m, img.width), min(y + h + m, img.height)))
+    return crop, {"detected": True, "faces": len(boxes), "box": [x, y, w, h]}
