@@ -8,6 +8,10 @@ sample's augmentation only on (seed, epoch, key), so a resumed run replays the s
 
 Evaluation reads every shard of the split exactly once: shards are split over ranks and
 workers, nothing is resampled or dropped, and the caller gathers the predictions at the end.
+
+A sample is one image (C, H, W) or, in a clip set (manifest ``frames``: K), a clip (K, C, H, W)
+from its members ``f000.<fmt>``, ``f001.<fmt>``, ... in order. The transforms act on the whole
+clip tensor, so every frame of a clip gets the same random crop, flip, jitter, JPEG and blur.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import math
 import multiprocessing
 import random
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +35,7 @@ from deepfake_dist.data.manifest import load_manifest, shard_urls, split_count
 from deepfake_dist.errors import UserError
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
+FRAME_KEY = re.compile(r"^f\d{3}\.(jpg|png|jpeg|webp)$")  # a clip's frames: f000.png, f001.png, ...
 
 
 @dataclass
@@ -62,11 +68,26 @@ def manifest_ids(sets: list[str]) -> dict[str, str]:
     return {s: load_manifest(s)["id"] for s in sets}
 
 
+def clip_frames(sets: list[str]) -> int | None:
+    """Frames per sample of these sets (``None``: single images). Clips of different lengths, or
+    clips and images, cannot share a batch, so sets that disagree are refused."""
+    frames = {s: load_manifest(s).get("frames") for s in sets}
+    if len(set(frames.values())) > 1:
+        found = ", ".join(f"{s}: {f or 1}" for s, f in frames.items())
+        raise UserError(f"data sets hold samples of different frame counts ({found}); use sets prepared "
+                        "with the same --frames (clip models) or --frame-level sets (image models)")
+    return next(iter(frames.values()), None)
+
+
 def _decode_sample(sample: dict, channels: int) -> tuple:
     key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if key is None:
-        raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
-    image = transforms.decode(sample[key], channels)
+    if key is not None:
+        image = transforms.decode(sample[key], channels)
+    else:
+        frames = sorted(k for k in sample if FRAME_KEY.match(k))
+        if not frames:
+            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
+        image = torch.stack([transforms.decode(sample[k], channels) for k in frames])  # (T, C, H, W)
     label = int(sample["cls"])
     meta = json.loads(sample["json"]) if "json" in sample else {}
     # keys are unique within a set; the set's folder name makes them unique across sets
@@ -128,6 +149,7 @@ def train_loader(cfg: DataConfig, channels: int, rank: int, world: int, seed: in
     if not urls:
         raise UserError(f"no '{cfg.train_split}' shards in {cfg.train}; check data.train and data.train_split")
     samples = sum(split_count(load_manifest(s), cfg.train_split) for s in cfg.train)
+    clip_frames(cfg.train)  # refuses sets whose samples cannot share a batch
     workers = max(cfg.num_workers, 1)
     batches_per_rank = max(math.ceil(samples / (cfg.batch_size * world)), 1)
     per_worker = math.ceil(batches_per_rank / workers)
@@ -145,10 +167,11 @@ def train_loader(cfg: DataConfig, channels: int, rank: int, world: int, seed: in
 class EvalStream(IterableDataset):
     """Every sample of the split once: shards split over ranks then workers, last batch kept."""
 
-    def __init__(self, urls, cfg: DataConfig, channels: int, rank: int, world: int, perturb=None):
+    def __init__(self, urls, cfg: DataConfig, channels: int, rank: int, world: int, perturb=None,
+                 frames: int | None = None):
         self.urls, self.cfg, self.channels, self.rank, self.world = urls, cfg, channels, rank, world
         self.transform = transforms.eval_transform(cfg.resolution, channels, cfg.normalize, perturb)
-        self.sample_shape = (channels, cfg.resolution, cfg.resolution)
+        self.sample_shape = (*([frames] if frames else []), channels, cfg.resolution, cfg.resolution)
 
     def __iter__(self):
         worker, workers = _worker()
@@ -170,6 +193,6 @@ def eval_loader(cfg: DataConfig, sets: list[str], split: str, channels: int, ran
     urls = [u for s in sets for u in shard_urls(s, split)]
     if not urls:
         raise UserError(f"no '{split}' shards in {sets}; prepare the sets with a {split} split")
-    stream = EvalStream(urls, cfg, channels, rank, world, perturb)
+    stream = EvalStream(urls, cfg, channels, rank, world, perturb, clip_frames(sets))
     workers = min(cfg.num_workers, max(len(urls) // world, 1))
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
