@@ -454,12 +454,25 @@ def _videos(arg: str, label: str | None, **options: Any) -> Source:
                   preprocessing={"video": opts.settings()})
 
 
-def video_options_from(manifest: dict[str, Any]) -> VideoOptions | None:
-    """The options a clip set was made with (from its manifest), for scoring a new video the
-    same way; ``None`` for a set that was not made from videos."""
-    video = manifest.get("preprocessing", {}).get("video")
-    if video is None:
-        return None
-    fields = set(VideoOptions.__dataclass_fields__) - {"face_model", "face_config"}
-    return VideoOptions(**{k: v for k, v in video.items() if k in fields})
+def video_settings(sets: list[str]) -> dict[str, Any] | None:
+    """The video settings (``VideoOptions.settings``) of the first of these shard sets that was
+    made from videos; ``None`` when none was."""
+    from deepfake_dist.data.manifest import load_manifest
+
+    for folder in sets:
+        video = load_manifest(folder).get("preprocessing", {}).get("video")
+        if video:
+            return video
+    return None
+
+
+def options_from_settings(settings: dict[str, Any] | None, **overrides: Any) -> VideoOptions:
+    """``VideoOptions`` equal to recorded ``settings`` (a DNN detector's model file must still be
+    where it was, or be given again in ``overrides``), then ``overrides`` (None values ignored)."""
+    settings = settings or {}
+    fields = {k: v for k, v in settings.items() if k in VideoOptions.__dataclass_fields__}
+    detector = settings.get("face_detector", {})
+    if detector.get("kind") == "dnn":
+        fields.update(face_model=detector.get("model"), face_config=detector.get("config"))
+    return VideoOptions(**{**fields, **{k: v for k, v in overrides.items() if v is not None}})
 

@@ -69,7 +69,7 @@ class TemporalFeatures(nn.Module):
         return self.head(vectors).transpose(1, 2).unsqueeze(-1)
 
 
-@MODELS.register("temporal", kind="detector")
+@MODELS.register("temporal", kind="detector", clips=True)  # takes clip sets (data.loader.clip_frames)
 def temporal(
     in_channels: int = 3,
     pretrained: Pretrained = False,

@@ -1,12 +1,15 @@
-"""Real-vs-fake detectors: one logit per image, binary cross-entropy, validation metrics."""
+"""Real-vs-fake detectors: one logit per image (or per clip for clip models such as ``temporal``),
+binary cross-entropy, validation metrics."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from deepfake_dist.data.loader import eval_loader
-from deepfake_dist.models import create_model
+from deepfake_dist.data.loader import clip_frames, eval_loader
+from deepfake_dist.data.video import video_settings
+from deepfake_dist.errors import UserError
+from deepfake_dist.models import MODELS, create_model
 from deepfake_dist.predictions import predict
 from deepfake_dist.tasks import TASKS, Task
 from deepfake_dist.train.metrics import binary_metrics
@@ -19,6 +22,13 @@ CLASS_NAMES = ["real", "fake"]
 class DetectorTask(Task):
     def __init__(self, cfg, accelerator, channels: int):
         super().__init__(cfg, accelerator, channels)
+        self.frames = clip_frames(cfg.data.train)
+        if bool(MODELS.meta(cfg.model.name).get("clips")) != bool(self.frames):
+            hint = (f"it scores clips but {cfg.data.train} hold single images; prepare clip sets with "
+                    "deepfake-dist prepare --source videos:PATH" if not self.frames else
+                    f"it scores single images but {cfg.data.train} hold clips of {self.frames} frames; use "
+                    "model.name=temporal, or sets prepared with --frame-level")
+            raise UserError(f"model.name {cfg.model.name}: {hint}")
         model = create_model(cfg.model.name, in_channels=channels, **cfg.model.args)
         opt = build_optimizer(model.parameters(), cfg.optim)
         self.model, self.opt = accelerator.prepare(model, opt)
@@ -57,5 +67,7 @@ class DetectorTask(Task):
         return {"model": self.model}
 
     def export_info(self) -> dict:
-        return {"kind": "detector", "class_names": CLASS_NAMES, "threshold": 0.5,
+        info = {"kind": "detector", "class_names": CLASS_NAMES, "threshold": 0.5,
                 "build_args": {"in_channels": self.channels}}
+        video = video_settings(self.cfg.data.train)  # so predict cuts a new video's clips the same way
+        return {**info, "frames": self.frames, **({"video": video} if video else {})}
