@@ -101,6 +101,16 @@ class WandbConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation: with ``teacher`` set, the detector ``model`` (the student) learns
+    from the teacher's softened outputs as well as the labels (task "distill")."""
+
+    teacher: Optional[str] = None  # run folder or model.safetensors of an exported detector
+    temperature: float = 4.0  # T: both logits are divided by T; the soft loss is scaled by T^2
+    alpha: float = 0.7  # weight of the soft-target loss; (1 - alpha) weighs the hard-label loss
+
+
+@dataclass
 class ModelConfig:
     name: str = "cnn"
     args: dict = field(default_factory=dict)  # constructor arguments, checked against it
@@ -118,6 +128,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @property
     def run_dir(self) -> Path:

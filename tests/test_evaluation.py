@@ -94,7 +94,10 @@ def test_temperature_recovers_the_true_scale():
     labels = torch.bernoulli(torch.sigmoid(true_logits), generator=g).long()
     t = M.fit_temperature(true_logits * 3, labels)  # an overconfident model: 3x the true logits
     assert t == pytest.approx(3, rel=0.1)
-    nll = lambda temp: torch.nn.functional.binary_cross_entropy_with_logits(true_logits * 3 / temp, labels.double())  # noqa: E731
+
+    def nll(temp):
+        return torch.nn.functional.binary_cross_entropy_with_logits(true_logits * 3 / temp, labels.double())
+
     assert nll(t) <= min(nll(t * 1.05), nll(t / 1.05))
 
 
@@ -115,7 +118,7 @@ def test_evaluate_matches_sklearn_on_its_predictions(evaluated, detectors, eval_
         _assert_matches_sklearn(result["metrics"]["0.5"], scores, labels, 0.5)
         assert row["eer"] == pytest.approx(M.eer(torch.tensor(scores), torch.tensor(labels)), abs=1e-9)
         # the threshold comes from the validation split, scored separately here
-        model, info = load_exported(row["checkpoint"])
+        model, _ = load_exported(row["checkpoint"])
         cfg = DataConfig(train=eval_sets["data"], resolution=32, channels=1, batch_size=8, num_workers=0)
         with torch.no_grad():
             val = [(model(b.image), b.label) for b in eval_loader(cfg, eval_sets["data"], "val", 1, 0, 1)]
@@ -187,7 +190,7 @@ def test_two_processes_give_exactly_the_single_process_numbers(evaluated, detect
            "-m", "deepfake_dist", "evaluate", "--checkpoint", *detectors, "--data", *eval_sets["data"],
            "--out", str(out), "--batch-size", "8", "--workers", "0", "--no-explain", "--no-report"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     two = json.loads((out / "results.json").read_text())
     one = json.loads((evaluated["out"] / "results.json").read_text())

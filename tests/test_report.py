@@ -20,7 +20,7 @@ def test_report_has_every_section_and_its_pictures(evaluated):
     out = evaluated["out"]
     md = (out / "report.md").read_text()
     html = (out / "index.html").read_text()
-    headings = re.findall(r"^#+ (.+)$", md, flags=re.M)
+    headings = re.findall(r"^#+ (.+)$", md, flags=re.MULTILINE)
     for section in SECTIONS:
         assert section in headings, section
     per_run = ("Metrics", "Per source", "Calibration", "Robustness", "Training curves", "Grad-CAM", "Feature maps",

@@ -14,8 +14,8 @@ from torchmetrics.functional import classification as C
 
 from deepfake_dist.train.metrics import binary_metrics
 
-__all__ = ["binary_metrics", "confusion", "detection_metrics", "eer", "val_threshold", "reliability",
-           "ece", "fit_temperature"]
+__all__ = ["binary_metrics", "confusion", "detection_metrics", "ece", "eer", "fit_temperature", "reliability",
+           "val_threshold"]
 
 
 def _both_classes(labels: torch.Tensor) -> bool:

@@ -60,8 +60,8 @@ def _robustness_table(run: dict) -> tuple[list[str], list[list[str]]]:
 
 def _card_blocks(card: dict) -> list:
     facts = [["model", card["model"]], ["constructor arguments", str(card["model_args"] or "{}")],
-             ["input", f"{card['build_args'].get('in_channels', '?')} channel(s), {card['resolution']} px, "
-                       f"normalize {card['normalize']}"],
+             ["input", (f"{card['build_args'].get('in_channels', '?')} channel(s), {card['resolution']} px, "
+                        f"normalize {card['normalize']}")],
              ["parameters", f"{card['parameters']:,}"], ["Grad-CAM layer", str(card["gradcam_layer"])],
              ["exported at step", str(card["step"])],
              ["validation metrics at export", ", ".join(f"{k} {v:.4g}" for k, v in card["val_metrics"].items()
@@ -94,8 +94,8 @@ def blocks(summary: dict) -> list:
         out += [("h2", f"{run['run']} ({row['model']})"), ("p", f"Checkpoint: {run['checkpoint']}"),
                 ("h3", "Metrics"), ("table", *_metrics_table(run["metrics"], val_split))]
         if "val" not in run["metrics"]:
-            out.append(("p", f"No threshold was chosen: the sets have no {val_split} split with both classes "
-                             f"(a threshold is never tuned on {split})."))
+            out.append(("p", (f"No threshold was chosen: the sets have no {val_split} split with both classes "
+                              f"(a threshold is never tuned on {split}).")))
         out.append(("img", figs.get("confusion"), "confusion matrices"))
         out += [("h3", "Per source"), ("table", *_sources_table(run["sources"]))]
         cal_rows = [["expected calibration error (test, as trained)", _f(cal["ece"])]]
@@ -116,12 +116,12 @@ def blocks(summary: dict) -> list:
             out.append(("img", figs[key], section) if key in figs else ("p", "Not drawn (--no-explain)."))
         out += [("h3", "Model card"), *_card_blocks(run["card"])]
     out += [("h2", "How to read this report"),
-            ("p", "Fake is the positive class: precision is the share of images called fake that are fake, recall "
-                  "the share of fakes caught. An image is called fake when its probability is above the threshold. "
-                  f"Metrics are given at 0.5 and at the threshold that maximises balanced accuracy on the {val_split} "
-                  f"split; nothing is tuned on the {split} split. ROC-AUC, average precision and the equal error rate "
-                  "do not depend on a threshold. Expected calibration error uses 15 equal-width bins of the "
-                  "probability of fake; the temperature is stored in the model's JSON and used by predict.")]
+            ("p", ("Fake is the positive class: precision is the share of images called fake that are fake, recall "
+                   "the share of fakes caught. An image is called fake when its probability is above the threshold. "
+                   f"Metrics are given at 0.5 and at the threshold that maximises balanced accuracy on the {val_split} "
+                   f"split; nothing is tuned on the {split} split. ROC-AUC, average precision and the equal error rate "
+                   "do not depend on a threshold. Expected calibration error uses 15 equal-width bins of the "
+                   "probability of fake; the temperature is stored in the model's JSON and used by predict."))]
     return out
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from deepfake_dist.config import DataConfig
 from deepfake_dist.data.loader import eval_loader
@@ -244,7 +245,8 @@ def evaluate(
             _store_calibration(s, [str(d) for d in data], val_split)
         write_outputs(out, scored, [str(d) for d in data], split, val_split, command, explain=explain, report=report,
                       layer=layer, table_md=table_md)
-        console.print(comparison_table(rows))
+        wide = console if console.is_terminal else Console(stderr=True, width=240)  # logs: no truncated cells
+        wide.print(comparison_table(rows))
         console.print(f"results in {out}" + (f" (open {out / 'index.html'})" if report else ""))
     accelerator.wait_for_everyone()
     return {"rows": rows, "out": out, "table_md": table_md, "results": [s.result for s in scored]}

@@ -54,4 +54,5 @@ def create_task(cfg, accelerator, channels: int) -> Task:
 
     for module in pkgutil.iter_modules(__path__):  # every task module registers itself
         importlib.import_module(f"{__name__}.{module.name}")
-    return TASKS.get(model_kind(cfg.model.name))(cfg, accelerator, channels)
+    kind = "distill" if cfg.distill.teacher else model_kind(cfg.model.name)  # distill: a student detector
+    return TASKS.get(kind)(cfg, accelerator, channels)
