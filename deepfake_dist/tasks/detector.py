@@ -37,11 +37,15 @@ class DetectorTask(Task):
     def set_total_steps(self, total_steps: int) -> None:
         self.sched = self.accelerator.prepare(build_scheduler(self.opt, self.cfg.sched, total_steps))
 
+    def loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The batch's training loss, and extra values to log (distillation changes this)."""
+        logits = self.model(batch.image)
+        return F.binary_cross_entropy_with_logits(logits.float(), batch.label.float()), {}
+
     def train_step(self, batch) -> dict[str, float]:
         self.model.train()
         with self.accelerator.accumulate(self.model):
-            logits = self.model(batch.image)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), batch.label.float())
+            loss, logs = self.loss(batch)
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and self.cfg.train.grad_clip:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
@@ -49,7 +53,7 @@ class DetectorTask(Task):
             if self.accelerator.sync_gradients:
                 self.sched.step()
             self.opt.zero_grad(set_to_none=True)
-        return {"loss": loss.detach().item(), "lr": self.sched.get_last_lr()[0]}
+        return {"loss": loss.detach().item(), **logs, "lr": self.sched.get_last_lr()[0]}
 
     def validate(self) -> dict[str, float]:
         cfg = self.cfg
