@@ -32,6 +32,14 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
+    from deepfake_dist.pipeline import is_pipeline, run_pipeline
+
+    if is_pipeline(args.config):  # a pipeline: its stages in order (train and the rest)
+        flags = [f for f in ("epochs", "batch_size", "lr", "name", "output_dir") if getattr(args, f) is not None]
+        if flags:
+            raise UserError(f"--{flags[0].replace('_', '-')} applies to one training config; {args.config} is a "
+                            "pipeline: set it in its stages or vars (e.g. vars.NAME=VALUE)")
+        return run_pipeline(args.config, args.overrides)
     cfg = _train_config(args)
     from deepfake_dist.train.loop import train
 
@@ -115,6 +123,43 @@ def _add_prepare(sub):
 
 
 _VIDEO_OPTIONS = ("frames", "clips_per_video", "sampling", "frame_step", "margin", "face_model", "face_config", "frame_level")
+
+
+def cmd_generate(args) -> int:
+    from deepfake_dist.data.manifest import info_table
+    from deepfake_dist.data.prepare import distributed_state
+    from deepfake_dist.generate import generate
+
+    target = args.output_dir if args.format == "png" and args.output_dir else args.out
+    if target is None:
+        raise UserError("--out is required (a shard set folder, e.g. shards/lfw-dcgan-fake), or --output_dir with --format png")
+    result = generate(args.checkpoint, args.num_images, target, fmt=args.format, truncation=args.truncation,
+                      seed=args.seed, batch_size=args.batch_size, split=args.split, shard_size=args.shard_size,
+                      encoding=args.encoding, overwrite=args.overwrite, command=_command_line(), progress=True)
+    if distributed_state().is_main_process:
+        if args.format == "png":
+            out.print(f"{result['images']} images written to {escape(result['out'])} ({result['keys'][0]} .. {result['keys'][1]})")
+        else:
+            out.print(info_table(result))
+    return 0
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="write N fakes from a trained generator as a shard set or PNG files "
+                                        "(split over ranks under accelerate launch)")
+    p.add_argument("--checkpoint", required=True, help="generator run folder or generator.safetensors")
+    p.add_argument("--num-images", dest="num_images", type=int, required=True, help="exactly this many, all ranks together")
+    p.add_argument("--out", help="shard set folder, e.g. shards/lfw-dcgan-fake")
+    p.add_argument("--format", choices=["shards", "png"], default="shards")
+    p.add_argument("--output_dir", "--output-dir", dest="output_dir", help="folder for --format png")
+    p.add_argument("--truncation", type=float, help="truncation trick: latents resampled within +-T std")
+    p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions of the shard set")
+    p.add_argument("--shard-size", dest="shard_size", type=int, default=1000)
+    p.add_argument("--encoding", choices=["png", "jpg"], default="png", help="image format inside the shards")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_generate)
 
 
 def _add_shards(sub):
@@ -267,7 +312,7 @@ def _add_serve(sub):
     p.set_defaults(fn=cmd_serve)
 
 
-COMMANDS = [_add_train, _add_prepare, _add_shards, _add_evaluate, _add_predict, _add_explain, _add_compress,
+COMMANDS = [_add_train, _add_prepare, _add_generate, _add_shards, _add_evaluate, _add_predict, _add_explain, _add_compress,
             _add_export, _add_serve]
 
 

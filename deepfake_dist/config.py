@@ -50,6 +50,9 @@ class DataConfig:
     pin_memory: bool = True
     persistent_workers: bool = True
     normalize: Literal["imagenet", "half"] = "imagenet"  # "half": [-1, 1] as generators want
+    # training on an unreadable sample or shard: skip it (warned once, counted in the metrics) or
+    # stop with an error; evaluation always stops (its numbers would silently change)
+    on_error: Literal["skip", "raise"] = "skip"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -83,6 +86,7 @@ class TrainConfig:
     early_stopping: Optional[int] = None  # epochs without improvement before stopping
     log_every: int = 10
     timeout_s: int = 1800  # a rank that dies or stalls ends the job after this many seconds
+    max_nonfinite: int = 5  # batches in a row with a NaN/inf loss (each skipped) before the run stops
 
 
 @dataclass
@@ -98,6 +102,37 @@ class WandbConfig:
     mode: Literal["online", "offline", "disabled"] = "offline"
     project: str = "deepfake_dist"
     entity: Optional[str] = None
+
+
+@dataclass
+class GanConfig:
+    """GAN training (models dcgan, cdcgan); real faces only, data.normalize must be "half"."""
+
+    loss: Literal["bce", "hinge"] = "bce"  # bce: non-saturating BCE; hinge: hinge loss (SN-GAN)
+    d_steps: int = 1  # discriminator updates per generator update
+    d_lr: Optional[float] = None  # discriminator learning rate; null: optim.lr (TTUR when different)
+    ema_decay: float = 0.999  # EMA of G used for samples, FID, synthesis and export; ramps up early on
+    condition: Optional[str] = None  # cdcgan: dotted key of an integer in each sample's json, e.g. attributes.Male
+
+
+@dataclass
+class VaeConfig:
+    """Autoencoder / VAE training (models ae, vae)."""
+
+    kl_weight: float = 0.001  # weight of KL(q(z|x) || N(0, I)) against the per-pixel recon loss
+    kl_warmup_steps: int = 500  # the KL weight ramps linearly from 0 over these optimizer steps
+    recon: Literal["mse", "l1"] = "mse"
+
+
+@dataclass
+class SamplesConfig:
+    """What generator runs (GAN, VAE) show and measure while training."""
+
+    every: int = 500  # optimizer steps between fixed-noise sample grids (runs/NAME/samples/); 0: never
+    grid: int = 64  # images per grid
+    fid_every: int = 1  # epochs between FID/KID against the held-out real split; 0: never
+    fid_samples: int = 2000  # generated (and at most real) images per FID/KID evaluation, all ranks together
+    inception_weights: Optional[str] = None  # null: torch hub cache checkpoints/weights-inception-2015-12-05-6726825d.pth
 
 
 @dataclass
@@ -129,6 +164,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -300,11 +338,27 @@ def _check_values(cfg: Config, where: str) -> None:
         "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "optim.lr": cfg.optim.lr,
+        "train.timeout_s": cfg.train.timeout_s,
+        "train.max_nonfinite": cfg.train.max_nonfinite,
+        "sched.step_size": cfg.sched.step_size,
+        "sched.gamma": cfg.sched.gamma,
+        "gan.d_steps": cfg.gan.d_steps,
+        "samples.grid": cfg.samples.grid,
     }
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"{where}: '{key}' must be positive, got {value}")
-    for key, value in {"train.max_steps": cfg.train.max_steps, "checkpoint.every_steps": cfg.checkpoint.every_steps}.items():
+    for key, value in {"data.shuffle_buffer": cfg.data.shuffle_buffer, "sched.warmup_steps": cfg.sched.warmup_steps,
+                       "optim.weight_decay": cfg.optim.weight_decay,
+                       "samples.every": cfg.samples.every, "samples.fid_every": cfg.samples.fid_every,
+                       "samples.fid_samples": cfg.samples.fid_samples,
+                       "vae.kl_warmup_steps": cfg.vae.kl_warmup_steps, "vae.kl_weight": cfg.vae.kl_weight}.items():
+        if value < 0:
+            raise UserError(f"{where}: '{key}' must be >= 0, got {value}")
+    if not 0.0 <= cfg.gan.ema_decay < 1.0:
+        raise UserError(f"{where}: 'gan.ema_decay' must be in [0, 1), got {cfg.gan.ema_decay}")
+    for key, value in {"train.max_steps": cfg.train.max_steps, "checkpoint.every_steps": cfg.checkpoint.every_steps,
+                       "train.early_stopping": cfg.train.early_stopping, "train.grad_clip": cfg.train.grad_clip}.items():
         if value is not None and value <= 0:
             raise UserError(f"{where}: '{key}' must be positive or null, got {value}")
     if cfg.data.num_workers < 0:

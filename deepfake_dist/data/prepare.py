@@ -220,7 +220,7 @@ def write_unit(job: UnitJob) -> dict[str, Any]:
     return report
 
 
-def _run_units(jobs: list[UnitJob], workers: int, progress: bool) -> None:
+def run_units(jobs: list[UnitJob], workers: int, progress: bool) -> None:
     """Run this rank's units: inline when one process is enough, else in spawned processes."""
     global _tick
     for job in jobs:
@@ -280,7 +280,7 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
+def check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the shard set")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -426,29 +426,20 @@ def prepare(
     out = Path(out)
     state = distributed_state()
 
-    _check_output(out, overwrite)  # every rank sees the same folder, so all raise or none
+    check_output(out, overwrite)  # every rank sees the same folder, so all raise or none
     src = open_source(source, label, options)
     options = {k: v for k, v in (options or {}).items() if v is not None}
     mode = "L" if src.channels == 1 else "RGB"
     plans = plan_shards(src.items, fractions, seed, shard_size)
     n_units = state.num_processes * workers
     runs = split_units(plans, n_units)
-    tmp = (out / TMP_DIR).resolve()
-
-    state.wait_for_everyone()  # nobody writes before every rank has checked the output folder
-    if state.is_main_process:
-        if out.is_dir():
-            _clear_output(out)
-        tmp.mkdir(parents=True, exist_ok=True)
-    state.wait_for_everyone()
+    tmp = begin_set(state, out)
 
     mine = range(state.process_index * workers, (state.process_index + 1) * workers)
     jobs = [UnitJob(u, str(tmp / f"unit-{u}"), runs[u], mode, resolution, fmt, quality) for u in mine]
-    _run_units(jobs, workers, progress and state.is_main_process)
-    state.wait_for_everyone()
+    run_units(jobs, workers, progress and state.is_main_process)
 
-    manifest: dict[str, Any] | None = None
-    error: BaseException | None = None
+    settings = None
     if state.is_main_process:
         settings = {
             "name": out.resolve().name,
@@ -468,20 +459,45 @@ def prepare(
                       "assigned_by_fractions": sum(1 for item in src.items if item.split is None)},
             "shard_size": shard_size,
             "label": label,
-            "created": {
-                "command": command or _default_command(source=source, out=out, resolution=resolution, fmt=fmt,
-                                                      shard_size=shard_size, split=fractions, workers=workers,
-                                                      seed=seed, quality=quality, label=label, options=options),
-                "package_version": _versions()["deepfake_dist"],
-                "versions": _versions(),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "workers": workers,
-                "world_size": state.num_processes,
-            },
+            "created": created_info(
+                command or _default_command(source=source, out=out, resolution=resolution, fmt=fmt,
+                                            shard_size=shard_size, split=fractions, workers=workers,
+                                            seed=seed, quality=quality, label=label, options=options),
+                workers, state.num_processes),
             "_inputs": len(src.items) + len(src.skipped),
         }
+    return finish_set(state, out, n_units, settings, src.skipped)
+
+
+def created_info(command: str, workers: int, world_size: int) -> dict[str, Any]:
+    """The manifest's ``created`` record: how, when and with what the set was made."""
+    return {"command": command, "package_version": _versions()["deepfake_dist"], "versions": _versions(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "workers": workers, "world_size": world_size}
+
+
+def begin_set(state, out: Path) -> Path:
+    """Every rank, once each has checked ``out``: the main process clears what a previous write
+    left there; returns the temporary folder the units write into."""
+    tmp = (out / TMP_DIR).resolve()
+    state.wait_for_everyone()  # nobody writes before every rank has checked the output folder
+    if state.is_main_process:
+        if out.is_dir():
+            _clear_output(out)
+        tmp.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+    return tmp
+
+
+def finish_set(state, out: Path, n_units: int, settings: dict[str, Any] | None,
+               skipped: list[dict[str, str]]) -> dict[str, Any]:
+    """Every rank, after writing its units: the main process (which passes ``settings``, the
+    manifest's fields plus ``_inputs``) publishes the shards and the manifest; all return it."""
+    state.wait_for_everyone()
+    manifest: dict[str, Any] | None = None
+    error: BaseException | None = None
+    if state.is_main_process:
         try:
-            manifest = _finalize(out, n_units, settings, src.skipped)
+            manifest = _finalize(out, n_units, settings, skipped)
         except BaseException as err:  # noqa: BLE001 - reach the last barrier anyway, then re-raise
             error = err
     state.wait_for_everyone()

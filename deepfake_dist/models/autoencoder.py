@@ -58,9 +58,12 @@ class AutoEncoder(ConvAutoEncoder):
                 self.latent_std.lerp_(mu.std(0), self.momentum)
         return mu
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        z = gaussian(n, self.latent_dim, self.latent_mean.device, generator)
+    def from_noise(self, z: Tensor) -> Tensor:
+        """Decode N(0, I) draws ``z`` (B, latent_dim), rescaled to the codes' running moments."""
         return self.decode(self.latent_mean + self.latent_std * z)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.from_noise(gaussian(n, self.latent_dim, self.latent_mean.device, generator))
 
 
 @MODELS.register("vae", kind="autoencoder")
@@ -79,8 +82,12 @@ class VAE(ConvAutoEncoder):
             return mu
         return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
 
+    def from_noise(self, z: Tensor) -> Tensor:
+        """Decode draws ``z`` (B, latent_dim) from the N(0, I) prior."""
+        return self.decode(z)
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return self.decode(gaussian(n, self.latent_dim, next(self.parameters()).device, generator))
+        return self.from_noise(gaussian(n, self.latent_dim, next(self.parameters()).device, generator))
 
 
 RECON_LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}

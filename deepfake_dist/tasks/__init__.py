@@ -17,6 +17,10 @@ TASKS = Registry("task")
 class Task:
     """What the loop calls. Subclasses register with ``@TASKS.register(kind)``."""
 
+    # Under DeepSpeed: one engine (plugin) per name, for tasks that step several models apart
+    # (a GAN's generator and discriminator); empty: the launcher's single engine.
+    engines: tuple[str, ...] = ()
+
     def __init__(self, cfg, accelerator, channels: int):
         self.cfg, self.accelerator, self.channels = cfg, accelerator, channels
 
@@ -41,6 +45,10 @@ class Task:
     def export_info(self) -> dict:
         return {}
 
+    def replicated_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules every rank holds a replica of; the loop checks the replicas agree at the end."""
+        return self.export_modules()
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Extra state outside ``save_state`` (e.g. an EMA), saved as safetensors (no pickle)."""
         return {}
@@ -49,10 +57,13 @@ class Task:
         pass
 
 
-def create_task(cfg, accelerator, channels: int) -> Task:
+def task_class(cfg) -> type[Task]:
     from deepfake_dist.models import model_kind
 
     for module in pkgutil.iter_modules(__path__):  # every task module registers itself
         importlib.import_module(f"{__name__}.{module.name}")
-    kind = "distill" if cfg.distill.teacher else model_kind(cfg.model.name)  # distill: a student detector
-    return TASKS.get(kind)(cfg, accelerator, channels)
+    return TASKS.get("distill" if cfg.distill.teacher else model_kind(cfg.model.name))  # distill: a student detector
+
+
+def create_task(cfg, accelerator, channels: int) -> Task:
+    return task_class(cfg)(cfg, accelerator, channels)

@@ -19,7 +19,7 @@ from accelerate.utils import gather_object, set_seed
 from deepfake_dist import __version__
 from deepfake_dist.config import Config, to_dict
 from deepfake_dist.data.loader import manifest_ids, resolve_channels, train_loader
-from deepfake_dist.tasks import create_task
+from deepfake_dist.tasks import task_class
 from deepfake_dist.train.checkpoint import (
     export_model,
     find_resume,
@@ -53,7 +53,8 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
 
 def train(cfg: Config) -> dict:
     """Train ``cfg`` to the end (or to a stop request); returns the final summary."""
-    accelerator = make_accelerator(cfg)
+    make_task = task_class(cfg)
+    accelerator = make_accelerator(cfg, engines=make_task.engines)
     set_seed(cfg.seed)
     run_dir = cfg.run_dir
     if accelerator.is_main_process:
@@ -62,7 +63,7 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
 
     channels = resolve_channels(cfg.data, cfg.data.train)
-    task = create_task(cfg, accelerator, channels)
+    task = make_task(cfg, accelerator, channels)
     loader, stream = train_loader(cfg.data, channels, accelerator.process_index, accelerator.num_processes, cfg.seed)
     batches_per_epoch = stream.batches_per_worker * max(cfg.data.num_workers, 1)
     steps_per_epoch = max(batches_per_epoch // cfg.train.grad_accum, 1)
@@ -155,7 +156,7 @@ def train(cfg: Config) -> dict:
         if stopped_early:
             break
 
-    digests = rank_digests(accelerator, task.export_modules())
+    digests = rank_digests(accelerator, task.replicated_modules())
     summary = {"run": str(run_dir), "epochs": state["epoch"], "steps": state["step"],
                f"best {cfg.train.monitor}": state["best"], "best step": state["best_step"],
                "early stopped": stopped_early, "ranks agree": len(set(digests)) == 1}

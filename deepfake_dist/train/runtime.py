@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
 from deepfake_dist.config import Config
 from deepfake_dist.train.tracking import tracker_name
@@ -17,21 +17,25 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def make_accelerator(cfg: Config, **kwargs) -> Accelerator:
+def make_accelerator(cfg: Config, engines: tuple[str, ...] = (), **kwargs) -> Accelerator:
     """Pick the process group for the launch mode.
 
     Without CUDA, Accelerate only forms a multi-process group when told ``cpu=True`` (then gloo);
     DeepSpeed on CPU instead needs ``DS_ACCELERATOR=cpu`` and an explicit gloo backend, and
-    ``cpu=True`` would turn it off. The group's timeout is ``train.timeout_s``.
+    ``cpu=True`` would turn it off. The group's timeout is ``train.timeout_s``. ``engines``
+    (a task's ``Task.engines``) asks DeepSpeed for one engine per name, each configured from the
+    launcher's DeepSpeed settings; the task selects one before preparing each model.
     """
     handlers, cpu = [], False
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if launched_world_size() > 1:
-        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             cpu = not deepspeed
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.train.timeout_s)))
+    if deepspeed and engines:
+        kwargs["deepspeed_plugins"] = {name: DeepSpeedPlugin() for name in engines}
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=cfg.train.mixed_precision,
@@ -42,7 +46,7 @@ def make_accelerator(cfg: Config, **kwargs) -> Accelerator:
         step_scheduler_with_optimizer=False,
         **kwargs,
     )
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:  # a WebLoader has no integer batch size for DeepSpeed to read
+    for plugin in (accelerator.state.deepspeed_plugins or {}).values():
+        # a WebLoader has no integer batch size for DeepSpeed to read
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     return accelerator

@@ -1,0 +1,203 @@
+"""Synthesis: an exported generator -> exactly N fake faces, as a shard set or as PNG files.
+
+Image ``i`` depends only on (seed, i): its noise comes from its own seeded generator, so the
+output is the same whatever the number of ranks or the batch size, and ranks never need to
+talk. Keys are ``<run>-<i>``; every sample has ``cls`` 1 and a json naming the generator
+model, its run and step, the index and the seed.
+
+Shards go through the same planner and writer as ``prepare`` (``data.prepare``): the N items
+are split train/val/test by fractions, cut into shards, each rank writes a contiguous run of
+the planned shards, and the main process publishes them with a manifest like a real set's.
+Within a rank, images are generated ``batch_size`` at a time in the order the writer asks.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from deepfake_dist.data.manifest import file_sha256
+from deepfake_dist.data.prepare import (
+    ShardPlan,
+    UnitJob,
+    begin_set,
+    check_output,
+    created_info,
+    distributed_state,
+    finish_set,
+    parse_split,
+    plan_shards,
+    run_units,
+    split_units,
+)
+from deepfake_dist.data.sources import LABELS, Item
+from deepfake_dist.errors import UserError
+from deepfake_dist.exported import load_exported, resolve
+from deepfake_dist.tasks.generative import EXPORT_NAME
+
+FORMATS = ("shards", "png")
+
+
+def run_name(info: dict, weights: Path) -> str:
+    """The generator's run name, filesystem-safe (keys are ``[A-Za-z0-9_-]``)."""
+    name = info.get("config", {}).get("name") or weights.parent.name
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "generator"
+
+
+def noise(index: int, dim: int, seed: int, truncation: float | None) -> torch.Tensor:
+    """Image ``index``'s latent: N(0, I), or truncated to [-T, T] (the truncation trick)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    if truncation:
+        return torch.nn.init.trunc_normal_(torch.empty(dim), 0.0, 1.0, -truncation, truncation, generator=g)
+    return torch.randn(dim, generator=g)
+
+
+class Synthesizer:
+    """Makes images by index with an exported generator: a GAN's generator takes (z, labels),
+    an autoencoder decodes prior draws (``from_noise``). Conditional generators get the class
+    ``index % num_classes``, so the classes are balanced."""
+
+    def __init__(self, model: torch.nn.Module, info: dict, device, seed: int, truncation: float | None,
+                 batch_size: int):
+        self.model, self.device = model.to(device).eval(), device
+        self.seed, self.truncation, self.batch_size = seed, truncation, batch_size
+        self.num_classes = int(info.get("num_classes") or 0)
+        self.dim = model.latent_dim if hasattr(model, "from_noise") else model.z_dim
+        self.mode = "L" if int(info["build_args"]["channels"]) == 1 else "RGB"
+        self.order: list[int] = []
+        self.cache: dict[int, Image.Image] = {}
+
+    def label(self, index: int) -> int | None:
+        return index % self.num_classes if self.num_classes else None
+
+    @torch.no_grad()
+    def images(self, indices: Sequence[int]) -> list[Image.Image]:
+        z = torch.stack([noise(i, self.dim, self.seed, self.truncation) for i in indices]).to(self.device)
+        if hasattr(self.model, "from_noise"):
+            out = self.model.from_noise(z)
+        else:
+            labels = torch.tensor([self.label(i) for i in indices], device=self.device) if self.num_classes else None
+            out = self.model(z, labels)
+        pixels = ((out.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(p[:, :, 0] if self.mode == "L" else p, self.mode) for p in pixels]
+
+    def expect(self, order: list[int]) -> None:
+        """The indices in the order they will be asked for (so they can be made in batches)."""
+        self.order, self.position = order, {index: pos for pos, index in enumerate(order)}
+
+    def image(self, index: int) -> Image.Image:
+        if index not in self.cache:
+            start = self.position[index]
+            batch = self.order[start:start + self.batch_size]
+            self.cache = dict(zip(batch, self.images(batch)))
+        return self.cache.pop(index)
+
+
+def _check(num_images: int, batch_size: int, truncation: float | None, fmt: str) -> None:
+    for name, value in (("--num-images", num_images), ("--batch-size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{name} {value}: expected an integer >= 1")
+    if truncation is not None and not truncation > 0:
+        raise UserError(f"--truncation {truncation}: expected a positive number of standard deviations, e.g. 1.5")
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+
+
+def generate(
+    checkpoint: str | Path,
+    num_images: int,
+    out: str | Path,
+    fmt: str = "shards",
+    truncation: float | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    split: Sequence[float] | str = (0.8, 0.1, 0.1),
+    shard_size: int = 1000,
+    encoding: str = "png",
+    overwrite: bool = False,
+    command: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write exactly ``num_images`` fakes from ``checkpoint`` (a run folder or a
+    ``generator.safetensors``) into ``out``: a shard set (``fmt="shards"``; returns its
+    manifest) or ``<key>.png`` files (``fmt="png"``; returns ``{"out", "images", "keys"}``).
+    Call it on every rank: each makes its share. Raises ``UserError`` for bad input."""
+    _check(num_images, batch_size, truncation, fmt)
+    weights, _ = resolve(checkpoint, EXPORT_NAME)
+    model, info = load_exported(checkpoint, EXPORT_NAME)
+    state = distributed_state()
+    synth = Synthesizer(model, info, state.device, seed, truncation, batch_size)
+    run = run_name(info, weights)
+    width = max(6, len(str(num_images - 1)))
+    keys = [f"{run}-{i:0{width}d}" for i in range(num_images)]
+    out = Path(out)
+    command = command or shlex.join(["deepfake-dist", "generate", "--checkpoint", str(checkpoint),
+                                     "--num-images", str(num_images), "--out", str(out), "--format", fmt,
+                                     "--seed", str(seed)] + (["--truncation", str(truncation)] if truncation else []))
+    if fmt == "png":
+        return _write_pngs(synth, keys, out, state)
+
+    fractions = parse_split(split)
+    check_output(out, overwrite)
+    meta = {"source": "generator", "label": "fake", "generator": info["model"], "run": run,
+            "step": info.get("step"), "seed": seed, **({"truncation": truncation} if truncation else {})}
+    items = [Item(key, None, LABELS["fake"], None, {**meta, "index": i, **_class(synth, i, info)}, f"{run}#{i}")
+             for i, key in enumerate(keys)]
+    plans = plan_shards(items, fractions, seed, shard_size)
+    mine = split_units(plans, state.num_processes)[state.process_index]
+    synth.expect([item.meta["index"] for plan in mine for item in plan.items])
+    mine = [ShardPlan(plan.split, plan.index,
+                      [Item(it.key, it.split, it.label, partial(synth.image, it.meta["index"]), it.meta, it.origin)
+                       for it in plan.items]) for plan in mine]
+    tmp = begin_set(state, out)
+    unit = state.process_index
+    run_units([UnitJob(unit, str(tmp / f"unit-{unit}"), mine, synth.mode, int(info["resolution"]), encoding, 95)],
+              1, progress and state.is_main_process)
+    settings = None
+    if state.is_main_process:
+        settings = {
+            "name": out.resolve().name,
+            "source": f"generator:{checkpoint}",
+            "resolution": int(info["resolution"]),
+            "format": encoding,
+            "channels": 1 if synth.mode == "L" else 3,
+            "mode": synth.mode,
+            "frames": None,
+            "preprocessing": {"crop": "none (generated at this resolution)", "resize_filter": "none"},
+            "generator": {"model": info["model"], "run": run, "step": info.get("step"), "weights": str(weights),
+                          "weights_sha256": file_sha256(weights), "manifests": info.get("manifests", {}),
+                          "seed": seed, "truncation": truncation, "num_images": num_images},
+            "split": {"fractions": list(fractions), "seed": seed, "assigned_by_fractions": num_images},
+            "shard_size": shard_size,
+            "label": "fake",
+            "created": created_info(command, 1, state.num_processes),
+            "_inputs": num_images,
+        }
+    return finish_set(state, out, state.num_processes, settings, [])
+
+
+def _class(synth: Synthesizer, index: int, info: dict) -> dict:
+    label = synth.label(index)
+    return {} if label is None else {"class": label, "condition": info.get("condition")}
+
+
+def _write_pngs(synth: Synthesizer, keys: list[str], out: Path, state) -> dict[str, Any]:
+    """Rank r writes the contiguous indices [r*N/W, (r+1)*N/W), each file atomically."""
+    n, world, rank = len(keys), state.num_processes, state.process_index
+    out.mkdir(parents=True, exist_ok=True)
+    mine = list(range(rank * n // world, (rank + 1) * n // world))
+    for start in range(0, len(mine), synth.batch_size):
+        batch = mine[start:start + synth.batch_size]
+        for index, image in zip(batch, synth.images(batch)):
+            tmp = out / f".{keys[index]}.tmp.png"
+            image.save(tmp)
+            tmp.replace(out / f"{keys[index]}.png")
+    state.wait_for_everyone()
+    return {"out": str(out), "images": n, "keys": [keys[0], keys[-1]]}

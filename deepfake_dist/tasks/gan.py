@@ -1,0 +1,154 @@
+"""GAN training (``dcgan``, ``cdcgan``): two models, two optimizers, one loop.
+
+Per batch: ``gan.d_steps`` discriminator updates on real images against detached fakes, then
+one generator update through the frozen discriminator (``requires_grad_(False)``, so DDP and
+ZeRO-2 see each parameter's gradient once), then an EMA update of the generator. Losses:
+non-saturating BCE or hinge. Under DDP one ``prepare(G, D, opt_g, opt_d)``; under DeepSpeed
+each network is its own engine (``engines``), prepared after selecting its plugin, and each
+loss goes to its own engine's backward and step. The EMA generator is what samples, FID,
+synthesis and the exported ``generator.safetensors`` use; it is checkpointed as safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import reduce
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from deepfake_dist.ema import EMA
+from deepfake_dist.errors import UserError
+from deepfake_dist.models import create_model
+from deepfake_dist.tasks import TASKS
+from deepfake_dist.tasks.generative import EXPORT_NAME, GenerativeTask
+from deepfake_dist.train.optim import build_optimizer
+
+
+def d_loss(real: Tensor, fake: Tensor, kind: str) -> Tensor:
+    """Discriminator loss on real and fake logits (real = positive)."""
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def g_loss(fake: Tensor, kind: str) -> Tensor:
+    """Generator loss on the discriminator's logits of fakes (non-saturating for BCE)."""
+    return -fake.mean() if kind == "hinge" else F.softplus(-fake).mean()
+
+
+def condition_labels(metas: list[dict], key: str, num_classes: int) -> Tensor:
+    """The integer at dotted ``key`` of each sample's json, checked against ``num_classes``."""
+    labels = []
+    for meta in metas:
+        try:
+            value = reduce(lambda node, part: node[part], key.split("."), meta)
+        except (KeyError, TypeError):
+            raise UserError(f"gan.condition '{key}': a sample's json has no such key (it has {sorted(meta)})") from None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_classes:
+            raise UserError(f"gan.condition '{key}': value {value!r} is not an integer in [0, {num_classes}); "
+                            "set model.num_classes to the number of classes")
+        labels.append(value)
+    return torch.tensor(labels, dtype=torch.long)
+
+
+@TASKS.register("gan")
+class GANTask(GenerativeTask):
+    engines = ("generator", "discriminator")
+
+    def __init__(self, cfg, accelerator, channels: int):
+        super().__init__(cfg, accelerator, channels)
+        where = f"config '{cfg.name}'"
+        if cfg.train.grad_accum != 1:
+            raise UserError(f"{where}: GANs step both networks every batch; set train.grad_accum: 1")
+        if cfg.sched.name != "constant" or cfg.sched.warmup_steps:
+            raise UserError(f"{where}: GANs train at a constant learning rate; set sched.name: constant, warmup_steps: 0")
+        gan = create_model(cfg.model.name, **self.build_args, **cfg.model.args)
+        self.z_dim, self.num_classes = gan.z_dim, gan.num_classes
+        if self.num_classes and not cfg.gan.condition:
+            raise UserError(f"{where}: {cfg.model.name} is conditional; set gan.condition to the json key of "
+                            "each sample's class, e.g. attributes.Male")
+        # the EMA copy is taken before prepare: under ZeRO-3 the prepared weights are partitioned
+        self.ema = EMA(gan.generator, cfg.gan.ema_decay)
+        self.ema.averaged.to(accelerator.device)
+        opt_g = build_optimizer(gan.generator.parameters(), cfg.optim)
+        d_optim = dataclasses.replace(cfg.optim, lr=cfg.gan.d_lr or cfg.optim.lr)
+        opt_d = build_optimizer(gan.discriminator.parameters(), d_optim)
+        self.deepspeed = accelerator.state.deepspeed_plugins is not None
+        if self.deepspeed:
+            accelerator.state.select_deepspeed_plugin("generator")
+            self.G, self.opt_g = accelerator.prepare(gan.generator, opt_g)
+            accelerator.state.select_deepspeed_plugin("discriminator")
+            self.D, self.opt_d = accelerator.prepare(gan.discriminator, opt_d)
+        else:
+            self.G, self.D, self.opt_g, self.opt_d = accelerator.prepare(gan.generator, gan.discriminator, opt_g, opt_d)
+
+    def _labels(self, batch) -> Tensor | None:
+        if not self.num_classes:
+            return None
+        return condition_labels(batch.meta, self.cfg.gan.condition, self.num_classes).to(self.accelerator.device)
+
+    def _noise(self, n: int) -> Tensor:
+        return torch.randn(n, self.z_dim, device=self.accelerator.device)
+
+    def _update(self, model, opt, loss: Tensor) -> None:
+        if self.deepspeed:  # this loss to this engine: its backward, clipping, step and zero_grad
+            from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+
+            DeepSpeedEngineWrapper(model).backward(loss)
+            return
+        self.accelerator.backward(loss)
+        if self.cfg.train.grad_clip:
+            self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def train_step(self, batch) -> dict[str, float]:
+        kind, steps = self.cfg.gan.loss, self.cfg.gan.d_steps
+        self.G.train()
+        self.D.train()
+        real, labels = batch.image, self._labels(batch)
+        n = real.shape[0]
+        for i in range(steps):
+            with torch.set_grad_enabled(i == steps - 1):  # the last fakes also train G
+                fake = self.G(self._noise(n), labels)
+            real_logits = self.D(real, labels).float()
+            fake_logits = self.D(fake.detach(), labels).float()
+            loss_d = d_loss(real_logits, fake_logits, kind)
+            self._update(self.D, self.opt_d, loss_d)
+
+        self.D.requires_grad_(False)
+        try:
+            loss_g = g_loss(self.D(fake, labels).float(), kind)
+            self._update(self.G, self.opt_g, loss_g)
+        finally:
+            self.D.requires_grad_(True)
+        self.ema.update(self.accelerator.unwrap_model(self.G))
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
+                "d_real": torch.sigmoid(real_logits.detach()).mean().item(),
+                "d_fake": torch.sigmoid(fake_logits.detach()).mean().item(),
+                "lr": self.opt_g.param_groups[0]["lr"]}
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        G = self.ema.module
+        z = G.sample_noise(n, generator)
+        labels = torch.arange(n, device=z.device) % self.num_classes if self.num_classes else None
+        return G(z, labels)
+
+    def export_modules(self) -> dict[str, torch.nn.Module]:
+        return {EXPORT_NAME: self.ema.module}
+
+    def replicated_modules(self) -> dict[str, torch.nn.Module]:
+        return {"generator": self.G, "discriminator": self.D}
+
+    def export_info(self) -> dict:
+        return {**super().export_info(), "module": "generator", "z_dim": self.z_dim,
+                "num_classes": self.num_classes, "condition": self.cfg.gan.condition}
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return self.ema.state_tensors()
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        self.ema.load_state_tensors(tensors)

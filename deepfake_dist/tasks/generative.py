@@ -1,0 +1,120 @@
+"""What the GAN and autoencoder tasks share: fixed-noise sample grids, FID/KID, export info.
+
+A generator run writes ``runs/NAME/samples/step-NNNNNN.png`` every ``samples.every`` steps and
+at the last step (also logged to wandb), and reports FID/KID against the held-out real split
+at validation every ``samples.fid_every`` epochs when the Inception weights are on disk.
+It exports ``generator.safetensors`` + ``generator.json``, which ``deepfake-dist generate`` reads.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchvision.utils import save_image
+
+from deepfake_dist.data.loader import eval_loader
+from deepfake_dist.data.manifest import load_manifest, split_count
+from deepfake_dist.errors import UserError
+from deepfake_dist.fidelity import Fidelity, find_inception_weights, inception, to_uint8_rgb
+from deepfake_dist.tasks import Task
+from deepfake_dist.train.tracking import console
+
+EXPORT_NAME = "generator"
+
+
+class GenerativeTask(Task):
+    """Subclasses build their models and implement ``train_step`` and ``sample``."""
+
+    def __init__(self, cfg, accelerator, channels: int):
+        super().__init__(cfg, accelerator, channels)
+        where = f"config '{cfg.name}'"
+        if cfg.data.normalize != "half":
+            raise UserError(f"{where}: generators output [-1, 1]; set data.normalize: half (got {cfg.data.normalize})")
+        for key in ("resolution", "channels"):
+            if key in cfg.model.args:
+                raise UserError(f"{where}: remove model.{key}; a generator takes data.{key} (the shards' own)")
+        fakes = {s: split_count(load_manifest(s), cfg.data.train_split, "fake") for s in cfg.data.train}
+        if any(fakes.values()):
+            bad = next(s for s, n in fakes.items() if n)
+            raise UserError(f"{where}: data.train set {bad} holds {fakes[bad]} fake '{cfg.data.train_split}' images; "
+                            "generators learn from real faces only: list real shard sets in data.train")
+        self.build_args = {"resolution": cfg.data.resolution, "channels": channels}
+        self.samples_dir = Path(cfg.run_dir) / "samples"
+        self.total_steps = 0
+        self.epochs_validated = 0
+        self.inception_path, missing = find_inception_weights(cfg.samples.inception_weights)
+        if missing and cfg.samples.fid_every and accelerator.is_main_process:
+            console.print(missing, soft_wrap=True)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` images in [-1, 1] from the model used for synthesis (no grad, eval mode)."""
+        raise NotImplementedError
+
+    def after_step(self, step: int, tracker) -> None:
+        every = self.cfg.samples.every
+        if every and (step % every == 0 or step == self.total_steps):
+            self.save_grid(step)
+
+    def save_grid(self, step: int) -> Path:
+        """The same noise every time (seeded by ``seed``), so grids show progress, not luck.
+        Every rank samples (a ZeRO-3 forward is collective); the main process writes."""
+        images = self.sample(self.cfg.samples.grid, torch.Generator().manual_seed(self.cfg.seed))
+        path = self.samples_dir / f"step-{step:06d}.png"
+        if self.accelerator.is_main_process:
+            self.samples_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp.png")
+            save_image(images.float().cpu(), tmp, nrow=math.ceil(math.sqrt(len(images))),
+                       normalize=True, value_range=(-1, 1))
+            tmp.replace(path)
+            if self.cfg.wandb.mode != "disabled":
+                import wandb
+
+                self.accelerator.log({"samples": wandb.Image(str(path), caption=f"step {step}")}, step=step)
+        return path
+
+    def fidelity(self, extractor=None) -> dict[str, float]:
+        """FID/KID of ``samples.fid_samples`` generated images against up to as many held-out
+        real ones (``data.val_split`` of the validation sets), every rank taking a share."""
+        cfg, acc = self.cfg, self.accelerator
+        if extractor is None:
+            if self.inception_path is None:
+                return {}
+            extractor = inception(self.inception_path)
+        world, rank = acc.num_processes, acc.process_index
+        metric = Fidelity(extractor, acc.device)
+        sets = cfg.data.val or cfg.data.train
+        # every rank reads the split and keeps every world-th image, so none is left without data
+        seen = 0
+        for batch in eval_loader(cfg.data, sets, cfg.data.val_split, self.channels, 0, 1):
+            mine = [i for i in range(len(batch)) if (seen + i) % world == rank and seen + i < cfg.samples.fid_samples]
+            seen += len(batch)
+            if mine:
+                metric.update(to_uint8_rgb(batch.image[mine]), real=True)
+            if seen >= cfg.samples.fid_samples:
+                break
+        if min(seen, cfg.samples.fid_samples) < 2 * world:
+            if acc.is_main_process:
+                console.print(f"FID/KID skipped: only {seen} '{cfg.data.val_split}' images in {sets}")
+            return {}
+        share = len(range(rank, cfg.samples.fid_samples, world))
+        noise = torch.Generator().manual_seed(cfg.seed + 1 + rank)
+        for start in range(0, share, cfg.data.batch_size):
+            images = self.sample(min(cfg.data.batch_size, share - start), noise)
+            metric.update(to_uint8_rgb(images), real=False)
+        return metric.compute(acc)
+
+    def validate(self) -> dict[str, float]:
+        self.epochs_validated += 1
+        every = self.cfg.samples.fid_every
+        if every and self.epochs_validated % every == 0:
+            return self.fidelity()
+        return {}
+
+    def export_info(self) -> dict:
+        return {"kind": "generator", "build_args": self.build_args, "channels": self.channels}
