@@ -159,3 +159,19 @@ def evaluated(detectors, eval_sets, tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("evaluation") / "eval"
     return evaluate(detectors, eval_sets["data"], out=out, batch_size=8, num_workers=0, command="pytest evaluated")
+
+
+@pytest.fixture(scope="session")
+def deploy_shards(tmp_path_factory) -> tuple[Path, Path]:
+    """(shard set, image folder) for the deploy tests: 100 real + 100 fake, test split 40%."""
+    from deploy_setup import make_deploy_shards
+
+    return make_deploy_shards(tmp_path_factory.mktemp("deploy_data"))
+
+
+@pytest.fixture(scope="session")
+def deploy_run(deploy_shards, tmp_path_factory) -> Path:
+    """A small CNN trained on ``deploy_shards`` (run folder with model.safetensors + model.json)."""
+    from deploy_setup import train_detector
+
+    return train_detector(deploy_shards[0], tmp_path_factory.mktemp("deploy_runs"))
