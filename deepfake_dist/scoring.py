@@ -1,10 +1,12 @@
 """Score your own files with an exported detector: images, folders of them, and videos.
 
 Images go through ``inference.model_input`` (the training preprocessing: prepare's crop and
-resize, then the eval transform), the same function the HTTP server uses. A video is sampled at
-evenly spaced frames; on each, OpenCV's Haar cascade finds the largest face, cropped with a
-margin (frames with no face are skipped and counted), and the video's probability is the mean
-over its faces. Probabilities are ``sigmoid(logit / temperature)`` with the temperature
+resize, then the eval transform), the same function the HTTP server uses. A video goes through
+``data.video`` exactly as ``prepare --source videos:`` cuts it (frame sampling, face track,
+crop), with the settings the model's training sets recorded: a clip model scores the clips, an
+image model ``--frames`` evenly spaced face crops (frames with no face are skipped and counted);
+the video's probability is the mean over them (``evaluation.video.aggregate_scores``, as
+``evaluate`` scores videos). Probabilities are ``sigmoid(logit / temperature)`` with the temperature
 ``evaluate`` fitted on validation (1 until then); the verdict compares them with the stored
 threshold.
 """
@@ -14,17 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from deepfake_dist.data import imageio
+from deepfake_dist.data.video import VIDEO_EXTENSIONS, cut_samples, is_video_file, options_from_settings, video_faces
 from deepfake_dist.errors import UserError
+from deepfake_dist.evaluation.video import aggregate_scores
 from deepfake_dist.exported import load_exported
 from deepfake_dist.inference import model_input
-
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
-FACE_MARGIN = 0.25  # of the face box, added on every side before the square crop
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Scorer:
 
     @torch.no_grad()
     def probabilities(self, inputs: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Probability of fake for a stack of model inputs (B, C, H, W)."""
+        """Probability of fake for a stack of model inputs (B, C, H, W), or clips (B, T, C, H, W)."""
         logits = torch.cat([self.model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
         return torch.sigmoid(logits.float() / self.temperature)
 
@@ -59,10 +59,6 @@ def load_scorer(checkpoint: str | Path) -> Scorer:
                         "pass a detector's run folder or model.safetensors")
     info = {**info, "in_channels": int(info.get("build_args", {}).get("in_channels", info.get("in_channels", 3)))}
     return Scorer(model, info)
-
-
-def is_video_file(path: Path) -> bool:
-    return path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith(".") and path.is_file()
 
 
 def collect_files(paths: list[str | Path]) -> list[Path]:
@@ -82,39 +78,22 @@ def collect_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def video_faces(path: Path, frames: int = 16) -> tuple[list[Image.Image], int]:
-    """Face crops (RGB) from ``frames`` evenly spaced frames, and how many frames had no face."""
-    try:
-        import cv2
-    except ImportError:
-        raise UserError(f"{path}: scoring videos needs OpenCV: pip install 'deepfake_dist[video]'") from None
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise ValueError("OpenCV cannot open this video")
-    cascade = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"))
-    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    wanted = sorted(set(np.linspace(0, max(total - 1, 0), frames).round().astype(int).tolist()))
-    faces, missed = [], 0
-    try:
-        for index in wanted:
-            capture.set(cv2.CAP_PROP_POS_FRAMES, index)
-            ok, frame = capture.read()
-            if not ok:
-                continue
-            grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-            boxes = cascade.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
-            if len(boxes) == 0:
-                missed += 1
-                continue
-            x, y, w, h = max(boxes, key=lambda b: b[2] * b[3])
-            m = int(FACE_MARGIN * max(w, h))
-            crop = frame[max(y - m, 0):y + h + m, max(x - m, 0):x + w + m]
-            faces.append(Image.fromarray(cv2.cvtColor(crop, cv2.COLOR_BGR2RGB)))
-    finally:
-        capture.release()
-    if not faces and not missed:
-        raise ValueError("no frame could be read")
-    return faces, missed
+def video_inputs(scorer: Scorer, path: Path, frames: int = 16) -> tuple[torch.Tensor, dict]:
+    """Model inputs cut from a video as the model's training sets were: its clips (N, T, C, R, R)
+    for a clip model, else ``frames`` evenly spaced face crops (N, C, R, R); and what was found
+    (frames scored, sampled frames without a face)."""
+    clip_len = scorer.info.get("frames")
+    if clip_len:
+        opts = options_from_settings(scorer.info.get("video"), frames=int(clip_len), frame_level=False)
+    else:
+        opts = options_from_settings(scorer.info.get("video"), frames=frames, clips_per_video=1,
+                                     sampling="uniform", frame_level=True)
+    faces = video_faces(str(path), opts)
+    samples = cut_samples(faces, opts).samples
+    inputs = [torch.stack([scorer.input(img) for img in s.image]) if clip_len else scorer.input(s.image) for s in samples]
+    scored = sum(len(s.meta["frames"]) for s in samples)
+    return torch.stack(inputs), {"frames": scored, "frames_without_face": faces.without_face,
+                                 **({"clips": len(samples)} if clip_len else {})}
 
 
 def _row(scorer: Scorer, path: Path, kind: str, probability: float | None, **extra) -> dict:
@@ -139,18 +118,18 @@ def score_files(scorer: Scorer, paths: list[str | Path], frames: int = 16, batch
     for path in collect_files(paths):
         kind = "video" if is_video_file(path) else "image"
         try:
+            if kind == "image" and scorer.info.get("frames"):
+                rows.append(_row(scorer, path, kind, None, error="this model scores video clips; give it videos"))
+                continue
             if kind == "image":
                 pending.append((len(rows), scorer.input(imageio.open_image(path))))
                 rows.append(_row(scorer, path, kind, None))
                 if len(pending) == batch_size:
                     flush()
                 continue
-            faces, missed = video_faces(path, frames)
-            if not faces:
-                rows.append(_row(scorer, path, kind, None, error=f"no face in any of {missed} sampled frames"))
-                continue
-            p = scorer.probabilities(torch.stack([scorer.input(f) for f in faces]), batch_size).mean()
-            rows.append(_row(scorer, path, kind, float(p), frames=len(faces), frames_without_face=missed))
+            inputs, found = video_inputs(scorer, path, frames)
+            p = aggregate_scores(scorer.probabilities(inputs, batch_size))
+            rows.append(_row(scorer, path, kind, float(p), **found))
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the others
@@ -168,8 +147,10 @@ def rows_table(rows: list[dict]):
     for name in ("file", "kind", "p(fake)", "verdict", "note"):
         table.add_column(name, justify="right" if name == "p(fake)" else "left", overflow="fold")
     for r in rows:
-        note = r.get("error") or (f"{r['frames']} face frames, {r['frames_without_face']} without a face"
-                                  if r["kind"] == "video" else "")
+        note = r.get("error") or ""
+        if r["kind"] == "video" and not note:
+            clips = f" in {r['clips']} clips" if "clips" in r else ""
+            note = f"{r['frames']} face frames{clips}, {r['frames_without_face']} without a face"
         p = "" if r["probability"] is None else f"{r['probability']:.4f}"
         table.add_row(r["path"], r["kind"], p, r["verdict"] or "error", note)
     return table

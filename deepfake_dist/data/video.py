@@ -343,20 +343,42 @@ def crop_face(rgb: np.ndarray, box: Box, margin: float) -> Image.Image:
 # --------------------------------------------------------------------------------- samples
 
 
-def video_samples(path: str, opts: VideoOptions) -> Expanded:
-    """A video's samples: one per clip (or per frame), face-cropped at full size, with their
-    frame indices, boxes and detection flags; raises ``VideoError`` when it yields none."""
+@dataclass
+class VideoFaces:
+    """A decoded video: its planned clips, the sampled frames (RGB) and the largest face track."""
+
+    clips: list[list[int]]
+    frames: dict[int, np.ndarray]
+    track: dict[int, Box]
+    n_frames: int
+    fps: float
+
+    @property
+    def without_face(self) -> int:
+        """Sampled frames on which the track has no detection."""
+        return sum(i not in self.track for i in self.frames)
+
+
+def video_faces(path: str, opts: VideoOptions) -> VideoFaces:
+    """Decode the sampled frames and find the face track; raises ``VideoError`` when the video
+    cannot be read, is too short or shows no face."""
     clips, frames, n_frames, fps = sample_frames(path, opts)
     detect = face_detector(opts.face_model, opts.face_config)
-    indices = sorted(frames)
-    track = largest_track({i: detect(frames[i]) for i in indices})
+    track = largest_track({i: detect(frames[i]) for i in sorted(frames)})
     if not track:
-        raise VideoError(f"no face found on its {len(indices)} sampled frame(s)")
+        raise VideoError(f"no face found on its {len(frames)} sampled frame(s)")
+    return VideoFaces(clips, frames, track, n_frames, fps)
+
+
+def cut_samples(video: VideoFaces, opts: VideoOptions) -> Expanded:
+    """One sample per clip (or per frame), face-cropped at full size, with its frame indices,
+    boxes and detection flags; raises ``VideoError`` when no clip has enough face."""
+    clips, track = video.clips, video.track
     dropped = []
     if len(clips) < opts.clips_per_video:
         dropped.append({"part": f"clips {len(clips)}-{opts.clips_per_video - 1}",
-                        "reason": f"{n_frames} frames: room for {len(clips)} clip(s) of {_span_text(opts)}"})
-    units = [[i] for i in indices] if opts.frame_level else clips
+                        "reason": f"{video.n_frames} frames: room for {len(clips)} clip(s) of {_span_text(opts)}"})
+    units = [[i] for i in sorted(video.frames)] if opts.frame_level else clips
     samples = []
     for number, unit in enumerate(units):
         detected = [i in track for i in unit]
@@ -365,9 +387,9 @@ def video_samples(path: str, opts: VideoOptions) -> Expanded:
             dropped.append({"part": part, "reason": f"face found on {sum(detected)} of {len(unit)} frame(s)"})
             continue
         boxes = smooth(fill_boxes(unit, track))
-        crops = [crop_face(frames[i], box, opts.margin) for i, box in zip(unit, boxes)]
+        crops = [crop_face(video.frames[i], box, opts.margin) for i, box in zip(unit, boxes)]
         meta = {"frames": unit, "boxes": [[round(v, 1) for v in box] for box in boxes], "detected": detected,
-                "fps": round(fps, 3), "video_frames": n_frames}
+                "fps": round(video.fps, 3), "video_frames": video.n_frames}
         if opts.frame_level:
             samples.append(Sample(f"-f{unit[0]:06d}", crops[0], {**meta, "frame": unit[0]}))
         else:
@@ -376,6 +398,11 @@ def video_samples(path: str, opts: VideoOptions) -> Expanded:
         raise VideoError(f"no {'frame' if opts.frame_level else 'clip'} with a face on enough frames "
                          f"({', '.join(d['reason'] for d in dropped[-3:])})")
     return Expanded(samples, dropped)
+
+
+def video_samples(path: str, opts: VideoOptions) -> Expanded:
+    """A video's samples (what a ``videos:PATH`` item's ``load`` returns)."""
+    return cut_samples(video_faces(path, opts), opts)
 
 
 # ---------------------------------------------------------------------------------- source
