@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
@@ -82,20 +81,17 @@ FACE_MARGIN = 0.25  # of the face box, added on every side before the square cro
 
 
 def largest_face(img: Image.Image, margin: float = FACE_MARGIN) -> tuple[Image.Image, dict]:
-    """The largest frontal face (OpenCV's Haar cascade from ``cv2.data``) cropped with
-    ``margin``, and what was found: ``{"detected", "faces", "box": [x, y, w, h]}``. With no face
-    the whole image comes back (``detected`` false), so the caller can still score it."""
-    try:
-        import cv2
-        import numpy as np
-    except ImportError:
-        raise UserError("face cropping needs OpenCV: pip install 'deepfake_dist[video]'") from None
-    cascade = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"))
-    grey = np.asarray(imageio.to_mode(img, "L"))
-    boxes = cascade.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
-    if len(boxes) == 0:
+    """The largest face, found and cropped as ``prepare --source videos:`` does (``data.video``:
+    OpenCV's Haar cascade, a square of ``max(w, h) * (1 + 2 * margin)`` around the box), and what
+    was found: ``{"detected", "faces", "box": [x, y, w, h]}``. With no face the whole image comes
+    back (``detected`` false), so the caller can still score it."""
+    import numpy as np
+
+    from deepfake_dist.data.video import crop_face, face_detector
+
+    rgb = np.asarray(imageio.to_mode(img, "RGB"))
+    boxes = face_detector()(rgb)
+    if not boxes:
         return img, {"detected": False, "faces": 0, "box": None}
-    x, y, w, h = (int(v) for v in max(boxes, key=lambda b: int(b[2]) * int(b[3])))
-    m = int(margin * max(w, h))
-    crop = img.crop((max(x - m, 0), max(y - m, 0), min(x + w + m, img.width), min(y + h + m, img.height)))
-    return crop, {"detected": True, "faces": len(boxes), "box": [x, y, w, h]}
+    box = max(boxes, key=lambda b: b[2] * b[3])
+    return crop_face(rgb, box, margin), {"detected": True, "faces": len(boxes), "box": [round(v) for v in box]}

@@ -395,4 +395,4 @@ def _all_grey(paths) -> bool:
     return True
 
 
-from deepfake_dist.data import video as _video  # noqa: E402,F401 - registers videos:PATH (imports sources)
+from deepfake_dist.data import video as _video  # noqa: F401 - registers videos:PATH (it imports this module)
