@@ -179,7 +179,8 @@ def cmd_evaluate(args) -> int:
 
     evaluate(args.checkpoint, args.data, split=args.split, out=args.out, val_split=args.val_split,
              robustness=not args.no_robustness, explain=not args.no_explain, report=not args.no_report,
-             batch_size=args.batch_size, layer=args.layer, num_workers=args.workers, command=_command_line())
+             batch_size=args.batch_size, layer=args.layer, num_workers=args.workers, command=_command_line(),
+             video_aggregate=args.video_aggregate)
     return 0
 
 
@@ -219,6 +220,8 @@ def _add_evaluate(sub):
     p.add_argument("--no-robustness", dest="no_robustness", action="store_true", help="skip JPEG/blur/downscale runs")
     p.add_argument("--no-explain", dest="no_explain", action="store_true", help="skip Grad-CAM and feature maps")
     p.add_argument("--no-report", dest="no_report", action="store_true", help="skip index.html and report.md")
+    p.add_argument("--video-aggregate", dest="video_aggregate", choices=["mean", "max", "median"], default="mean",
+                   help="how a video's clip or frame scores pool into its video-level score")
     p.set_defaults(fn=cmd_evaluate)
 
 

@@ -31,6 +31,17 @@ COLUMNS = [
     ("params", "parameters", "{:,}"),
     ("images_per_s", "images/s", "{:.1f}"),
 ]
+# Shown when some row was scored on samples made from videos (``evaluation.video``).
+VIDEO_COLUMNS = [
+    ("videos", "videos", "{}"),
+    ("video_accuracy", "video accuracy", "{:.4f}"),
+    ("video_f1", "video F1", "{:.4f}"),
+    ("video_auroc", "video ROC-AUC", "{:.4f}"),
+]
+
+
+def columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    return COLUMNS + (VIDEO_COLUMNS if any(r.get("videos") for r in rows) else [])
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -47,22 +58,22 @@ def comparison_table(rows: list[dict]) -> Table:
     """A rich ``Table``: run, model, accuracy, precision, recall, F1, ROC-AUC, AP, EER, the
     validation threshold and the metrics there, parameters and inference images/s."""
     table = Table(title=title(rows), title_justify="left")
-    for key, header, _ in COLUMNS:
+    for key, header, _ in columns(rows):
         table.add_column(header, justify="left" if key in ("run", "model") else "right")
     for row in rows:
-        table.add_row(*(_cell(row, key, fmt) for key, _, fmt in COLUMNS))
+        table.add_row(*(_cell(row, key, fmt) for key, _, fmt in columns(rows)))
     return table
 
 
 def cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted cells, for the Markdown and HTML report."""
-    return [h for _, h, _ in COLUMNS], [[_cell(r, k, f) for k, _, f in COLUMNS] for r in rows]
+    return [h for _, h, _ in columns(rows)], [[_cell(r, k, f) for k, _, f in columns(rows)] for r in rows]
 
 
 def markdown_table(rows: list[dict]) -> str:
     headers, body = cells(rows)
     lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---" if k in ("run", "model") else "---:" for k, _, _ in COLUMNS) + "|",
+             "|" + "|".join("---" if k in ("run", "model") else "---:" for k, _, _ in columns(rows)) + "|",
              *("| " + " | ".join(r) + " |" for r in body)]
     return "\n".join([f"**{title(rows)}**", "", *lines]) + "\n"
 
@@ -71,7 +82,7 @@ def csv_text(rows: list[dict]) -> str:
     """Plain numbers (no formatting) under the row keys, for spreadsheets and scripts."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([k for k, _, _ in COLUMNS])
+    writer.writerow([k for k, _, _ in columns(rows)])
     for row in rows:
-        writer.writerow(["" if row.get(k) is None else row[k] for k, _, _ in COLUMNS])
+        writer.writerow(["" if row.get(k) is None else row[k] for k, _, _ in columns(rows)])
     return buffer.getvalue()

@@ -80,6 +80,9 @@ def explain_figures(out: Path, scored, layer: str | None) -> dict[str, str]:
     score = dict(zip(scored.test.keys, scored.test.scores.tolist()))
     heat = gradcam(model, images, name)
     shown = denormalize(images, scored.info.get("normalize", "imagenet")).cpu()
+    if images.ndim == 5:  # clips: each clip's middle frame with its own map
+        middle = images.shape[1] // 2
+        shown, heat = shown[:, middle], heat[:, middle]
     overlays = [overlay(img, h) for img, h in zip(shown, heat)]
     titles = [f"{('real', 'fake')[y]} p(fake)={score[k]:.2f}" for y, k in zip(labels, keys)]
     figures = {"gradcam": plots.image_grid(
@@ -163,6 +166,8 @@ def write_outputs(out: Path, scored: list, data: list[str], split: str, val_spli
         s.result["figures"] = figs
         s.result["card"] = model_card(s)
         _write_text(out / f"predictions-{s.run}.csv", predictions_csv(s))
+        if s.videos is not None:  # one row per video (key SET/VIDEO, score pooled over its samples)
+            _write_text(out / f"videos-{s.run}.csv", predictions_csv(replace(s, test=s.videos)))
     _write_text(out / "comparison.md", table_md)
     _write_text(out / "comparison.csv", csv_text(rows))
     if any(s.result["robustness"] for s in scored):

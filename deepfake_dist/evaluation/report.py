@@ -97,6 +97,12 @@ def blocks(summary: dict) -> list:
             out.append(("p", (f"No threshold was chosen: the sets have no {val_split} split with both classes "
                               f"(a threshold is never tuned on {split}).")))
         out.append(("img", figs.get("confusion"), "confusion matrices"))
+        if "video" in run:
+            video = run["video"]
+            out += [("h3", "Video level"),
+                    ("p", f"{video['videos']} videos; a video's probability of fake is the {video['aggregate']} of its "
+                          f"samples' (clips or frames); its threshold is chosen on the {val_split} videos."),
+                    ("table", *_metrics_table(video["metrics"], val_split))]
         out += [("h3", "Per source"), ("table", *_sources_table(run["sources"]))]
         cal_rows = [["expected calibration error (test, as trained)", _f(cal["ece"])]]
         if "temperature" in cal:

@@ -19,12 +19,13 @@ import torch
 from rich.console import Console
 
 from deepfake_dist.config import DataConfig
-from deepfake_dist.data.loader import eval_loader
+from deepfake_dist.data.loader import clip_frames, eval_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.errors import UserError
 from deepfake_dist.evaluation import metrics as M
 from deepfake_dist.evaluation.robustness import PERTURBATIONS
 from deepfake_dist.evaluation.sources import per_source
+from deepfake_dist.evaluation.video import aggregate_scores, video_predictions
 from deepfake_dist.exported import load_exported, resolve
 from deepfake_dist.predictions import Predictions, predict
 from deepfake_dist.train.tracking import console
@@ -43,7 +44,8 @@ class Scored:
     data_cfg: DataConfig
     test: Predictions
     val: Predictions | None
-    result: dict  # JSON-ready: row, metrics, sources, calibration, robustness
+    result: dict  # JSON-ready: row, metrics, sources, calibration, robustness, video
+    videos: Predictions | None = None  # one row per video, when the samples name their video
 
 
 def _accelerator():
@@ -120,8 +122,19 @@ def _calibration(test: Predictions, val: Predictions | None) -> dict:
     return out
 
 
+def _video_level(videos: Predictions, val: Predictions | None, how: str) -> dict:
+    """Metrics over whole videos (``evaluation.video``); their threshold is chosen on the
+    validation videos, never on the reported split."""
+    val_videos = video_predictions(val, how) if val is not None else None
+    threshold = None
+    if val_videos is not None and val_videos.labels.min() != val_videos.labels.max():
+        threshold = M.val_threshold(val_videos.scores, val_videos.labels)
+    return {"aggregate": how, "videos": len(videos.keys), "threshold": threshold,
+            "metrics": _metrics_pair(videos, threshold)}
+
+
 def _score_one(accelerator, checkpoint: str, run: str, data: list[str], split: str, val_split: str,
-               robustness: bool, batch_size: int, num_workers: int) -> Scored:
+               robustness: bool, batch_size: int, num_workers: int, video_aggregate: str = "mean") -> Scored:
     model, info = load_exported(checkpoint)
     if info.get("kind") != "detector":
         raise UserError(f"--checkpoint {checkpoint}: holds a {info.get('kind', 'unknown')} model; evaluate takes detectors")
@@ -147,13 +160,17 @@ def _score_one(accelerator, checkpoint: str, run: str, data: list[str], split: s
     result = {"metrics": _metrics_pair(test, threshold),
               "sources": per_source(test, {"0.5": 0.5, **({"val": threshold} if threshold is not None else {})}),
               "calibration": _calibration(test, val), "robustness": []}
+    videos = video_predictions(test, video_aggregate)
+    if videos is not None:
+        result["video"] = _video_level(videos, val, video_aggregate)
     if robustness:
         for name, perturb in PERTURBATIONS.items():
             if main:
                 console.print(f"  robustness: {name}")
             perturbed = score(split, perturb)
             result["robustness"].append({"perturbation": name, **_metrics_pair(perturbed, threshold)})
-    shape = (batch_size, channels, cfg.resolution, cfg.resolution)
+    frames = clip_frames(data)
+    shape = (batch_size, *([frames] if frames else []), channels, cfg.resolution, cfg.resolution)
     row = {
         "run": run, "model": info["model"], "checkpoint": str(checkpoint), "split": split,
         **{k: result["metrics"]["0.5"].get(k) for k in SUMMARY_KEYS},
@@ -167,8 +184,12 @@ def _score_one(accelerator, checkpoint: str, run: str, data: list[str], split: s
         "ece": result["calibration"]["ece"], "ece_scaled": result["calibration"].get("ece_scaled"),
         "world_size": world,
     }
+    if videos is not None:
+        at = result["video"]["metrics"]["0.5"]
+        row.update(videos=len(videos.keys), video_aggregate=video_aggregate,
+                   **{f"video_{k}": at.get(k) for k in ("accuracy", "f1", "auroc")})
     result["row"] = row
-    return Scored(str(checkpoint), run, model, info, cfg, test, val, result)
+    return Scored(str(checkpoint), run, model, info, cfg, test, val, result, videos)
 
 
 def _store_calibration(scored: Scored, data: list[str], val_split: str) -> None:
@@ -205,6 +226,7 @@ def evaluate(
     layer: str | None = None,
     num_workers: int = 1,
     command: str | None = None,
+    video_aggregate: str = "mean",
 ) -> dict:
     """Evaluate each exported detector (run folder or ``.safetensors``) on ``split`` of ``data``.
 
@@ -214,6 +236,8 @@ def evaluate(
     the threshold (``val_threshold``) and the temperature (stored in the model's JSON as
     ``temperature``) come from ``val_split`` of the same sets. ``layer`` overrides each model's
     ``gradcam_layer`` for Grad-CAM and feature maps; ``command`` is recorded in the report.
+    Samples made from videos are also pooled per video (``video_aggregate``: mean, max or median
+    of their probabilities) into video-level metrics (``videos``, ``video_auroc``, ... in the row).
 
     Returns ``{"rows": [...], "out": Path, "table_md": str, "results": [...]}``: one row per
     checkpoint with run, model, checkpoint, accuracy, precision, recall, f1 (at 0.5), auroc, ap,
@@ -233,8 +257,9 @@ def evaluate(
     out = Path(out) if out is not None else default_out(checkpoints, split)
     command = command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     runs = _unique_runs([str(c) for c in checkpoints])
+    aggregate_scores(torch.zeros(1), video_aggregate)  # a bad --video-aggregate fails before any work
     scored = [_score_one(accelerator, str(c), r, [str(d) for d in data], split, val_split, robustness, batch_size,
-                         num_workers) for c, r in zip(checkpoints, runs)]
+                         num_workers, video_aggregate) for c, r in zip(checkpoints, runs)]
     rows = [s.result["row"] for s in scored]
     table_md = markdown_table(rows)
     if accelerator.is_main_process:
