@@ -45,9 +45,9 @@ from deepfake_dist.inference import in_channels
 from deepfake_dist.train.checkpoint import write_json_atomic
 from deepfake_dist.train.metrics import binary_metrics
 
-COLUMNS = {  # JSON key -> table header
-    "step": "step", "file_mb": "file MB", "gzip_mb": "gzip MB", "params": "params", "nonzero": "non-zero",
-    "latency_b1_ms": "CPU ms b=1", "latency_b32_ms": "CPU ms b=32", "accuracy": "accuracy", "auroc": "ROC-AUC",
+COLUMNS = {  # JSON key -> table header (narrow enough for an 80-column terminal)
+    "step": "step", "file_mb": "MB", "gzip_mb": "gzip MB", "params": "params", "nonzero": "non-zero",
+    "latency_b1_ms": "ms b=1", "latency_b32_ms": "ms b=32", "accuracy": "acc", "auroc": "ROC-AUC",
 }
 
 
@@ -164,13 +164,13 @@ def compress(checkpoint: str | Path, out: str | Path, prune: float = 0.0, struct
         model = prune_model(copy.deepcopy(model), prune, structured)
         info = {**info, "compression": {"prune": prune, "structured": structured, "sparsity": sparsity(model, structured)}}
         path = save_float(model, out, info)
-        rows.append(measure(f"pruned {prune:g}{' structured' if structured else ''}", model, path, info, test,
+        rows.append(measure(f"pruned {prune:g}{' chan' if structured else ''}", model, path, info, test,
                             parameter_counts(model), threads))
         if finetune_epochs:
             model = prune_model(finetune(path, info, out, finetune_epochs, list(overrides)), prune, structured)
             info["compression"].update(finetune_epochs=finetune_epochs, sparsity=sparsity(model, structured))
             path = save_float(model, out, info)
-            rows.append(measure(f"fine-tuned {finetune_epochs} ep, re-pruned", model, path, info, test,
+            rows.append(measure(f"fine-tuned {finetune_epochs} ep", model, path, info, test,
                                 parameter_counts(model), threads))
     if quantize:
         calibration = eval_loader(cfg.data, cfg.data.train, cfg.data.train_split, channels, 0, 1)
@@ -216,9 +216,9 @@ def markdown_table(rows: list[dict]) -> str:
 def rich_table(rows: list[dict]):
     from rich.table import Table
 
-    table = Table(title="compress (test split, CPU)")
+    table = Table(title="compress: test split, CPU latency (ms, median)")
     for key, header in COLUMNS.items():
-        table.add_column(header, justify="left" if key == "step" else "right")
+        table.add_column(header, justify="left" if key == "step" else "right", no_wrap=True)
     for r in rows:
         table.add_row(*(_cell(k, r.get(k)) for k in COLUMNS))
     return table
