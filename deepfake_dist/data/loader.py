@@ -9,6 +9,13 @@ sample's augmentation only on (seed, epoch, key), so a resumed run replays the s
 Evaluation reads every shard of the split exactly once: shards are split over ranks and
 workers, nothing is resampled or dropped, and the caller gathers the predictions at the end.
 
+Unreadable data (a truncated or garbage shard, an image that does not decode, a shard deleted
+mid-run) never kills a worker: the stream records a ``ReadProblem`` naming the shard and sample,
+moves on, and hands the problems to the main process on its next ``Batch``. There
+``ShardLoader`` applies the policy: training with ``data.on_error: skip`` warns once per problem
+and the loop counts them (``train/skipped_samples``, ``train/unreadable_shards``); ``raise``, and
+evaluation always, stop with a one-line ``UserError``.
+
 A sample is one image (C, H, W) or, in a clip set (manifest ``frames``: K), a clip (K, C, H, W)
 from its members ``f000.<fmt>``, ``f001.<fmt>``, ... in order. The transforms act on the whole
 clip tensor, so every frame of a clip gets the same random crop, flip, jitter, JPEG and blur.
@@ -22,20 +29,40 @@ import multiprocessing
 import random
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import webdataset as wds
+from rich.console import Console
+from rich.markup import escape
 from torch.utils.data import IterableDataset, get_worker_info
 
 from deepfake_dist.config import DataConfig
 from deepfake_dist.data import transforms
-from deepfake_dist.data.manifest import load_manifest, shard_urls, split_count
+from deepfake_dist.data.manifest import listed_shards, load_manifest, missing_shard_error, shard_urls, split_count
 from deepfake_dist.errors import UserError
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
 FRAME_KEY = re.compile(r"^f\d{3}\.(jpg|png|jpeg|webp)$")  # a clip's frames: f000.png, f001.png, ...
+_console = Console(stderr=True, highlight=False, soft_wrap=True)  # warnings, on every rank
+
+
+@dataclass(frozen=True)
+class ReadProblem:
+    """Data a loader could not read: one sample (``sample=True``; the rest of its shard was read)
+    or the rest of a shard (``key``: the last sample read before it broke, None if none was)."""
+
+    shard: str
+    key: str | None
+    reason: str
+    sample: bool
+
+    def __str__(self) -> str:
+        if self.sample:
+            return f"shard {self.shard}: sample {self.key} is unreadable ({self.reason})"
+        where = f"after sample {self.key}" if self.key else "from its start"
+        return f"shard {self.shard} is unreadable {where} ({self.reason})"
 
 
 @dataclass
@@ -44,17 +71,86 @@ class Batch:
     label: torch.Tensor
     key: list[str]
     meta: list[dict]
+    problems: list[ReadProblem] = field(default_factory=list)  # met by the worker since its last batch
 
-    def to(self, device) -> "Batch":
-        return Batch(self.image.to(device, non_blocking=True), self.label.to(device, non_blocking=True), self.key, self.meta)
+    def to(self, device) -> Batch:
+        return Batch(self.image.to(device, non_blocking=True), self.label.to(device, non_blocking=True), self.key,
+                     self.meta, self.problems)
 
     def __len__(self) -> int:
         return len(self.key)
 
 
-def collate(samples: list[tuple]) -> Batch:
+def collate(samples: list[tuple], problems: list[ReadProblem] = ()) -> Batch:
+    if not samples:  # only problems to report (the stream stops at the first under on_error: raise)
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), [], [], list(problems))
     images, labels, keys, metas = zip(*samples)
-    return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.long), list(keys), list(metas))
+    return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.long), list(keys), list(metas), list(problems))
+
+
+def _reason(err: BaseException) -> str:
+    """One line for an error from tarfile, webdataset or the image decoder."""
+    if isinstance(err, OSError) and err.strerror:
+        text = err.strerror
+    else:  # webdataset appends " @ <stream>" and the url to the args
+        text = str(err.args[0]).split(" @ ")[0] if err.args else ""
+    text = re.sub(r"^\w+, \S+:\d+, ", "", text)  # torchvision's "decode_jpeg, file.cpp:171, " prefix
+    return " ".join(f"{type(err).__name__}: {text}".split()).rstrip(":")
+
+
+def _read_shards(urls, expected: dict[str, int], problems: list[ReadProblem]):
+    """Samples of each shard in turn. A shard that breaks (truncated, not a tar, gone) or ends
+    short of its manifest count adds a problem naming it and the last sample read, and the stream
+    goes on with the next shard."""
+    for url in urls:
+        errors: list[BaseException] = []
+        last, count = None, 0
+
+        def stop(err, errors=errors):
+            errors.append(err)
+            return False  # give up on this shard only
+
+        for sample in wds.tarfile_to_samples(handler=stop)([{"url": url}]):
+            last, count = sample["__key__"], count + 1
+            yield sample
+        if errors:
+            problems.append(ReadProblem(url, last, _reason(errors[0]), sample=False))
+        elif count < expected.get(url, 0):
+            problems.append(ReadProblem(url, last, f"it ends after {count} of its {expected[url]} samples", sample=False))
+
+
+def _decode_or_report(sample: dict, channels: int, problems: list[ReadProblem]) -> tuple | None:
+    try:
+        return _decode_sample(sample, channels)
+    except Exception as err:  # noqa: BLE001 - any undecodable sample is reported, not fatal to the worker
+        problems.append(ReadProblem(sample.get("__url__", "?"), sample.get("__key__"), _reason(err), sample=True))
+        return None
+
+
+class ShardLoader(torch.utils.data.DataLoader):
+    """A DataLoader that applies the ``on_error`` policy to the problems its workers report with
+    each batch: ``skip`` warns once per problem on this rank's console, ``raise`` stops with a
+    UserError (``hint`` says what to do; ``{set}`` in it becomes the shard's set). Batches that
+    only carry problems are not yielded."""
+
+    def __init__(self, dataset, on_error: str, hint: str, rank: int, world: int, **kwargs):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.on_error, self.hint = on_error, hint
+        self.prefix = f"rank {rank}: " if world > 1 else ""
+        self.warned: set[ReadProblem] = set()
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            for problem in batch.problems:
+                if self.on_error == "raise":
+                    raise UserError(f"{problem}; {self.hint.format(set=Path(problem.shard).parent)}")
+                if problem not in self.warned:
+                    self.warned.add(problem)
+                    _console.print(f"{self.prefix}[yellow]warning:[/yellow] {escape(str(problem))}; skipped "
+                                   "(data.on_error: skip)")
+            if len(batch):
+                yield batch
+
 
 
 def resolve_channels(cfg: DataConfig, sets: list[str]) -> int:
@@ -88,6 +184,8 @@ def _decode_sample(sample: dict, channels: int) -> tuple:
         if not frames:
             raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
         image = torch.stack([transforms.decode(sample[k], channels) for k in frames])  # (T, C, H, W)
+    if "cls" not in sample:
+        raise ValueError("it has no cls (label) member")
     label = int(sample["cls"])
     meta = json.loads(sample["json"]) if "json" in sample else {}
     # keys are unique within a set; the set's folder name makes them unique across sets
@@ -106,8 +204,11 @@ def _worker() -> tuple[int, int]:
 class TrainStream(IterableDataset):
     """Endless seeded shard resampling, cut to ``batches_per_worker`` batches per epoch."""
 
-    def __init__(self, urls, cfg: DataConfig, channels: int, rank: int, batches_per_worker: int, seed: int):
+    def __init__(self, urls, cfg: DataConfig, channels: int, rank: int, batches_per_worker: int, seed: int,
+                 expected: dict[str, int] | None = None):
         self.urls, self.cfg, self.channels, self.rank, self.seed = urls, cfg, channels, rank, seed
+        self.expected = expected or {}  # url -> samples the manifest lists (to notice a truncated shard)
+        self.missing: list[str] = []  # listed shards that were not there at the start (skipped)
         self.batches_per_worker = batches_per_worker
         self.transform = transforms.train_transform(cfg.resolution, channels, cfg.normalize, cfg.augment)
         self._epoch = multiprocessing.Value("i", 0)  # shared with persistent workers
@@ -125,38 +226,55 @@ class TrainStream(IterableDataset):
         epoch = self._epoch.value
         worker, _ = _worker()
         rng = random.Random(_seed(self.seed, epoch, self.rank, worker))
-        shards = (dict(url=rng.choice(self.urls)) for _ in iter(int, 1))
-        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(shards)
+        problems: list[ReadProblem] = []
+        shards = (rng.choice(self.urls) for _ in iter(int, 1))
+        samples = _read_shards(shards, self.expected, problems)
         samples = wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer // 2, rng=rng)(samples)
         batch: list[tuple] = []
         produced = 0
         for sample in samples:
-            try:
-                item = _decode_sample(sample, self.channels)
-            except Exception as e:  # a corrupt image: skip it, the stream goes on
-                wds.warn_and_continue(e)
+            item = _decode_or_report(sample, self.channels, problems)
+            if problems and self.cfg.on_error == "raise":
+                yield collate([], problems)
+                return
+            if item is None:
                 continue
             batch.append(self._augment(item, epoch))
             if len(batch) == self.cfg.batch_size:
-                yield collate(batch)
+                yield collate(batch, problems)
+                problems.clear()
                 batch, produced = [], produced + 1
                 if produced == self.batches_per_worker:
                     return
 
 
 def train_loader(cfg: DataConfig, channels: int, rank: int, world: int, seed: int) -> tuple[torch.utils.data.DataLoader, TrainStream]:
-    urls = [u for s in cfg.train for u in shard_urls(s, cfg.train_split)]
-    if not urls:
+    """A missing shard is an error under ``data.on_error: raise``; under ``skip`` the others are
+    used (with a warning) and the epoch shrinks by its samples."""
+    listed = [shard for s in cfg.train for shard in listed_shards(s, cfg.train_split)]
+    if not listed:
         raise UserError(f"no '{cfg.train_split}' shards in {cfg.train}; check data.train and data.train_split")
+    missing = [path for path, _ in listed if not path.is_file()]
+    if missing and (cfg.on_error == "raise" or len(missing) == len(listed)):
+        raise missing_shard_error(missing[0])
+    if missing and rank == 0:
+        _console.print(f"[yellow]warning:[/yellow] {len(missing)} of the {len(listed)} '{cfg.train_split}' shards "
+                       f"listed in the manifests are missing, training on the others (data.on_error: skip): "
+                       f"{escape(', '.join(map(str, missing)))}")
+    expected = {str(path): int(entry.get("samples", 0)) for path, entry in listed if path.is_file()}
+    urls = list(expected)
     samples = sum(split_count(load_manifest(s), cfg.train_split) for s in cfg.train)
+    samples -= sum(int(entry.get("samples", 0)) for path, entry in listed if not path.is_file())
     clip_frames(cfg.train)  # refuses sets whose samples cannot share a batch
     workers = max(cfg.num_workers, 1)
     batches_per_rank = max(math.ceil(samples / (cfg.batch_size * world)), 1)
     per_worker = math.ceil(batches_per_rank / workers)
-    stream = TrainStream(urls, cfg, channels, rank, per_worker, seed)
-    loader = torch.utils.data.DataLoader(
-        stream,
-        batch_size=None,
+    stream = TrainStream(urls, cfg, channels, rank, per_worker, seed, expected)
+    stream.missing = [str(path) for path in missing]
+    hint = ("data.on_error is raise; set it to skip to train on without it, or find what is wrong with "
+            "deepfake-dist shards verify {set} and re-create the set")
+    loader = ShardLoader(
+        stream, cfg.on_error, hint, rank, world,
         num_workers=cfg.num_workers,
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
@@ -168,31 +286,41 @@ class EvalStream(IterableDataset):
     """Every sample of the split once: shards split over ranks then workers, last batch kept."""
 
     def __init__(self, urls, cfg: DataConfig, channels: int, rank: int, world: int, perturb=None,
-                 frames: int | None = None):
+                 frames: int | None = None, expected: dict[str, int] | None = None):
         self.urls, self.cfg, self.channels, self.rank, self.world = urls, cfg, channels, rank, world
+        self.expected = expected or {}
         self.transform = transforms.eval_transform(cfg.resolution, channels, cfg.normalize, perturb)
         self.sample_shape = (*([frames] if frames else []), channels, cfg.resolution, cfg.resolution)
 
     def __iter__(self):
         worker, workers = _worker()
         mine = self.urls[self.rank :: self.world][worker::workers]
-        samples = wds.tarfile_to_samples(handler=wds.reraise_exception)(dict(url=u) for u in mine)
+        problems: list[ReadProblem] = []
         batch = []
-        for sample in samples:
-            image, label, key, meta = _decode_sample(sample, self.channels)
+        for sample in _read_shards(mine, self.expected, problems):
+            item = _decode_or_report(sample, self.channels, problems)
+            if problems:  # every sample counts: stop at the first problem (the loader raises)
+                yield collate([], problems)
+                return
+            image, label, key, meta = item
             batch.append((self.transform(image), label, key, meta))
             if len(batch) == self.cfg.batch_size:
                 yield collate(batch)
                 batch = []
-        if batch:
+        if problems:  # the last shard ended short
+            yield collate([], problems)
+        elif batch:
             yield collate(batch)
 
 
 def eval_loader(cfg: DataConfig, sets: list[str], split: str, channels: int, rank: int, world: int, perturb=None):
     """``perturb``: a picklable transform of the decoded uint8 image (see ``transforms.eval_transform``)."""
-    urls = [u for s in sets for u in shard_urls(s, split)]
+    urls = [u for s in sets for u in shard_urls(s, split)]  # a missing shard is an error here
     if not urls:
         raise UserError(f"no '{split}' shards in {sets}; prepare the sets with a {split} split")
-    stream = EvalStream(urls, cfg, channels, rank, world, perturb, clip_frames(sets))
+    expected = {str(path): int(entry.get("samples", 0)) for s in sets for path, entry in listed_shards(s, split)}
+    stream = EvalStream(urls, cfg, channels, rank, world, perturb, clip_frames(sets), expected)
     workers = min(cfg.num_workers, max(len(urls) // world, 1))
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+    hint = ("evaluation reads every sample, so it stops; find what is wrong with deepfake-dist shards verify {set} "
+            "and re-create the set")
+    return ShardLoader(stream, "raise", hint, rank, world, num_workers=workers)

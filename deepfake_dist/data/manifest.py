@@ -71,21 +71,29 @@ def _check_split(split: str) -> None:
         raise UserError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
 
 
-def shard_urls(set_dir: str | Path, split: str) -> list[str]:
-    """Paths of ``split``'s shards in manifest order ([] when the set has none for that split)."""
+def listed_shards(set_dir: str | Path, split: str) -> list[tuple[Path, dict[str, Any]]]:
+    """``(path, manifest entry)`` of each of ``split``'s shards in manifest order, whether or not
+    the file is there (the training loader may go on without a missing one)."""
     _check_split(split)
     set_dir = _set_dir(set_dir)
-    manifest = load_manifest(set_dir)
+    return [(set_dir / s["file"], s) for s in load_manifest(set_dir)["shards"] if s["split"] == split]
+
+
+def missing_shard_error(path: Path) -> UserError:
+    set_dir = path.parent
+    return UserError(
+        f"{path} is listed in {set_dir / MANIFEST_NAME} but missing; run deepfake-dist "
+        f"shards verify {set_dir}, or re-create the set with deepfake-dist prepare ... --overwrite"
+    )
+
+
+def shard_urls(set_dir: str | Path, split: str) -> list[str]:
+    """Paths of ``split``'s shards in manifest order ([] when the set has none for that split);
+    a listed shard that is missing is an error."""
     urls = []
-    for shard in manifest["shards"]:
-        if shard["split"] != split:
-            continue
-        path = set_dir / shard["file"]
+    for path, _ in listed_shards(set_dir, split):
         if not path.is_file():
-            raise UserError(
-                f"{path} is listed in {set_dir / MANIFEST_NAME} but missing; run deepfake-dist "
-                f"shards verify {set_dir}, or re-create the set with deepfake-dist prepare ... --overwrite"
-            )
+            raise missing_shard_error(path)
         urls.append(str(path))
     return urls
 

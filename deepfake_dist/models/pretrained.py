@@ -42,6 +42,13 @@ def imagenet_file(weights: WeightsEnum) -> Path:
     return path
 
 
+def pickled_global(err: pickle.UnpicklingError) -> str | None:
+    """The Python object (e.g. ``posix.system``) whose pickle ``torch.load(weights_only=True)``
+    refused to rebuild, or None when the file is simply not a torch file."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return found[1] if found else None
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """A flat name -> tensor mapping from ``.safetensors`` or a plain-tensor ``torch.save`` file."""
     path = Path(path)
@@ -53,10 +60,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        found = pickled_global(e)
         if found:
             raise UserError(
-                f"refusing to load {path}: it holds pickled Python objects ({found[1]}), not only "
+                f"refusing to load {path}: it holds pickled Python objects ({found}), not only "
                 f"tensors; save a plain state_dict or a .safetensors file"
             ) from None
         raise UserError(f"cannot read weights file {path}: not a torch.save file of tensors") from None

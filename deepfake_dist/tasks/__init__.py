@@ -12,6 +12,7 @@ import torch
 from deepfake_dist.registry import Registry
 
 TASKS = Registry("task")
+NONFINITE = "nonfinite"  # a train_step's logs set this to 1.0 when it skipped its batch (see Task.nonfinite)
 
 
 class Task:
@@ -30,6 +31,17 @@ class Task:
     def train_step(self, batch) -> dict[str, float]:
         """One batch: forward, backward(s), optimizer step(s); returns what to log."""
         raise NotImplementedError
+
+    def nonfinite(self, *values: torch.Tensor) -> bool:
+        """Whether any of ``values`` (losses, a gradient norm) is NaN/inf on any rank. The step then
+        skips its batch on every rank alike (no backward or optimizer step, gradients zeroed), so
+        DDP replicas stay in step, and returns ``{NONFINITE: 1.0}``: the loop counts these and
+        stops after ``train.max_nonfinite`` in a row. A collective: every rank must call it."""
+        bad = torch.tensor([0.0 if all(bool(torch.isfinite(v).all()) for v in values) else 1.0],
+                           device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        return bool(bad.item() > 0)
 
     def after_step(self, step: int, tracker) -> None:
         """Periodic extras after an optimizer step (e.g. a GAN's sample grid)."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 
 from deepfake_dist.data.loader import clip_frames, eval_loader
 from deepfake_dist.data.video import video_settings
 from deepfake_dist.errors import UserError
 from deepfake_dist.models import MODELS, create_model
 from deepfake_dist.predictions import predict
-from deepfake_dist.tasks import TASKS, Task
+from deepfake_dist.tasks import NONFINITE, TASKS, Task
 from deepfake_dist.train.metrics import binary_metrics
 from deepfake_dist.train.optim import build_optimizer, build_scheduler
 
@@ -46,14 +47,26 @@ class DetectorTask(Task):
         self.model.train()
         with self.accelerator.accumulate(self.model):
             loss, logs = self.loss(batch)
+            if self.nonfinite(loss):
+                return self._skip()
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and self.cfg.train.grad_clip:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+                norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+                # inf gradients under fp16 are the GradScaler's (or DeepSpeed's loss scaler's) to
+                # handle: it skips the step itself. Without one they would reach the weights; DDP has
+                # made the norm equal on all ranks, so they all skip.
+                if norm is not None and self.accelerator.scaler is None and not torch.isfinite(norm) \
+                        and self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+                    return self._skip()
             self.opt.step()
             if self.accelerator.sync_gradients:
                 self.sched.step()
             self.opt.zero_grad(set_to_none=True)
         return {"loss": loss.detach().item(), **logs, "lr": self.sched.get_last_lr()[0]}
+
+    def _skip(self) -> dict[str, float]:
+        self.opt.zero_grad(set_to_none=True)
+        return {NONFINITE: 1.0, "lr": self.sched.get_last_lr()[0]}
 
     def validate(self) -> dict[str, float]:
         cfg = self.cfg

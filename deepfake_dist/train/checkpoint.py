@@ -3,27 +3,46 @@
 A checkpoint is written by every rank into ``checkpoints/.tmp-step-N`` and renamed to
 ``checkpoints/step-N`` by the main process once all ranks are done, so a folder named
 ``step-N`` is always complete: a kill mid-write leaves only a ``.tmp-`` folder, which resume
-ignores. The loop's own counters go in ``trainer_state.json`` (JSON, not a pickle).
+ignores (and removes). The loop's own counters go in ``trainer_state.json`` (JSON, not a
+pickle), and ``checksums.json`` holds the sha256 of every file, so a checkpoint truncated or
+changed since is noticed before it is loaded: ``resume: auto`` then falls back to the previous
+one and says so. Nothing in a checkpoint is unpickled before ``torch.load(weights_only=True)``
+has accepted it (DeepSpeed itself loads its files with ``weights_only=False``). A write that runs
+out of space removes its ``.tmp-`` folder and stops with one line; older checkpoints stay.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
+from accelerate.utils import load as safe_torch_load  # weights_only=True plus numpy arrays (RNG states)
+from rich.markup import escape
 from safetensors.torch import load_file, save_file
 
-from deepfake_dist.errors import UserError
+from deepfake_dist.data.manifest import file_sha256
+from deepfake_dist.errors import UserError, disk_full, disk_full_error
+from deepfake_dist.models.pretrained import pickled_global
+from deepfake_dist.train.tracking import console
 
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "task_state.safetensors"
+CHECKSUMS_FILE = "checksums.json"
+PICKLED = (".bin", ".pkl", ".pt", ".pth", ".ckpt")  # what accelerate and DeepSpeed write with torch.save
+# Test hook (fault injection): seconds to wait before a written checkpoint is published, so a
+# test can kill the job while the checkpoint is still a .tmp- folder.
+FAULT_DELAY_ENV = "DEEPFAKE_DIST_FAULT_CHECKPOINT_DELAY"
 _STEP = re.compile(r"^step-(\d+)$")
+_TMP = ".tmp-step-"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -44,17 +63,28 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep_l
     """Save the full training state on all ranks (DeepSpeed needs every rank), then publish it."""
     folder = checkpoint_dir(run_dir)
     final = folder / f"step-{state['step']}"
-    tmp = folder / f".tmp-step-{state['step']}"
-    if accelerator.is_main_process:
+    tmp = folder / f"{_TMP}{state['step']}"
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if tensors:
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
+            write_json_atomic(tmp / STATE_FILE, state)
+            write_json_atomic(tmp / CHECKSUMS_FILE, checksums(tmp))
+    except Exception as err:
+        if not disk_full(err):
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+        previous = complete_checkpoints(run_dir)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise disk_full_error(f"checkpoint {tmp}", folder, err, f"{kept}; free space and rerun to resume") from None
     if accelerator.is_main_process:
-        if tensors:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
-        write_json_atomic(tmp / STATE_FILE, state)
+        time.sleep(float(os.environ.get(FAULT_DELAY_ENV, "0")))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -64,21 +94,99 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep_l
     return final
 
 
-def find_resume(accelerator: Accelerator, run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from, chosen on rank 0 and broadcast so all ranks load the same."""
+def checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (DeepSpeed writes subfolders), by relative path."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE)
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in files}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` must not be loaded, or None: a file missing, truncated or
+    changed since it was written, or a torch.save file that holds more than tensors (code)."""
+    try:
+        sums = json.loads((path / CHECKSUMS_FILE).read_text())
+    except FileNotFoundError:
+        return f"it has no {CHECKSUMS_FILE}"
+    except (OSError, ValueError):
+        sums = None
+    if not isinstance(sums, dict):
+        return f"{CHECKSUMS_FILE} is unreadable"
+    for name, digest in sums.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file_sha256(file) != digest:
+            return f"{name} does not match its sha256 in {CHECKSUMS_FILE} (truncated or changed)"
+    for file in sorted(p for p in path.rglob("*") if p.suffix in PICKLED and p.is_file()):
+        try:
+            with torch.serialization.safe_globals(_deepspeed_globals()):
+                safe_torch_load(file, map_location="cpu")
+        except pickle.UnpicklingError as err:
+            found = pickled_global(err)
+            what = f"holds pickled Python objects ({found}), not only tensors" if found else "is not a torch.save file"
+            return f"{file.relative_to(path)} {what}; refusing to load it"
+        except Exception as err:  # noqa: BLE001 - any other failure to read: damaged
+            return f"{file.relative_to(path)} cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
+    return None
+
+
+def _deepspeed_globals() -> list:
+    """The plain-data classes DeepSpeed pickles into its checkpoints (a loss scaler's numbers, the
+    ZeRO stage enum), allowed so that ``weights_only=True`` can vet its files. Only when this
+    process runs DeepSpeed (it is imported then); its files cannot be resumed without it anyway."""
+    if "deepspeed" not in sys.modules:
+        return []
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _choose_resume(run_dir: Path, resume: str) -> str | None:
+    """Rank 0: remove half-written checkpoints, then pick and check the one to resume from."""
+    for tmp in sorted(checkpoint_dir(run_dir).glob(f"{_TMP}*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        console.print(f"removed the half-written checkpoint {escape(str(tmp))} (its write was interrupted)")
     if resume == "none":
         return None
-    choice = [None]
+    if resume != "auto":
+        if not (Path(resume) / STATE_FILE).is_file():
+            raise UserError(f"checkpoint.resume: '{resume}' is not a complete checkpoint folder (no {STATE_FILE})")
+        problem = checkpoint_problem(Path(resume))
+        if problem:
+            raise UserError(f"checkpoint.resume: {resume} is damaged: {problem}; choose another checkpoint "
+                            "folder, or checkpoint.resume: auto")
+        return resume
+    damaged = []
+    for found in reversed(complete_checkpoints(run_dir)):
+        problem = checkpoint_problem(found)
+        if problem is None:
+            if damaged:
+                console.print(f"falling back to the previous complete checkpoint {escape(str(found))}")
+            return str(found)
+        damaged.append(f"{found.name}: {problem}")
+        console.print(f"[yellow]warning:[/yellow] checkpoint {escape(str(found))} is damaged: {escape(problem)}")
+    if damaged:
+        raise UserError(f"no intact checkpoint to resume from in {checkpoint_dir(run_dir)} ({'; '.join(damaged)}); "
+                        "move that folder away to start afresh, or set checkpoint.resume: none")
+    return None
+
+
+def find_resume(accelerator: Accelerator, run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: chosen and checked on rank 0 (``auto`` skips damaged ones,
+    saying which file of which checkpoint is wrong), then broadcast so all ranks load the same one
+    or all raise the same error."""
+    choice = [None, None]  # path, error
     if accelerator.is_main_process:
-        if resume == "auto":
-            found = complete_checkpoints(run_dir)
-            choice = [str(found[-1]) if found else None]
-        else:
-            if not (Path(resume) / STATE_FILE).is_file():
-                raise UserError(f"checkpoint.resume: '{resume}' is not a complete checkpoint folder (no {STATE_FILE})")
-            choice = [resume]
+        try:
+            choice[0] = _choose_resume(run_dir, resume)
+        except UserError as err:
+            choice[1] = str(err)
     if accelerator.num_processes > 1:
         broadcast_object_list(choice, from_process=0)
+    if choice[1]:
+        raise UserError(choice[1])
     return Path(choice[0]) if choice[0] else None
 
 

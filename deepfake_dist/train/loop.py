@@ -3,6 +3,12 @@
 It owns what all tasks share: the data stream, epochs and steps, throughput accounting,
 validation and best-model export (validation split only), checkpoints and ``resume: auto``,
 early stopping, and a clean checkpoint-and-exit on SIGTERM / SIGUSR1 (preemption).
+
+And the faults a long run meets: unreadable data the loader skipped (counted over all ranks
+as ``train/skipped_samples`` and ``train/unreadable_shards``), batches whose loss was NaN/inf
+(skipped by the task on every rank, counted as ``train/nonfinite_steps``; ``train.max_nonfinite``
+in a row stop the run with a checkpoint). Everything that can be refused up front (config, data,
+model) is refused before the run folder is created.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from accelerate.utils import gather_object, set_seed
 from deepfake_dist import __version__
 from deepfake_dist.config import Config, to_dict
 from deepfake_dist.data.loader import manifest_ids, resolve_channels, train_loader
-from deepfake_dist.tasks import task_class
+from deepfake_dist.data.manifest import shard_urls
+from deepfake_dist.errors import UserError
+from deepfake_dist.tasks import NONFINITE, task_class
 from deepfake_dist.train.checkpoint import (
     export_model,
     find_resume,
@@ -47,6 +55,29 @@ class _StopRequest:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0) if accelerator.num_processes > 1 else self.asked
 
 
+class _FaultCounts:
+    """Problems each rank's loader met since the last sync; ``sync`` (a collective) adds every
+    rank's to the run's totals in ``state``."""
+
+    KEYS = ("skipped_samples", "unreadable_shards")
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.local = dict.fromkeys(self.KEYS, 0)
+
+    def add(self, problems) -> None:
+        for problem in problems:
+            self.local["skipped_samples" if problem.sample else "unreadable_shards"] += 1
+
+    def sync(self, state: dict) -> None:
+        counts = torch.tensor([self.local[k] for k in self.KEYS], dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        for key, value in zip(self.KEYS, counts.tolist()):
+            state[key] += int(value)
+        self.local = dict.fromkeys(self.KEYS, 0)
+
+
 def _improved(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
@@ -57,23 +88,27 @@ def train(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg, engines=make_task.engines)
     set_seed(cfg.seed)
     run_dir = cfg.run_dir
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    accelerator.wait_for_everyone()
 
     channels = resolve_channels(cfg.data, cfg.data.train)
     task = make_task(cfg, accelerator, channels)
     loader, stream = train_loader(cfg.data, channels, accelerator.process_index, accelerator.num_processes, cfg.seed)
+    for shard_set in cfg.data.val or cfg.data.train:  # validation refuses a missing shard: now, not after an epoch
+        shard_urls(shard_set, cfg.data.val_split)
+    if accelerator.is_main_process:  # the run folder only once nothing more can be refused up front
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    accelerator.wait_for_everyone()
     batches_per_epoch = stream.batches_per_worker * max(cfg.data.num_workers, 1)
     steps_per_epoch = max(batches_per_epoch // cfg.train.grad_accum, 1)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     task.set_total_steps(total_steps)
 
-    state = {"epoch": 0, "step": 0, "batch": 0, "best": None, "best_step": None, "stale_epochs": 0}
+    state = {"epoch": 0, "step": 0, "batch": 0, "best": None, "best_step": None, "stale_epochs": 0,
+             "skipped_samples": 0, "unreadable_shards": 0, "nonfinite_steps": 0}
     resume = find_resume(accelerator, run_dir, cfg.checkpoint.resume)
     if resume is not None:
-        state, tensors = load_checkpoint(accelerator, resume)
+        loaded, tensors = load_checkpoint(accelerator, resume)
+        state.update(loaded)
         task.load_state_tensors(tensors)
         if accelerator.is_main_process:
             console.print(f"resuming from {resume} (epoch {state['epoch']}, step {state['step']})")
@@ -93,8 +128,12 @@ def train(cfg: Config) -> dict:
         "package_version": __version__,
     }
 
+    faults = _FaultCounts(accelerator)
+    nonfinite_run = 0  # batches in a row skipped for a non-finite loss
+
     def checkpoint():
-        save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep_last, task.state_tensors())
+        faults.sync(state)
+        return save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep_last, task.state_tensors())
 
     finished = state["step"] >= total_steps
     stopped_early = False
@@ -107,6 +146,7 @@ def train(cfg: Config) -> dict:
             if index < state["batch"]:  # replay to the resume point of this epoch
                 tick = time.perf_counter()
                 continue
+            faults.add(batch.problems)
             batch = batch.to(accelerator.device)
             started = time.perf_counter()
             wait += started - tick
@@ -115,13 +155,24 @@ def train(cfg: Config) -> dict:
             compute += tick - started
             seen += len(batch)
             state["batch"] = index + 1
+            nonfinite_run = nonfinite_run + 1 if logs.pop(NONFINITE, 0) else 0
+            state["nonfinite_steps"] += bool(nonfinite_run)
+            if nonfinite_run >= cfg.train.max_nonfinite:
+                saved = checkpoint()
+                tracker.close({"stopped at step": state["step"], "nonfinite steps": state["nonfinite_steps"]})
+                raise UserError(
+                    f"stopped: the loss was NaN or inf in {nonfinite_run} batches in a row (each skipped; "
+                    f"train.max_nonfinite is {cfg.train.max_nonfinite}); checkpoint written at {saved}; lower "
+                    "optim.lr, set train.grad_clip or check the data, then rerun to resume")
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1
             if state["step"] % cfg.train.log_every == 0 or state["step"] == total_steps:
                 rate = seen / max(wait + compute, 1e-9)
+                faults.sync(state)
                 logs.update({"images_per_s": rate * accelerator.num_processes, "images_per_s_per_rank": rate,
-                             "data_wait_frac": wait / max(wait + compute, 1e-9), "epoch": state["epoch"]})
+                             "data_wait_frac": wait / max(wait + compute, 1e-9), "epoch": state["epoch"],
+                             **{k: state[k] for k in (*_FaultCounts.KEYS, "nonfinite_steps")}})
                 tracker.log({f"train/{k}": v for k, v in logs.items()}, state["step"])
                 tracker.advance(state["step"], state["epoch"], {k: logs[k] for k in ("loss", "lr") if k in logs})
             task.after_step(state["step"], tracker)
@@ -157,9 +208,13 @@ def train(cfg: Config) -> dict:
             break
 
     digests = rank_digests(accelerator, task.replicated_modules())
+    faults.sync(state)
     summary = {"run": str(run_dir), "epochs": state["epoch"], "steps": state["step"],
                f"best {cfg.train.monitor}": state["best"], "best step": state["best_step"],
-               "early stopped": stopped_early, "ranks agree": len(set(digests)) == 1}
+               "early stopped": stopped_early, "ranks agree": len(set(digests)) == 1,
+               "skipped samples": state["skipped_samples"], "unreadable shards": state["unreadable_shards"],
+               "nonfinite steps": state["nonfinite_steps"],
+               **({"missing shards": stream.missing} if stream.missing else {})}
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "summary.json", {**summary, "rank_digests": digests})
     tracker.close(summary)
