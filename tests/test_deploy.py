@@ -8,9 +8,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from deploy_setup import one_thread
+from torch import nn
 
 from deepfake_dist.cli import main
 from deepfake_dist.deploy.prune import parameter_counts, prunable, prune_model, sparsity
