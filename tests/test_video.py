@@ -31,10 +31,10 @@ from deepfake_dist.predictions import Predictions
 from deepfake_dist.train.loop import train
 
 cv2 = pytest.importorskip("cv2", reason="videos need the video extra (opencv-python-headless<5)")
-from video_data import level, write_video, write_video_folder  # noqa: E402 - needs cv2
+from video_data import level, write_video, write_video_folder  # after the skip: it imports cv2
 
 ROOT = Path(__file__).resolve().parent.parent
-CLIP = dict(frames=4, clips_per_video=3, frame_step=2, margin=0.5)  # 24-frame videos: 3 clips each
+CLIP = {"frames": 4, "clips_per_video": 3, "frame_step": 2, "margin": 0.5}  # 24-frame videos: 3 clips each
 
 
 def _samples(set_dir: Path) -> dict[str, list[dict]]:
@@ -81,7 +81,7 @@ def test_clips_are_sampled_every_nth_frame_or_uniformly():
     uniform = VideoOptions(frames=4, clips_per_video=3, sampling="uniform")
     assert clip_indices(24, uniform) == [[1, 3, 5, 7], [9, 11, 13, 15], [17, 19, 21, 23]]
     assert clip_indices(10, uniform) == [[0, 1, 3, 4], [5, 6, 8, 9]]
-    for bad in (dict(frames=0), dict(sampling="random"), dict(margin=-1), dict(face_model="/nonexistent.onnx")):
+    for bad in ({"frames": 0}, {"sampling": "random"}, {"margin": -1}, {"face_model": "/nonexistent.onnx"}):
         with pytest.raises(UserError, match="--" + next(iter(bad)).replace("_", "-")):
             VideoOptions(**bad)
 
@@ -188,9 +188,9 @@ def test_dnn_face_model_from_a_local_file(videos, tmp_path):
 
     (tmp_path / "bad.onnx").write_bytes(b"not a network")
     with pytest.raises(UserError, match="--face-model .*bad.onnx"):
-        prepare(f"videos:{listing}", tmp_path / "bad", options=dict(face_model=str(tmp_path / "bad.onnx")))
+        prepare(f"videos:{listing}", tmp_path / "bad", options={"face_model": str(tmp_path / "bad.onnx")})
     with pytest.raises(UserError, match="--frames: only for videos"):
-        prepare(f"folder:{videos}", tmp_path / "folder", options=dict(frames=4))
+        prepare(f"folder:{videos}", tmp_path / "folder", options={"frames": 4})
 
 
 # ----------------------------------------------------------------------------- loader, models
@@ -320,7 +320,7 @@ def test_temporal_trains_under_two_gloo_processes(clip_set, tmp_path):
         "model.backbone_args={width: 8}", "model.hidden=16", "data.resolution=32", "data.batch_size=2",
         "data.num_workers=0", "train.epochs=1", "train.max_steps=3", "sched.warmup_steps=1", "wandb.mode=disabled")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "runs/temporal/summary.json").read_text())
     assert summary["steps"] == 3 and len(summary["rank_digests"]) == 2 and summary["ranks agree"]

@@ -100,8 +100,8 @@ def blocks(summary: dict) -> list:
         if "video" in run:
             video = run["video"]
             out += [("h3", "Video level"),
-                    ("p", f"{video['videos']} videos; a video's probability of fake is the {video['aggregate']} of its "
-                          f"samples' (clips or frames); its threshold is chosen on the {val_split} videos."),
+                    ("p", (f"{video['videos']} videos; a video's probability of fake is the {video['aggregate']} of "
+                           f"its samples' (clips or frames); its threshold is chosen on the {val_split} videos.")),
                     ("table", *_metrics_table(video["metrics"], val_split))]
         out += [("h3", "Per source"), ("table", *_sources_table(run["sources"]))]
         cal_rows = [["expected calibration error (test, as trained)", _f(cal["ece"])]]
