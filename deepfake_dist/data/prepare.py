@@ -33,6 +33,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -48,7 +49,7 @@ from deepfake_dist.data.manifest import (
     manifest_id,
 )
 from deepfake_dist.data.sources import LABEL_NAMES, SPLITS, Expanded, Item, Sample, open_source
-from deepfake_dist.errors import UserError
+from deepfake_dist.errors import UserError, disk_full, disk_full_error
 
 TMP_DIR = ".tmp"
 TAR_MTIME = 0  # fixed member mtimes: same inputs + settings -> same shard bytes
@@ -296,6 +297,22 @@ def _clear_output(out: Path) -> None:
             path.unlink()
 
 
+@contextmanager
+def out_of_space(out: Path):
+    """A write into the set refused for lack of space (a full disk, a quota, a file-size limit)
+    becomes one line naming ``out``, after what the failed write left there (shards, ``.tmp``, a
+    partial manifest) is removed: nothing half-written is left looking like a finished set."""
+    try:
+        yield
+    except Exception as err:
+        if not disk_full(err):
+            raise
+        with suppress(OSError):
+            _clear_output(out)
+        raise disk_full_error(f"shard set {out}", out, err,
+                              "nothing was kept (no manifest.json, no shards); free space and rerun") from None
+
+
 def _finalize(out: Path, n_units: int, settings: dict[str, Any], pre_skipped: list[dict[str, str]]) -> dict[str, Any]:
     """Main process: gather the units' reports, rename shards contiguously, write the manifest."""
     tmp = out / TMP_DIR
@@ -433,11 +450,13 @@ def prepare(
     plans = plan_shards(src.items, fractions, seed, shard_size)
     n_units = state.num_processes * workers
     runs = split_units(plans, n_units)
-    tmp = begin_set(state, out)
+    with out_of_space(out):
+        tmp = begin_set(state, out)
 
     mine = range(state.process_index * workers, (state.process_index + 1) * workers)
     jobs = [UnitJob(u, str(tmp / f"unit-{u}"), runs[u], mode, resolution, fmt, quality) for u in mine]
-    run_units(jobs, workers, progress and state.is_main_process)
+    with out_of_space(out):
+        run_units(jobs, workers, progress and state.is_main_process)
 
     settings = None
     if state.is_main_process:
@@ -466,7 +485,8 @@ def prepare(
                 workers, state.num_processes),
             "_inputs": len(src.items) + len(src.skipped),
         }
-    return finish_set(state, out, n_units, settings, src.skipped)
+    with out_of_space(out):
+        return finish_set(state, out, n_units, settings, src.skipped)
 
 
 def created_info(command: str, workers: int, world_size: int) -> dict[str, Any]:
