@@ -35,7 +35,7 @@ def _test_auroc(run, shards) -> float:
     from deepfake_dist.exported import load_exported
     from deepfake_dist.train.metrics import binary_metrics
 
-    model, info = load_exported(run)
+    model, _ = load_exported(run)
     cfg = detector_config(shards, run.parent, "eval")
     scores, labels = score(model, eval_loader(cfg.data, [str(shards)], "test", 1, 0, 1))
     return binary_metrics(scores, labels)["auroc"]

@@ -229,3 +229,11 @@ def test_onnx_backend_gives_the_pytorch_answers(deploy_run, deploy_shards, tmp_p
         r = _detect(onnx_url, *images[0], explain="true")  # no safetensors next to the .onnx file
         assert r.status_code == 400 and "safetensors" in r.json()["detail"]
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_serve_cli_refuses_what_it_cannot_serve(tmp_path, deploy_run, capsys):
+    from deepfake_dist.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert main(["serve", "--checkpoint", str(deploy_run), "--onnx"]) == 2  # no model.onnx exported there
+    assert "deepfake-dist export" in capsys.readouterr().err
