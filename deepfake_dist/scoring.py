@@ -86,7 +86,7 @@ def video_inputs(scorer: Scorer, path: Path, frames: int = 16) -> tuple[torch.Te
     if clip_len:
         opts = options_from_settings(scorer.info.get("video"), frames=int(clip_len), frame_level=False)
     else:
-        opts = options_from_settings(scorer.info.get("video"), frames=frames, clips_per_video=1,
+        opts = options_from_settings(scorer.info.get("video"), frames=1, clips_per_video=frames,  # one face per frame
                                      sampling="uniform", frame_level=True)
     faces = video_faces(str(path), opts)
     samples = cut_samples(faces, opts).samples

@@ -18,8 +18,13 @@ FACE = 56  # pasted face square, pixels
 
 
 def level(index: int) -> int:
-    """Background grey level of frame ``index`` (distinct for 0..23)."""
-    return 20 + 9 * index
+    """Background grey level of frame ``index`` (distinct for 0..23, then it repeats)."""
+    return 20 + 9 * (index % 24)
+
+
+def _phase(index: int) -> int:
+    """0, 1, ..., 23, 22, ..., 1, 0, 1, ...: the face drifts back and forth in longer videos."""
+    return min(index % 46, 46 - index % 46)
 
 
 @lru_cache(maxsize=1)
@@ -35,7 +40,7 @@ def write_video(path: Path, frames: int = 24, fake: bool = False, face: bool = T
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = size
-    scale = w / SIZE[0]
+    scale = min(w / SIZE[0], h / SIZE[1])
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
     assert writer.isOpened(), f"OpenCV cannot write {path}"
     x0, y0 = (30 + rng.integers(0, 6)) * scale, (26 + rng.integers(0, 4)) * scale
@@ -50,7 +55,7 @@ def write_video(path: Path, frames: int = 24, fake: bool = False, face: bool = T
                 shifted = np.roll(base, shift=(int(rng.integers(-2, 3)), int(rng.integers(-2, 3))), axis=(0, 1))
                 alpha = 0.3 + 0.2 * rng.random()
                 patch = (1 - alpha) * base + alpha * shifted + rng.normal(0, 10, base.shape)
-            x, y = int(x0 + dx * i), int(y0 + dy * i)
+            x, y = int(x0 + dx * _phase(i)), int(y0 + dy * _phase(i))
             frame[y : y + side, x : x + side] = np.clip(patch, 0, 255).astype(np.uint8)
         writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     writer.release()
