@@ -102,11 +102,12 @@ def _weights_sha(checkpoint: str, name: str) -> str:
 
 @STAGES.register("prepare")
 class PrepareStage(Stage):
-    """``data.prepare.prepare`` into ``out``."""
+    """``data.prepare.prepare`` into ``out``; ``options``: the source kind's own (``videos:``:
+    frames, clips_per_video, sampling, frame_step, margin, face_model, frame_level)."""
 
     required = ("source", "out")
     optional: ClassVar[dict[str, Any]] = {"resolution": 64, "format": "png", "shard_size": 1000, "split": [0.8, 0.1, 0.1], "workers": 1,
-                "label": None, "seed": 0, "quality": 95}
+                "label": None, "seed": 0, "quality": 95, "options": {}}
 
     def outputs(self) -> list[Path]:
         return [Path(self.spec["out"]) / "manifest.json"]
@@ -120,7 +121,7 @@ class PrepareStage(Stage):
         s = self.spec
         manifest = prepare(s["source"], s["out"], resolution=s["resolution"], fmt=s["format"],
                            shard_size=s["shard_size"], split=s["split"], workers=s["workers"], label=s["label"],
-                           seed=s["seed"], quality=s["quality"], overwrite=True, progress=True)
+                           seed=s["seed"], quality=s["quality"], overwrite=True, progress=True, options=s["options"])
         return {"written": [str(s["out"])], "id": manifest["id"], "counts": manifest["counts"]}
 
 
