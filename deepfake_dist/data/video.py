@@ -58,7 +58,8 @@ HAAR_CASCADE = "haarcascade_frontalface_default.xml"
 TRACK_IOU = 0.2  # a detection joins a track when it overlaps the track's last box this much
 MIN_DETECTED = 0.5  # a clip needs its own face detection on this fraction of its frames
 SMOOTH = 3  # moving-average window over a clip's boxes (frames)
-DETECT_MAX_SIDE = 480  # frames are downscaled to this for detection (boxes scaled back): 3x faster than 720p
+DETECT_MAX_SIDE = 480  # frames are downscaled to this for detection (boxes scaled back): Haar's cost grows with pixels
+HAAR_PARAMS = {"scaleFactor": 1.1, "minNeighbors": 5, "minSize": (24, 24)}  # at DETECT_MAX_SIDE
 DNN_INPUT, DNN_MEAN, DNN_CONFIDENCE = 300, (104.0, 177.0, 123.0), 0.5  # OpenCV's res10 SSD face detector
 
 Box = tuple[float, float, float, float]  # x, y, w, h in frame pixels
@@ -104,7 +105,7 @@ class VideoOptions:
 
         out = {k: v for k, v in asdict(self).items() if k not in ("face_model", "face_config")}
         if self.face_model is None:
-            out["face_detector"] = {"kind": "haar", "cascade": HAAR_CASCADE, "opencv": _cv2().__version__}
+            out["face_detector"] = {"kind": "haar", "cascade": HAAR_CASCADE, **HAAR_PARAMS, "opencv": _cv2().__version__}
         else:
             out["face_detector"] = {
                 "kind": "dnn", "model": str(self.face_model), "model_sha256": file_sha256(Path(self.face_model).expanduser()),
@@ -230,7 +231,7 @@ class HaarFaces:
     def __call__(self, rgb: np.ndarray) -> list[Box]:
         cv2 = _cv2()
         grey, scale = _detection_image(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
-        found = self.cascade.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
+        found = self.cascade.detectMultiScale(grey, **HAAR_PARAMS)
         return [tuple(float(v) / scale for v in box) for box in found]
 
 
