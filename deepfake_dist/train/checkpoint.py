@@ -147,7 +147,8 @@ def _choose_resume(run_dir: Path, resume: str) -> str | None:
     """Rank 0: remove half-written checkpoints, then pick and check the one to resume from."""
     for tmp in sorted(checkpoint_dir(run_dir).glob(f"{_TMP}*")):
         shutil.rmtree(tmp, ignore_errors=True)
-        console.print(f"removed the half-written checkpoint {escape(str(tmp))} (its write was interrupted)")
+        console.print(f"removed the half-written checkpoint {escape(str(tmp))} (its write was interrupted)",
+                      soft_wrap=True)
     if resume == "none":
         return None
     if resume != "auto":
@@ -163,10 +164,12 @@ def _choose_resume(run_dir: Path, resume: str) -> str | None:
         problem = checkpoint_problem(found)
         if problem is None:
             if damaged:
-                console.print(f"falling back to the previous complete checkpoint {escape(str(found))}")
+                console.print(f"falling back to the previous complete checkpoint {escape(str(found))}",
+                              soft_wrap=True)
             return str(found)
         damaged.append(f"{found.name}: {problem}")
-        console.print(f"[yellow]warning:[/yellow] checkpoint {escape(str(found))} is damaged: {escape(problem)}")
+        console.print(f"[yellow]warning:[/yellow] checkpoint {escape(str(found))} is damaged: {escape(problem)}",
+                      soft_wrap=True)
     if damaged:
         raise UserError(f"no intact checkpoint to resume from in {checkpoint_dir(run_dir)} ({'; '.join(damaged)}); "
                         "move that folder away to start afresh, or set checkpoint.resume: none")

@@ -1,0 +1,33 @@
+"""Ways the fault-injection suite damages files: cut short, overwritten, replaced by a pickle
+that runs code when unpickled."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def truncate(path: Path, fraction: float = 0.5) -> None:
+    """Cut a file short, as a copy interrupted half way would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def corrupt_image(shard: Path, index: int = 0) -> str:
+    """Replace the image bytes of the ``index``-th sample of a shard with garbage (the tar stays
+    valid); returns that sample's key."""
+    with tarfile.open(shard) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
+    images = [info for info, _ in members if info.name.endswith((".png", ".jpg"))]
+    key = images[index].name.rsplit(".", 1)[0]
+    with tarfile.open(shard, "w") as tar:
+        for info, data in members:
+            if info is images[index]:
+                data = b"\xff\xd8\xff\xe0 this is not a JPEG " * 8
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return key
