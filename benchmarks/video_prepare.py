@@ -4,7 +4,8 @@ Writes synthetic mp4 videos (a real face moving over a background, ``tests/video
 chosen size and length, then times ``prepare`` with the default video options (clips of 8 frames,
 every 2nd frame, 4 clips per video, Haar face detection) for each ``--workers`` value. Reports
 videos/s, decoded frames/s (every frame up to the last sampled one is decoded) and face-cropped
-frames/s (the frames that go into the shards).
+frames/s (the frames that go into the shards), per wall-clock second and per CPU second (the
+latter hardly moves when other jobs share the machine).
 
     python benchmarks/video_prepare.py --videos 16 --size 640x360 --frames 300 --workers 1 2
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -24,6 +26,12 @@ from video_data import write_video  # noqa: E402 - from the tests folder, added 
 
 from deepfake_dist.data.prepare import prepare  # noqa: E402
 from deepfake_dist.data.video import VideoOptions, clip_indices  # noqa: E402
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the spawned workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def main() -> None:
@@ -46,14 +54,15 @@ def main() -> None:
                         seed=i, size=(width, height), fps=30.0)
         results = []
         for workers in args.workers:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _cpu_seconds()
             manifest = prepare(f"videos:{root}", Path(tmp) / f"out-{workers}", resolution=args.resolution,
                                workers=workers, overwrite=True)
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
             clips_written = sum(manifest["counts"][s]["total"] for s in ("train", "val", "test"))
             results.append({"workers": workers, "seconds": round(seconds, 2), "videos_per_s": round(args.videos / seconds, 2),
                             "decoded_frames_per_s": round(decoded / seconds, 1),
-                            "cropped_frames_per_s": round(cropped / seconds, 1), "clips": clips_written,
+                            "cropped_frames_per_s": round(cropped / seconds, 1), "cpu_seconds": round(cpu, 2),
+                            "cropped_frames_per_cpu_s": round(cropped / cpu, 1), "clips": clips_written,
                             "skipped": len(manifest["skipped"])})
     print(json.dumps({"videos": args.videos, "size": args.size, "frames_per_video": args.frames,
                       "options": {"frames": opts.frames, "clips_per_video": opts.clips_per_video,
