@@ -24,7 +24,7 @@ from deepfake_dist.data.video import VIDEO_EXTENSIONS, cut_samples, is_video_fil
 from deepfake_dist.errors import UserError
 from deepfake_dist.evaluation.video import aggregate_scores
 from deepfake_dist.exported import load_exported
-from deepfake_dist.inference import model_input
+from deepfake_dist.inference import in_channels, model_input
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Scorer:
     """An exported detector and what is needed to feed it files."""
 
     model: torch.nn.Module
-    info: dict  # the model's JSON, plus ``in_channels``
+    info: dict  # the model's JSON
 
     @property
     def threshold(self) -> float:
@@ -57,7 +57,6 @@ def load_scorer(checkpoint: str | Path) -> Scorer:
     if info.get("kind") != "detector":
         raise UserError(f"{checkpoint}: holds a {info.get('kind', 'unknown')} model, not a detector; "
                         "pass a detector's run folder or model.safetensors")
-    info = {**info, "in_channels": int(info.get("build_args", {}).get("in_channels", info.get("in_channels", 3)))}
     return Scorer(model, info)
 
 
@@ -174,7 +173,7 @@ def explain_files(scorer: Scorer, paths: list[str | Path], out: str | Path, laye
         image = imageio.open_image(path)
         x = scorer.input(image)[None]
         heat = gradcam(scorer.model, x, name)[0]
-        face = imageio.preprocess(image, "L" if scorer.info["in_channels"] == 1 else "RGB", x.shape[-1])
+        face = imageio.preprocess(image, "L" if in_channels(scorer.info) == 1 else "RGB", x.shape[-1])
         target = out / (f"{path.stem}-gradcam.png" if stems.count(path.stem) == 1 else f"{i:03d}-{path.stem}-gradcam.png")
         overlay(face, heat).resize((size, size), Image.Resampling.BICUBIC).save(target)
         p = float(scorer.probabilities(x)[0])

@@ -27,6 +27,7 @@ from deepfake_dist.evaluation.robustness import PERTURBATIONS
 from deepfake_dist.evaluation.sources import per_source
 from deepfake_dist.evaluation.video import aggregate_scores, video_predictions
 from deepfake_dist.exported import load_exported, resolve
+from deepfake_dist.inference import in_channels
 from deepfake_dist.predictions import Predictions, predict
 from deepfake_dist.train.tracking import console
 
@@ -138,7 +139,7 @@ def _score_one(accelerator, checkpoint: str, run: str, data: list[str], split: s
     model, info = load_exported(checkpoint)
     if info.get("kind") != "detector":
         raise UserError(f"--checkpoint {checkpoint}: holds a {info.get('kind', 'unknown')} model; evaluate takes detectors")
-    channels = int(info.get("build_args", {}).get("in_channels", 3))
+    channels = in_channels(info)
     cfg = DataConfig(train=list(data), resolution=int(info["resolution"]), channels=channels, batch_size=batch_size,
                      num_workers=num_workers, normalize=info.get("normalize", "imagenet"))
     model.to(accelerator.device)
