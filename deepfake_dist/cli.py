@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from deepfake_dist import __version__
-from deepfake_dist.errors import UserError
+from deepfake_dist.errors import GroupFailure, UserError
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         err.print(f"[bold red]error:[/bold red] {escape(str(e))}")
         return 2
+    except GroupFailure as e:  # another rank died or stalled: one line naming it, not a traceback
+        err.print(f"[bold red]error:[/bold red] {escape(str(e))}")
+        return 1
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130

@@ -13,6 +13,11 @@ class UserError(Exception):
     """Bad input from the user: a config key, a path, a shard, a checkpoint."""
 
 
+class GroupFailure(RuntimeError):
+    """Another rank of a multi-process run died or stalled; the message names it (see
+    ``train.heartbeat``). The CLI prints it as one line and exits with status 1."""
+
+
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 # how the same failure reads when it comes through safetensors (Rust) or torch.save (C++ zip writer)
 _DISK_FULL_TEXT = re.compile(r"No space left|File too large|quota|os error (27|28|122)\b|file write failed|"

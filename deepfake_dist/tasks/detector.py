@@ -55,8 +55,8 @@ class DetectorTask(Task):
                 # inf gradients under fp16 are the GradScaler's (or DeepSpeed's loss scaler's) to
                 # handle: it skips the step itself. Without one they would reach the weights; DDP has
                 # made the norm equal on all ranks, so they all skip.
-                if norm is not None and self.accelerator.scaler is None and not torch.isfinite(norm) \
-                        and self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+                if self.accelerator.distributed_type != DistributedType.DEEPSPEED and norm is not None \
+                        and self.accelerator.scaler is None and not torch.isfinite(norm):  # DeepSpeed's norm: a float
                     return self._skip()
             self.opt.step()
             if self.accelerator.sync_gradients:

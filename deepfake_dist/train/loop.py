@@ -14,6 +14,7 @@ model) is refused before the run folder is created.
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import time
 from pathlib import Path
@@ -35,7 +36,13 @@ from deepfake_dist.train.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from deepfake_dist.train.runtime import make_accelerator
+from deepfake_dist.train.heartbeat import watch_ranks
+from deepfake_dist.train.runtime import (
+    broadcast_buffers,
+    cast_inputs_for_deepspeed,
+    launched_world_size,
+    make_accelerator,
+)
 from deepfake_dist.train.tracking import Tracker, console, start_trackers
 
 
@@ -83,7 +90,13 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
 
 
 def train(cfg: Config) -> dict:
-    """Train ``cfg`` to the end (or to a stop request); returns the final summary."""
+    """Train ``cfg`` to the end (or to a stop request); returns the final summary. When another
+    rank dies or stalls, this one raises a ``GroupFailure`` that names it (see ``heartbeat``)."""
+    with watch_ranks(int(os.environ.get("RANK", "0")), launched_world_size()):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> dict:
     make_task = task_class(cfg)
     accelerator = make_accelerator(cfg, engines=make_task.engines)
     set_seed(cfg.seed)
@@ -91,6 +104,8 @@ def train(cfg: Config) -> dict:
 
     channels = resolve_channels(cfg.data, cfg.data.train)
     task = make_task(cfg, accelerator, channels)
+    replicas = list(task.replicated_modules().values())
+    cast_inputs_for_deepspeed(accelerator, replicas)
     loader, stream = train_loader(cfg.data, channels, accelerator.process_index, accelerator.num_processes, cfg.seed)
     for shard_set in cfg.data.val or cfg.data.train:  # validation refuses a missing shard: now, not after an epoch
         shard_urls(shard_set, cfg.data.val_split)
@@ -151,6 +166,7 @@ def train(cfg: Config) -> dict:
             started = time.perf_counter()
             wait += started - tick
             logs = task.train_step(batch)
+            broadcast_buffers(accelerator, replicas)
             tick = time.perf_counter()
             compute += tick - started
             seen += len(batch)
@@ -174,7 +190,10 @@ def train(cfg: Config) -> dict:
                              "data_wait_frac": wait / max(wait + compute, 1e-9), "epoch": state["epoch"],
                              **{k: state[k] for k in (*_FaultCounts.KEYS, "nonfinite_steps")}})
                 tracker.log({f"train/{k}": v for k, v in logs.items()}, state["step"])
-                tracker.advance(state["step"], state["epoch"], {k: logs[k] for k in ("loss", "lr") if k in logs})
+                tracker.advance(state["step"], state["epoch"],
+                                {k: logs[k] for k in ("loss", "lr", "images_per_s") if k in logs})
+                wait = compute = 0.0  # each log covers the steps since the previous one
+                seen = 0
             task.after_step(state["step"], tracker)
             if cfg.checkpoint.every_steps and state["step"] % cfg.checkpoint.every_steps == 0:
                 checkpoint()
@@ -187,6 +206,7 @@ def train(cfg: Config) -> dict:
             if state["step"] >= total_steps:
                 finished = True
                 break
+            tick = time.perf_counter()  # logging and checkpoints are neither data wait nor compute
 
         metrics = task.validate()
         tracker.log({f"val/{k}": v for k, v in metrics.items()}, state["step"])
@@ -222,20 +242,15 @@ def train(cfg: Config) -> dict:
 
 
 def rank_digests(accelerator, modules: dict) -> list[str]:
-    """A hash of each rank's weights: replicas that drifted apart (a broken DDP setup) show up
-    as different hashes. Under ZeRO-3 each rank holds only a partition, so the gathered state
-    is hashed instead."""
+    """A hash of each rank's weights and buffers: replicas that drifted apart (a broken DDP
+    setup, BatchNorm statistics under DeepSpeed) show up as different hashes. Under ZeRO-3 a
+    rank's parameters are empty placeholders (its partition lives in the engine), so what is
+    compared there is the buffers, which every rank holds whole."""
     digest = hashlib.sha256()
     for name in sorted(modules):
-        state = accelerator.get_state_dict(modules[name]) if _zero3(accelerator) else \
-            accelerator.unwrap_model(modules[name]).state_dict()
+        state = accelerator.unwrap_model(modules[name]).state_dict()
         for key in sorted(state):
             digest.update(key.encode())
             digest.update(state[key].detach().float().cpu().numpy().tobytes())
     mine = [digest.hexdigest()]
     return gather_object(mine) if accelerator.num_processes > 1 else mine
-
-
-def _zero3(accelerator) -> bool:
-    plugin = accelerator.state.deepspeed_plugin
-    return plugin is not None and plugin.zero_stage == 3

@@ -7,14 +7,19 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
 from deepfake_dist.config import Config
+from deepfake_dist.errors import UserError
 from deepfake_dist.train.tracking import tracker_name
 
 
 def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_with_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def make_accelerator(cfg: Config, engines: tuple[str, ...] = (), **kwargs) -> Accelerator:
@@ -27,8 +32,8 @@ def make_accelerator(cfg: Config, engines: tuple[str, ...] = (), **kwargs) -> Ac
     launcher's DeepSpeed settings; the task selects one before preparing each model.
     """
     handlers, cpu = [], False
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if launched_world_size() > 1:
+    deepspeed = launched_with_deepspeed()
+    if launched_world_size() > 1 or deepspeed:
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             cpu = not deepspeed
@@ -46,7 +51,59 @@ def make_accelerator(cfg: Config, engines: tuple[str, ...] = (), **kwargs) -> Ac
         step_scheduler_with_optimizer=False,
         **kwargs,
     )
-    for plugin in (accelerator.state.deepspeed_plugins or {}).values():
-        # a WebLoader has no integer batch size for DeepSpeed to read
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    if accelerator.gradient_accumulation_steps != cfg.train.grad_accum:
+        raise UserError(f"the launcher's gradient_accumulation_steps ({accelerator.gradient_accumulation_steps}) "
+                        f"differs from train.grad_accum ({cfg.train.grad_accum}); remove it from the accelerate "
+                        "config / command line (deepfake_dist takes it from train.grad_accum)")
+    plugins = accelerator.state.deepspeed_plugins
+    for plugin in (plugins.values() if isinstance(plugins, dict) else [plugins] if plugins else []):
+        _fill_deepspeed_config(plugin.deepspeed_config, cfg, accelerator.mixed_precision)
     return accelerator
+
+
+def _fill_deepspeed_config(ds: dict, cfg: Config, precision: str) -> None:
+    """The DeepSpeed settings that belong to the experiment, not the launcher.
+
+    A WebLoader has no integer batch size for DeepSpeed to read, so the micro batch is
+    ``data.batch_size``; clipping left at "auto" is ``train.grad_clip`` (0: none); ZeRO-3 must
+    gather the full weights for the exported ``model.safetensors``. In bf16/fp16 DeepSpeed casts
+    the weights but keeps buffers in fp32, which BatchNorm refuses (weights and running
+    statistics must share a dtype), so buffers follow the weights unless the config says otherwise.
+    """
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    if precision in ("bf16", "fp16"):
+        ds.setdefault("data_types", {}).setdefault("buffer_dtype", precision)
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = float(cfg.train.grad_clip or 0.0)
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def broadcast_buffers(accelerator: Accelerator, modules) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics). DDP does this before each
+    forward; DeepSpeed does not, so without it each rank's statistics drift apart and the
+    validation, export and checkpoint (rank 0's) stop matching what the other ranks evaluate."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or accelerator.num_processes == 1:
+        return
+    for module in modules:
+        for buffer in accelerator.unwrap_model(module).buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def cast_inputs_for_deepspeed(accelerator: Accelerator, modules) -> None:
+    """Under DeepSpeed bf16/fp16 an engine holds half-precision weights and, unlike autocast,
+    needs half-precision inputs (DeepSpeed's fp16 ``auto_cast`` covers fp16 only): cast every
+    floating-point input of ``modules`` (the prepared engines) on its way in."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or accelerator.mixed_precision not in ("bf16", "fp16"):
+        return
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
+
+    def convert(value):
+        return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+    def cast(module, args, kwargs):
+        return tuple(convert(v) for v in args), {k: convert(v) for k, v in kwargs.items()}
+
+    for module in modules:
+        module.register_forward_pre_hook(cast, with_kwargs=True)
