@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ class ServedModel:
     def temperature(self) -> float:
         return float(self.info.get("temperature", 1.0))
 
-    @property
+    @cached_property
     def version(self) -> str:
         """Short content hash of the weights file: changes whenever the served weights do."""
         digest = hashlib.sha256()
