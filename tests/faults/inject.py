@@ -31,3 +31,28 @@ def corrupt_image(shard: Path, index: int = 0) -> str:
                 info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return key
+
+
+class _Payload:
+    """Unpickling this opens (creates) ``marker`` for writing: a stand-in for any code an
+    attacker's pickle would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def armed_pickle(path: Path, marker: Path) -> Path:
+    """Write a torch.save file at ``path`` that looks like a state dict but creates ``marker`` when
+    unpickled, and prove that it does (then remove the marker): a test that later finds no marker
+    shows the loader refused the file, not that the payload was a dud."""
+    import torch
+
+    proof = path.with_name(f"{path.name}.pickle")  # torch.load picks its reader by the file name
+    torch.save({"weight": torch.zeros(2), "bias": _Payload(marker)}, proof)
+    torch.load(proof, weights_only=False)  # the unsafe way, once, on purpose
+    assert marker.exists(), "the payload does not run; the test would prove nothing"
+    marker.unlink()
+    return proof.replace(path)
