@@ -1,0 +1,10 @@
+"""``deepfake-dist train`` with the ``nonfinite_probe`` model registered, for launched ranks."""
+
+import sys
+
+import probe_model  # noqa: F401 - registers nonfinite_probe
+
+from deepfake_dist.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,85 @@
+"""Fault 4, a non-finite loss: the batch is skipped on every rank (no optimizer update) and
+counted as ``train/nonfinite_steps``; ``train.max_nonfinite`` in a row stop the run with a
+checkpoint and one clear line. Overflowing gradients under fp16 are the GradScaler's business,
+not a fault; without a scaler they are skipped like a NaN loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import probe_model  # noqa: F401 - registers the nonfinite_probe model
+import pytest
+import torch
+from inject import ROOT, SMOKE
+from safetensors.torch import load_file
+
+from deepfake_dist.config import load_config
+from deepfake_dist.errors import UserError
+from deepfake_dist.train.checkpoint import STATE_FILE, complete_checkpoints
+from deepfake_dist.train.loop import train
+from deepfake_dist.train.tracking import read_jsonl
+
+PROBE = ["model.name=nonfinite_probe", "train.log_every=1"]
+
+
+def _optimizer_steps(checkpoint: Path) -> int:
+    state = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    return int(state["state"][0]["step"])
+
+
+def test_nonfinite_batches_are_skipped_and_counted(overrides):
+    cfg = load_config(SMOKE, overrides + PROBE + ["model.nan_at=[3, 4]", "model.inf_grad_at=[6]",
+                                                  "train.max_steps=8"])
+    summary = train(cfg)
+    assert summary["steps"] == 8 and summary["nonfinite steps"] == 3
+    final = complete_checkpoints(cfg.run_dir)[-1]
+    assert final.name == "step-8" and _optimizer_steps(final) == 5  # three updates never happened
+    assert all(torch.isfinite(t).all() for t in load_file(str(final / "model.safetensors")).values())
+    records = {r["step"]: r for r in read_jsonl(cfg.run_dir / "metrics.jsonl") if "train/lr" in r}
+    assert [s for s, r in sorted(records.items()) if "train/loss" not in r] == [3, 4, 6]
+    assert [records[s]["train/nonfinite_steps"] for s in (2, 3, 4, 5, 6, 8)] == [0, 1, 2, 2, 3, 3]
+
+
+def test_a_run_of_nonfinite_losses_stops_with_a_checkpoint(overrides):
+    cfg = load_config(SMOKE, overrides + PROBE + ["model.nan_at=[3, 4, 5, 6, 7, 8, 9, 10]", "train.max_nonfinite=3"])
+    with pytest.raises(UserError) as info:
+        train(cfg)
+    message = str(info.value)
+    saved = complete_checkpoints(cfg.run_dir)[-1]
+    assert "\n" not in message and "NaN or inf in 3 batches in a row" in message
+    assert "train.max_nonfinite is 3" in message and f"checkpoint written at {saved}" in message
+    state = json.loads((saved / STATE_FILE).read_text())
+    assert state["nonfinite_steps"] == 3 and state["batch"] == 5  # stopped at the third, batch 5
+    assert _optimizer_steps(saved) == 2
+    assert all(torch.isfinite(t).all() for t in load_file(str(saved / "model.safetensors")).values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a GradScaler needs CUDA")
+def test_fp16_overflow_is_left_to_the_grad_scaler(overrides):
+    cfg = load_config(SMOKE, overrides + PROBE + ["model.inf_grad_at=[3]", "train.max_steps=6",
+                                                  "train.mixed_precision=fp16"])
+    summary = train(cfg)
+    assert summary["nonfinite steps"] == 0  # the scaler skipped that step and lowered its scale
+    assert _optimizer_steps(complete_checkpoints(cfg.run_dir)[-1]) <= 5
+
+
+@pytest.mark.slow
+def test_ranks_agree_to_skip_a_nan_met_by_one(overrides, tmp_path):
+    """Only rank 1 sees a NaN; both skip the batch, so DDP neither hangs nor drifts apart."""
+    from test_launch import accelerate_cmd, free_port
+
+    cmd = accelerate_cmd("--config_file", str(ROOT / "configs/accelerate/cpu_gloo.yaml"),
+                         "--main_process_port", str(free_port()), str(Path(__file__).parent / "probe_launch.py"),
+                         "--config", str(SMOKE), *overrides, *PROBE, "model.nan_at=[3]", "model.rank=1",
+                         "train.max_steps=5", "checkpoint.every_steps=null")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_dir = load_config(SMOKE, overrides).run_dir
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ranks agree"] and len(summary["rank_digests"]) == 2
+    assert summary["nonfinite steps"] == 1
+    assert _optimizer_steps(complete_checkpoints(run_dir)[-1]) == 4
