@@ -1,0 +1,67 @@
+"""Fault 5, the output disk full, played by a file-size limit (``RLIMIT_FSIZE``; Python ignores
+SIGXFSZ, so a write past it fails with EFBIG as on a full disk). Sharding and checkpointing stop
+with one line naming the folder, leave nothing half-written that looks complete, and keep the
+previous checkpoint."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+from inject import SMOKE
+
+from deepfake_dist.config import load_config
+from deepfake_dist.train.checkpoint import checkpoint_dir, checkpoint_problem, complete_checkpoints
+from deepfake_dist.train.loop import train
+
+LIMIT = 48 * 1024  # a shard (~60 KiB) or a checkpoint's model file (~100 KiB) does not fit
+
+
+def _run_limited(*args: str) -> subprocess.CompletedProcess:
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "deepfake_dist", *args], preexec_fn=limit, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def _error_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_sharding_on_a_full_disk(tmp_path):
+    from datasets import write_face_folder
+
+    faces = write_face_folder(tmp_path / "faces", 24, 24)
+    out = tmp_path / "shards" / "faces"
+    proc = _run_limited("prepare", "--source", f"folder:{faces}", "--out", str(out), "--resolution", "32",
+                        "--shard-size", "16")
+    assert proc.returncode == 2, proc.stderr
+    errors = _error_lines(proc)
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot write shard set {out}: disk full or file too large in {out}" in errors[0]
+    assert "nothing was kept" in errors[0]
+    assert list(out.iterdir()) == []  # no manifest.json, no shard, no .tmp
+
+
+@pytest.mark.slow
+def test_checkpoint_on_a_full_disk_keeps_the_previous_one(overrides):
+    args = overrides + ["checkpoint.every_steps=2", "train.max_steps=2"]
+    run_dir = load_config(SMOKE, args).run_dir
+    train(load_config(SMOKE, args))
+    folder = checkpoint_dir(run_dir)
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["step-2"]
+
+    proc = _run_limited("train", "--config", str(SMOKE), *args, "train.max_steps=4")
+    assert proc.returncode == 2, proc.stderr
+    errors = _error_lines(proc)
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot write checkpoint {folder / '.tmp-step-4'}: disk full or file too large in {folder}" in errors[0]
+    assert f"the previous checkpoint {folder / 'step-2'} is intact" in errors[0]
+    assert sorted(p.name for p in folder.iterdir()) == ["step-2"]  # no step-4, no .tmp-step-4
+    assert checkpoint_problem(folder / "step-2") is None
