@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 from accelerate.utils import load as safe_torch_load  # weights_only=True plus numpy arrays (RNG states)
 from rich.markup import escape
 from safetensors.torch import load_file, save_file
@@ -207,8 +207,12 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def export_model(accelerator: Accelerator, model: torch.nn.Module, out_dir: Path, info: dict, name: str = "model") -> None:
-    """Write ``name.safetensors`` (a plain full state dict, ZeRO-3 gathered) and ``name.json``."""
-    state = accelerator.get_state_dict(model)  # collective under DeepSpeed: every rank calls it
+    """Write ``name.safetensors`` (a plain full state dict, ZeRO-3 gathered) and ``name.json``.
+
+    A prepared model is read through ``get_state_dict``, a collective under DeepSpeed (every rank
+    calls it); a module that was never prepared (a GAN's EMA generator) is whole on every rank
+    and is no DeepSpeed engine, so it is read directly."""
+    state = accelerator.get_state_dict(model) if _prepared(accelerator, model) else model.state_dict()
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -216,3 +220,11 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, out_dir: Path
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, out_dir / f"{name}.safetensors")
         write_json_atomic(out_dir / f"{name}.json", info)
+
+
+def _prepared(accelerator: Accelerator, model: torch.nn.Module) -> bool:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return True
+    from deepspeed import DeepSpeedEngine
+
+    return isinstance(model, DeepSpeedEngine)
