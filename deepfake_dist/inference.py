@@ -14,6 +14,7 @@ fails here with a ``BadImage`` that says what is wrong.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 
 import torch
@@ -80,6 +81,9 @@ def bytes_to_input(data: bytes, info: dict, max_pixels: int = DEFAULT_MAX_PIXELS
 FACE_MARGIN = 0.25  # of the face box, added on every side before the square crop
 
 
+_FACES = threading.Lock()
+
+
 def largest_face(img: Image.Image, margin: float = FACE_MARGIN) -> tuple[Image.Image, dict]:
     """The largest face, found and cropped as ``prepare --source videos:`` does (``data.video``:
     OpenCV's Haar cascade, a square of ``max(w, h) * (1 + 2 * margin)`` around the box), and what
@@ -90,7 +94,8 @@ def largest_face(img: Image.Image, margin: float = FACE_MARGIN) -> tuple[Image.I
     from deepfake_dist.data.video import crop_face, face_detector
 
     rgb = np.asarray(imageio.to_mode(img, "RGB"))
-    boxes = face_detector()(rgb)
+    with _FACES:  # the server calls this from many threads; OpenCV's detector is shared, not thread-safe
+        boxes = face_detector()(rgb)
     if not boxes:
         return img, {"detected": False, "faces": 0, "box": None}
     box = max(boxes, key=lambda b: b[2] * b[3])

@@ -34,6 +34,7 @@ from deepfake_dist.data.imageio import center_crop_resize, to_mode
 from deepfake_dist.inference import (
     ACCEPTED_FORMATS,
     DEFAULT_MAX_PIXELS,
+    FACE_MARGIN,
     BadImage,
     in_channels,
     largest_face,
@@ -88,6 +89,7 @@ def create_app(checkpoint: str | Path, onnx: bool = False, token: str | None = N
     """The app for one detector (loaded now, so a bad checkpoint fails at start-up)."""
     served = load_served(checkpoint, onnx=onnx)
     name = served.info["model"]
+    margin = (served.info.get("video") or {}).get("margin", FACE_MARGIN)  # crop faces as its training sets were
     app = FastAPI(title="deepfake_dist detector", version=__version__,
                   description=f"Real-vs-fake face detection with '{name}' ({served.backend}). "
                               f"Send a JPEG, PNG, WebP or BMP image as multipart field 'file'.")
@@ -126,7 +128,7 @@ def create_app(checkpoint: str | Path, onnx: bool = False, token: str | None = N
         """Decode, crop, score (and explain): CPU work, run in the thread pool."""
         start = time.perf_counter()
         images = [open_upload(data, max_pixels, label) for data, label in zip(uploads, names)]
-        faces = [largest_face(img) if face_crop else (img, None) for img in images]
+        faces = [largest_face(img, margin) if face_crop else (img, None) for img in images]
         inputs = torch.stack([model_input(crop, served.info) for crop, _ in faces])
         probabilities = served.probabilities(inputs)
         heat = served.explain(inputs) if explain else None
