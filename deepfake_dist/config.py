@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -280,13 +282,12 @@ def _coerce(tp, value, where: str, key: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with suppress(ValueError):
+                number = float(value)
+        if number is not None and math.isfinite(number):  # nan and inf are never a setting
+            return float(number)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -305,7 +306,7 @@ def _describe(tp) -> str:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}.get(
+    return {int: "an integer", float: "a finite number", str: "a string", bool: "true or false", dict: "a mapping"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
 
@@ -326,6 +327,22 @@ def _check_model_args(cfg: Config, where: str) -> None:
                 f"{where}: unknown key 'model.{key}' for model '{cfg.model.name}'{closest(key, valid)}; "
                 f"valid keys: name, {', '.join(valid)}"
             )
+    try:
+        hints = typing.get_type_hints(ctor)
+    except (NameError, TypeError):  # an annotation that cannot be resolved: leave the values to the model
+        hints = {}
+    for key, value in cfg.model.args.items():  # the annotated type, where it is one we can check
+        if key in hints and _checkable(hints[key]):
+            cfg.model.args[key] = _coerce(hints[key], value, where, f"model.{key}")
+
+
+def _checkable(tp) -> bool:
+    """Whether ``_coerce`` understands this annotation (plain values, not e.g. ``os.PathLike``)."""
+    if tp in (int, float, bool, str, type(None)) or typing.get_origin(tp) is Literal:
+        return True
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) in (list, tuple, Union, types.UnionType) and bool(args) \
+        and Ellipsis not in args and all(_checkable(a) for a in args)
 
 
 def _check_values(cfg: Config, where: str) -> None:
@@ -358,7 +375,8 @@ def _check_values(cfg: Config, where: str) -> None:
     if not 0.0 <= cfg.gan.ema_decay < 1.0:
         raise UserError(f"{where}: 'gan.ema_decay' must be in [0, 1), got {cfg.gan.ema_decay}")
     for key, value in {"train.max_steps": cfg.train.max_steps, "checkpoint.every_steps": cfg.checkpoint.every_steps,
-                       "train.early_stopping": cfg.train.early_stopping, "train.grad_clip": cfg.train.grad_clip}.items():
+                       "train.early_stopping": cfg.train.early_stopping,
+                       "train.grad_clip": cfg.train.grad_clip}.items():
         if value is not None and value <= 0:
             raise UserError(f"{where}: '{key}' must be positive or null, got {value}")
     if cfg.data.num_workers < 0:

@@ -30,10 +30,31 @@ class DetectorTask(Task):
                     f"it scores single images but {cfg.data.train} hold clips of {self.frames} frames; use "
                     "model.name=temporal, or sets prepared with --frame-level")
             raise UserError(f"model.name {cfg.model.name}: {hint}")
-        model = create_model(cfg.model.name, in_channels=channels, **cfg.model.args)
+        self.val_loader()  # a validation split that is empty or lacks a shard is refused now, not after an epoch
+        model = self._build_model()
         opt = build_optimizer(model.parameters(), cfg.optim)
         self.model, self.opt = accelerator.prepare(model, opt)
         self.sched = None
+
+    def _build_model(self) -> torch.nn.Module:
+        """The model, checked with one eval-mode forward of a blank sample: settings it refuses
+        (``model.dropout: 2``) or an input it cannot take (a resolution too small for its depth)
+        are a UserError now, before the run folder exists, not a traceback at the first batch."""
+        cfg, size = self.cfg, self.cfg.data.resolution
+        shape = (1, *([self.frames] if self.frames else []), self.channels, size, size)
+        try:
+            model = create_model(cfg.model.name, in_channels=self.channels, **cfg.model.args)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"model {cfg.model.name} cannot be built from model.* {cfg.model.args} "
+                            f"({' '.join(str(err).split())[:200]}); fix those settings") from None
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(shape))
+        except (RuntimeError, ValueError, AssertionError) as err:
+            reason = " ".join(str(err).split())[:200]
+            raise UserError(f"model {cfg.model.name} cannot take {size}x{size} inputs ({reason}); change "
+                            "data.resolution or the model's settings") from None
+        return model.train()
 
     def set_total_steps(self, total_steps: int) -> None:
         self.sched = self.accelerator.prepare(build_scheduler(self.opt, self.cfg.sched, total_steps))
@@ -68,12 +89,13 @@ class DetectorTask(Task):
         self.opt.zero_grad(set_to_none=True)
         return {NONFINITE: 1.0, "lr": self.sched.get_last_lr()[0]}
 
-    def validate(self) -> dict[str, float]:
+    def val_loader(self):
         cfg = self.cfg
-        sets = cfg.data.val or cfg.data.train
-        loader = eval_loader(cfg.data, sets, cfg.data.val_split, self.channels,
-                             self.accelerator.process_index, self.accelerator.num_processes)
-        preds = predict(self.accelerator, self.model, loader)
+        return eval_loader(cfg.data, cfg.data.val or cfg.data.train, cfg.data.val_split, self.channels,
+                           self.accelerator.process_index, self.accelerator.num_processes)
+
+    def validate(self) -> dict[str, float]:
+        preds = predict(self.accelerator, self.model, self.val_loader())
         metrics = binary_metrics(preds.scores, preds.labels)
         metrics["loss"] = F.binary_cross_entropy_with_logits(preds.logits, preds.labels.float()).item()
         metrics["samples"] = len(preds.keys)

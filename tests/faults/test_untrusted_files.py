@@ -77,7 +77,8 @@ def test_checkpoint_files(overrides, marker, capsys):
     deepspeed = folder / "step-1" / "pytorch_model"  # DeepSpeed's layout, loaded with weights_only=False
     deepspeed.mkdir()
     plant(deepspeed / "mp_rank_00_model_states.pt")
-    assert "pytorch_model/mp_rank_00_model_states.pt holds pickled Python objects" in checkpoint_problem(folder / "step-1")
+    problem = checkpoint_problem(folder / "step-1")
+    assert "pytorch_model/mp_rank_00_model_states.pt holds pickled Python objects (io.open)" in problem
 
 
 UNSAFE_CALLS = {"pickle.load", "pickle.loads", "Unpickler", "dill.load", "dill.loads", "joblib.load",

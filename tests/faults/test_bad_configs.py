@@ -1,0 +1,154 @@
+"""Fault 6, bad configs: unknown keys, wrong types, non-finite numbers, negative sizes, missing
+shard sets and shards, and combinations that cannot work. Each gives one ``error:`` line from the
+CLI (exit 2) and starts no work: no run folder is created. A fuzzer then throws random values at
+every key: the config loader answers with a one-line ``UserError`` or a config whose numbers
+are all finite, never with another exception."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deepfake_dist.cli import main
+from deepfake_dist.config import build_config, to_dict
+from deepfake_dist.errors import UserError
+
+
+def _base(shard_set, runs) -> dict:
+    return {"name": "bad", "output_dir": str(runs), "model": {"name": "cnn", "width": 8},
+            "data": {"train": [str(shard_set)], "resolution": 32, "batch_size": 8, "num_workers": 0},
+            "train": {"max_steps": 1}, "wandb": {"mode": "disabled"}}
+
+
+def _drop_shard(name: str):
+    def damage(shard_set):
+        (shard_set / name).unlink()
+    return damage
+
+
+def _empty_val_split(shard_set):
+    manifest = json.loads((shard_set / "manifest.json").read_text())
+    manifest["shards"] = [s for s in manifest["shards"] if s["split"] != "val"]
+    manifest["counts"]["val"] = {"real": 0, "fake": 0, "total": 0}
+    (shard_set / "manifest.json").write_text(json.dumps(manifest))
+
+
+# (id, YAML text appended to the base config or key=value overrides, damage to the shard set, expected parts)
+CASES = [
+    ("unknown top key", "trian:\n  epochs: 2\n", [], None, ["unknown key 'trian'", "did you mean 'train'"]),
+    ("unknown key", "", ["data.batchsize=8"], None, ["'data.batchsize'", "did you mean 'batch_size'"]),
+    ("unknown model key", "", ["model.widht=8"], None, ["'model.widht'", "did you mean 'width'"]),
+    ("text for a model argument", "", ["model.width=big"], None, ["'model.width' expected an integer, got 'big'"]),
+    ("model argument out of range", "", ["model.dropout=2"], None, ["model cnn cannot be built", "dropout"]),
+    ("unknown model", "", ["model.name=resnet81"], None, ["model.name", "resnet18"]),
+    ("text for an integer", "", ["data.batch_size=big"], None, ["'data.batch_size' expected an integer, got 'big'"]),
+    ("list for an integer", "", ["train.epochs=[1]"], None, ["'train.epochs' expected an integer"]),
+    ("text for a list", "", ["data.train=shards"], None, ["'data.train' expected a list"]),
+    ("true for a number", "", ["optim.lr=true"], None, ["'optim.lr' expected a finite number"]),
+    ("nan", "", ["optim.lr=.nan"], None, ["'optim.lr' expected a finite number, got nan"]),
+    ("infinity", "", ["train.grad_clip=.inf"], None, ["'train.grad_clip' expected a finite number or null"]),
+    ("not a choice", "", ["data.on_error=ignore"], None, ["'data.on_error' expected one of ['skip', 'raise']"]),
+    ("not a choice 2", "", ["train.mixed_precision=fp8"], None, ["'train.mixed_precision'"]),
+    ("section not a mapping", "", ["train=5"], None, ["'train' must be a mapping"]),
+    ("zero batch", "", ["data.batch_size=0"], None, ["'data.batch_size' must be positive, got 0"]),
+    ("negative resolution", "", ["data.resolution=-32"], None, ["'data.resolution' must be positive"]),
+    ("negative workers", "", ["data.num_workers=-1"], None, ["'data.num_workers' must be >= 0"]),
+    ("negative shuffle buffer", "", ["data.shuffle_buffer=-5"], None, ["'data.shuffle_buffer' must be >= 0"]),
+    ("zero timeout", "", ["train.timeout_s=0"], None, ["'train.timeout_s' must be positive"]),
+    ("zero max_nonfinite", "", ["train.max_nonfinite=0"], None, ["'train.max_nonfinite' must be positive"]),
+    ("zero keep_last", "", ["checkpoint.keep_last=0"], None, ["'checkpoint.keep_last' must be positive"]),
+    ("negative warmup", "", ["sched.warmup_steps=-1"], None, ["'sched.warmup_steps' must be >= 0"]),
+    ("probability above 1", "", ["data.augment.hflip=2"], None, ["'data.augment.hflip' is a probability"]),
+    ("missing shard set", "", ["data.train=[{tmp}/nowhere]"], None, ["nowhere' has no manifest.json"]),
+    ("missing val set", "", ["data.val=[{tmp}/nowhere]"], None, ["nowhere' has no manifest.json"]),
+    ("missing train shard, on_error raise", "", ["data.on_error=raise"], _drop_shard("train-000002.tar"),
+     ["train-000002.tar is listed in", "but missing"]),
+    ("missing val shard", "", [], _drop_shard("val-000000.tar"), ["val-000000.tar is listed in", "but missing"]),
+    ("empty validation split", "", [], _empty_val_split, ["no 'val' shards in", "with a val split"]),
+    ("no such split", "", ["data.train_split=training"], None, ["split 'training': expected one of train, val, test"]),
+    ("resolution too small for the model", "", ["data.resolution=8"], None, ["model cnn cannot take 8x8 inputs"]),
+    ("clip model on image sets", "", ["model={{name: temporal}}"], None, ["model.name temporal: it scores clips"]),
+    ("no such checkpoint", "", ["checkpoint.resume=/no/such/ckpt"], None, ["'checkpoint.resume'", "/no/such/ckpt"]),
+]
+
+
+@pytest.mark.parametrize("text, overrides, damage, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_config_is_one_line_and_starts_no_work(text, overrides, damage, expected, shard_set, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(_base(shard_set, runs)) + text)
+    if damage:
+        damage(shard_set)
+    overrides = [o.format(tmp=tmp_path) for o in overrides]
+    assert main(["train", "--config", str(path), *overrides]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    for part in expected:
+        assert part in lines[0]
+    assert not runs.exists()  # nothing started
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--shard-size", "0"], "--shard-size 0: expected an integer >= 1"),
+    (["--resolution", "4"], "--resolution 4: expected an integer >= 8"),
+    (["--split", "0.5,0.5,0.5"], "--split 0.5,0.5,0.5: expected three fractions"),
+    (["--quality", "0"], "--quality 0: expected an integer from 1 to 100"),
+])
+def test_bad_prepare_arguments_write_nothing(args, expected, tmp_path, capsys):
+    from datasets import write_face_folder
+
+    faces = write_face_folder(tmp_path / "faces", 2, 2)
+    out = tmp_path / "out"
+    assert main(["prepare", "--source", f"folder:{faces}", "--out", str(out), *args]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not out.exists()
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[str]:
+    return [key for name, value in tree.items()
+            for key in (_leaves(value, f"{prefix}{name}.") if isinstance(value, dict) and value else [prefix + name])]
+
+
+_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**9, 10**9), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8), st.lists(st.one_of(st.integers(), st.text(max_size=4)), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+
+
+def _numbers(value):
+    if dataclasses.is_dataclass(value):
+        yield from (n for f in dataclasses.fields(value) for n in _numbers(getattr(value, f.name)))
+    elif isinstance(value, (list, tuple)):
+        yield from (n for v in value for n in _numbers(v))
+    elif isinstance(value, float):
+        yield value
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_configs_fail_in_one_line_or_load_with_finite_numbers(face_shards, tmp_path, data):
+    raw = _base(face_shards, tmp_path / "runs")
+    defaults = to_dict(build_config(copy.deepcopy(raw), "base"))
+    keys = _leaves(defaults) + ["model.width", "model.depth", "model.dropout", "unknown", "data.unknown"]
+    for _ in range(data.draw(st.integers(1, 3))):
+        key = data.draw(st.sampled_from(keys))
+        node = raw
+        *sections, leaf = key.split(".")
+        for section in sections:
+            node = node.setdefault(section, {}) if isinstance(node.get(section, {}), dict) else {}
+        node[leaf] = data.draw(_VALUES)
+    try:
+        cfg = build_config(raw, "fuzz.yaml")
+    except UserError as err:
+        assert "\n" not in str(err) and str(err).startswith("fuzz.yaml")
+        return
+    assert all(math.isfinite(n) for n in _numbers(cfg))
