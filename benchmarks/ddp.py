@@ -1,0 +1,121 @@
+"""DDP scaling on CPU: total images/s of real training runs (``launch/train.py`` under
+``accelerate launch --config_file configs/accelerate/cpu_gloo.yaml``, the platform's loop,
+loader and gloo all-reduce) with one process against two, each with one thread
+(``OMP_NUM_THREADS=1``) and the same per-process batch; scaling efficiency = rate(2) / (2 *
+rate(1)).
+
+The rate is measured from ``metrics.jsonl`` between the first logged step after warm-up and
+the last: (images between them, all ranks) / (wall time between them).
+
+    deepfake-dist bench ddp [--model cnn] [--steps 40] [--processes 1 2]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import (
+    REPO,
+    console,
+    face_set,
+    interleaved,
+    machine,
+    median,
+    parser,
+    print_table,
+    replicated_set,
+    write_result,
+)
+from deepfake_dist.train.tracking import read_jsonl
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher() -> str:
+    """The ``accelerate`` next to this Python (the venv's), else the one on PATH."""
+    local = Path(sys.executable).with_name("accelerate")
+    return str(local) if local.is_file() else shutil.which("accelerate") or "accelerate"
+
+
+def run_training(processes: int, model: str, set_dir, steps: int, warmup: int, batch_size: int, workers: int,
+                 run_dir: Path) -> dict:
+    """One training run; images/s of all ranks together between step ``warmup`` and ``steps``."""
+    name = f"ddp-{processes}"
+    shutil.rmtree(run_dir / name, ignore_errors=True)
+    command = [launcher(), "launch", "--config_file", str(REPO / "configs/accelerate/cpu_gloo.yaml"),
+               "--num_processes", str(processes), "--main_process_port", str(free_port()),
+               str(REPO / "launch/train.py"), "--config", str(REPO / f"configs/{model}.yaml"),
+               f"data.train=[{set_dir}]", "data.val=null", f"data.num_workers={workers}",
+               f"data.batch_size={batch_size}", f"train.max_steps={steps}", "train.epochs=1",
+               f"train.log_every={warmup}", "train.early_stopping=null", "sched.warmup_steps=0",
+               "checkpoint.every_epochs=1", "checkpoint.resume=none", "wandb.mode=disabled",
+               f"name={name}", f"output_dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    logs = [r for r in read_jsonl(run_dir / name / "metrics.jsonl") if "train/loss" in r]
+    first, last = logs[0], logs[-1]
+    images = (last["step"] - first["step"]) * batch_size * processes
+    return {"images_per_s": images / (last["time"] - first["time"]), "steps": [first["step"], last["step"]],
+            "data_wait_frac": last.get("train/data_wait_frac")}
+
+
+def main(argv=None) -> dict:
+    p = parser("ddp", __doc__)
+    p.add_argument("--model", default="cnn", help="configs/MODEL.yaml (a detector)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=10, help="steps before the timed window (also the log interval)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=32, help="per process")
+    p.add_argument("--workers", type=int, default=0, help="data loader workers per process")
+    p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--samples", type=int, default=1000, help="samples of the base set (replicated so no run ends "
+                   "its first epoch)")
+    args = p.parse_args(argv)
+    if args.steps < 2 * args.warmup:
+        p.error("--steps must be at least twice --warmup (the timed window needs two logged steps)")
+    started = machine()
+    base = face_set(args.data, args.samples)
+    copies = -(-args.steps * args.batch_size * max(args.processes) // args.samples) + 1
+    set_dir = replicated_set(base, copies)
+    details: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        def case(n):
+            def run():
+                result = run_training(n, args.model, set_dir, args.steps, args.warmup, args.batch_size, args.workers,
+                                      Path(tmp))
+                details.setdefault(str(n), []).append(result)
+                return result["images_per_s"]
+            return run
+
+        console.print(f"ddp: {args.model}, processes {args.processes}, {args.steps} steps x {args.repeats} rounds")
+        rates = interleaved({str(n): case(n) for n in args.processes}, args.repeats)
+    one = median(rates[str(min(args.processes))])
+    results = {"model": args.model, "batch_size_per_process": args.batch_size, "workers": args.workers,
+               "threads_per_process": 1, "processes": {}}
+    rows = []
+    for n in args.processes:
+        rate = median(rates[str(n)])
+        speedup = rate / one
+        results["processes"][str(n)] = {"images_per_s": rate, "runs": details[str(n)], "speedup": speedup,
+                                        "efficiency": speedup / (n / min(args.processes))}
+        rows.append([str(n), rate, speedup, speedup / (n / min(args.processes)),
+                     median([d["data_wait_frac"] for d in details[str(n)]])])
+    print_table(f"ddp: {args.model}, total images/s, 1 thread per process (median of rounds)",
+                ["processes", "images/s", "speedup", "efficiency", "data wait"], rows)
+    write_result("ddp", args, results, started)
+    return results
+
+
+if __name__ == "__main__":
+    main()

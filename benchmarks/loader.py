@@ -1,0 +1,246 @@
+"""The training data path: samples/s of the WebDataset pipeline (decode + augmentation +
+batching, the platform's ``train_loader``) at each ``num_workers``, against
+
+* the limit: the same decode + augmentation + batch stacking in a tight loop over the same
+  encoded bytes already in memory (one process, one thread), and
+* torchvision's ``ImageFolder`` over the same images as files, with the same augmentation;
+
+and the peak memory (RSS of the process and its workers) of one epoch over a small and a
+large set, which stays flat when the pipeline streams.
+
+    deepfake-dist bench loader [--samples 1000] [--large 50000] [--workers 0 1 2]
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+from benchmarks.common import (
+    REPO,
+    console,
+    face_set,
+    image_folder,
+    interleaved,
+    machine,
+    measure,
+    median_of,
+    parser,
+    print_table,
+    replicated_set,
+    train_images,
+    write_result,
+)
+from deepfake_dist.config import DataConfig
+from deepfake_dist.data import transforms
+from deepfake_dist.data.loader import resolve_channels, train_loader
+
+
+def data_config(set_dir, workers: int, batch_size: int) -> DataConfig:
+    return DataConfig(train=[str(set_dir)], resolution=64, batch_size=batch_size, num_workers=workers)
+
+
+_LIMIT: dict = {}  # what a limit process decodes: the encoded images, the transform, the batch size
+
+
+def _limit_setup(set_dir: str, batch_size: int) -> None:
+    cfg = data_config(set_dir, 0, batch_size)
+    channels = resolve_channels(cfg, cfg.train)
+    _LIMIT.update(blobs=[data for _, _, data in train_images(set_dir)], channels=channels, batch_size=batch_size,
+                  transform=transforms.train_transform(cfg.resolution, channels, cfg.normalize, cfg.augment))
+
+
+def _share(part: int, parts: int) -> list[bytes]:
+    """This part's images, cut to whole batches."""
+    mine = _LIMIT["blobs"][part::parts]
+    return mine[: len(mine) // _LIMIT["batch_size"] * _LIMIT["batch_size"]]
+
+
+def _limit_run(part: int = 0, parts: int = 1, epochs: int = 1) -> None:
+    """Decode + augment + stack this part's share of the images, ``epochs`` times."""
+    torch.set_num_threads(1)
+    size, channels, transform = _LIMIT["batch_size"], _LIMIT["channels"], _LIMIT["transform"]
+    mine = _share(part, parts)
+    for _ in range(epochs):
+        for start in range(0, len(mine), size):
+            torch.stack([transform(transforms.decode(b, channels)) for b in mine[start:start + size]])
+
+
+def limit_case(set_dir, batch_size: int, epochs: int, cores: int):
+    """Decode + augment + stack, nothing else, in ``cores`` processes each holding its share of
+    the encoded images in memory: the rate those cores can reach on these bytes."""
+    _limit_setup(str(set_dir), batch_size)
+    total = sum(len(_share(p, cores)) for p in range(cores)) * epochs
+    if cores == 1:
+        return lambda: measure(total, lambda: _limit_run(0, 1, epochs))
+    pool = multiprocessing.get_context("fork").Pool(cores, _limit_setup, (str(set_dir), batch_size))
+    pool.starmap(_limit_run, [(p, cores, 1) for p in range(cores)])  # started and warm
+    return lambda: measure(total, lambda: pool.starmap(_limit_run, [(p, cores, epochs) for p in range(cores)]))
+
+
+def _epochs(loader, epochs: int, set_epoch=None) -> int:
+    seen = 0
+    for epoch in range(epochs):
+        if set_epoch:
+            set_epoch(epoch + 1)
+        for batch in loader:
+            seen += len(batch[1]) if isinstance(batch, list) else len(batch)
+    return seen
+
+
+def _loader_case(loader, epochs: int, set_epoch=None):
+    per_round = _epochs(loader, 1) * epochs  # an untimed warm-up epoch (workers start)
+    return lambda: measure(per_round, lambda: _epochs(loader, epochs, set_epoch))
+
+
+def webdataset_case(cfg: DataConfig, epochs: int):
+    """The platform's ``train_loader`` (persistent workers), as training uses it."""
+    loader, stream = train_loader(cfg, resolve_channels(cfg, cfg.train), 0, 1, seed=0)
+    return _loader_case(loader, epochs, stream.set_epoch)
+
+
+def imagefolder_case(folder, cfg: DataConfig, channels: int, epochs: int):
+    """torchvision's ImageFolder (PIL decode) + the same augmentation, shuffled, full batches."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    augment = transforms.train_transform(cfg.resolution, channels, cfg.normalize, cfg.augment)
+    grey = [v2.Grayscale()] if channels == 1 else []
+    dataset = ImageFolder(str(folder), transform=v2.Compose([*grey, v2.PILToTensor(), augment]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    return _loader_case(loader, epochs)
+
+
+def peak_memory(set_dir, workers: int, batch_size: int) -> dict:
+    """One epoch in a fresh process (so nothing else this benchmark holds is counted)."""
+    code = ("import sys, json; from benchmarks.loader import _memory_probe; "
+            f"print(json.dumps(_memory_probe({str(set_dir)!r}, {workers}, {batch_size})))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe(set_dir: str, workers: int, batch_size: int) -> dict:
+    """Peak memory of this process and its workers together over one epoch, sampled every 20 ms:
+    the sum of RSS (counts the pages forked workers share with it once per process, and the
+    shared libraries) and of USS (pages private to each process: what a leak would grow)."""
+    import psutil
+
+    torch.set_num_threads(1)
+    me = psutil.Process()
+    peak, stop = {"rss": 0, "uss": 0}, threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            rss = uss = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    info = proc.memory_full_info()
+                except psutil.Error:
+                    continue  # a worker that just ended
+                rss, uss = rss + info.rss, uss + info.uss
+            peak["rss"], peak["uss"] = max(peak["rss"], rss), max(peak["uss"], uss)
+            stop.wait(0.02)
+
+    cfg = data_config(set_dir, workers, batch_size)
+    before = me.memory_full_info()
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    loader, _ = train_loader(cfg, resolve_channels(cfg, cfg.train), 0, 1, seed=0)
+    start, seen = time.perf_counter(), 0
+    for batch in loader:
+        seen += len(batch)
+    elapsed = time.perf_counter() - start
+    stop.set()
+    watcher.join()
+    return {"samples": seen, "seconds": elapsed, "samples_per_s": seen / elapsed,
+            "rss_before_mib": before.rss / 2**20, "peak_rss_mib": peak["rss"] / 2**20,
+            "peak_uss_mib": peak["uss"] / 2**20}
+
+
+def main(argv=None) -> dict:
+    p = parser("loader", __doc__)
+    p.add_argument("--samples", type=int, default=1000, help="train samples of the throughput set")
+    p.add_argument("--large", type=int, default=50000, help="train samples of the memory check's large set "
+                   "(a multiple of --samples; 0 skips the memory check)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="num_workers values to measure")
+    p.add_argument("--memory-workers", dest="memory_workers", type=int, default=2)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs per case and round (after a warm-up epoch)")
+    args = p.parse_args(argv)
+    started = machine()
+    torch.set_num_threads(1)  # one core per decode stream, as in a DataLoader worker
+
+    small = face_set(args.data, args.samples)
+    folder = image_folder(small)
+    cfg = data_config(small, 0, args.batch_size)
+    channels = resolve_channels(cfg, cfg.train)
+    cores = {w: max(1, min(w, len(os.sched_getaffinity(0)))) for w in args.workers}
+    cases = {f"limit {c} core{'s' if c > 1 else ''}": limit_case(small, args.batch_size, args.epochs, c) for c in sorted(set(cores.values()))}
+    for w in args.workers:
+        cases[f"webdataset w{w}"] = webdataset_case(data_config(small, w, args.batch_size), args.epochs)
+        cases[f"imagefolder w{w}"] = imagefolder_case(folder, data_config(small, w, args.batch_size), channels,
+                                                      args.epochs)
+    console.print(f"loader: {len(cases)} cases x {args.repeats} rounds, {args.samples} samples, "
+                  f"{args.epochs} epochs each")
+    runs = interleaved(cases, args.repeats)
+    results = {"samples": args.samples, "batch_size": args.batch_size, "channels": channels,
+               "runs": runs, "limit": {}, "workers": {}}
+    rows = []
+    for name in cases:
+        if name.startswith("limit"):
+            results["limit"][name.split()[1]] = {k: median_of(runs[name], k) for k in ("per_s", "per_cpu_s")}
+            rows.append([f"{name}, in memory", median_of(runs[name], "per_s"), median_of(runs[name], "per_cpu_s"),
+                         None, None])
+    for w in args.workers:
+        limit = results["limit"][str(cores[w])]
+        ours, theirs = runs[f"webdataset w{w}"], runs[f"imagefolder w{w}"]
+        row = {"limit_cores": cores[w], "webdataset_per_s": median_of(ours, "per_s"),
+               "imagefolder_per_s": median_of(theirs, "per_s"), "webdataset_per_cpu_s": median_of(ours, "per_cpu_s"),
+               "imagefolder_per_cpu_s": median_of(theirs, "per_cpu_s")}
+        row |= {"webdataset_vs_limit": row["webdataset_per_s"] / limit["per_s"],
+                "imagefolder_vs_limit": row["imagefolder_per_s"] / limit["per_s"],
+                "webdataset_vs_imagefolder": row["webdataset_per_s"] / row["imagefolder_per_s"],
+                "webdataset_cpu_vs_limit": row["webdataset_per_cpu_s"] / limit["per_cpu_s"]}
+        results["workers"][str(w)] = row
+        rows.append([f"webdataset, {w} workers", row["webdataset_per_s"], row["webdataset_per_cpu_s"],
+                     row["webdataset_vs_limit"], row["webdataset_vs_imagefolder"]])
+        rows.append([f"ImageFolder, {w} workers", row["imagefolder_per_s"], row["imagefolder_per_cpu_s"],
+                     row["imagefolder_vs_limit"], 1.0])
+    print_table("loader: samples/s (median of rounds)", ["pipeline", "per s", "per CPU-s", "vs limit*",
+                                                          "vs ImageFolder"], rows)
+    console.print("* the limit on as many cores as workers (at least one)")
+
+    if args.large:
+        large = replicated_set(small, max(args.large // args.samples, 1))
+        sets = {"small": small, "large": large}
+        memory_runs = {name: [] for name in sets}
+        for r in range(args.repeats):
+            for name in (list(sets) if r % 2 == 0 else list(sets)[::-1]):
+                memory_runs[name].append(peak_memory(sets[name], args.memory_workers, args.batch_size))
+                console.print(f"  round {r + 1}/{args.repeats} memory {name}: {memory_runs[name][-1]}", style="dim")
+        memory = {name: {"samples": memory_runs[name][0]["samples"], "runs": memory_runs[name],
+                         **{k: median_of(memory_runs[name], k) for k in ("peak_rss_mib", "peak_uss_mib")}}
+                  for name in sets}
+        memory |= {f"large_vs_small_{k}": memory["large"][f"peak_{k}_mib"] / memory["small"][f"peak_{k}_mib"]
+                   for k in ("rss", "uss")}
+        memory["workers"] = args.memory_workers
+        results["memory"] = memory
+        print_table(f"loader: peak memory of one epoch, process + {args.memory_workers} workers (median)",
+                    ["set", "samples", "RSS MiB", "USS MiB", "RSS vs small", "USS vs small"],
+                    [[name, memory[name]["samples"], memory[name]["peak_rss_mib"], memory[name]["peak_uss_mib"],
+                      memory[name]["peak_rss_mib"] / memory["small"]["peak_rss_mib"],
+                      memory[name]["peak_uss_mib"] / memory["small"]["peak_uss_mib"]] for name in sets])
+    write_result("loader", args, results, started)
+    return results
+
+
+if __name__ == "__main__":
+    main()
