@@ -33,9 +33,11 @@ def find_inception_weights(configured: str | None) -> tuple[Path | None, str]:
     path = Path(configured) if configured else hub_checkpoints() / INCEPTION_FILE
     if path.is_file():
         return path, ""
-    where = f"samples.inception_weights ({path}) does not exist" if configured else f"{INCEPTION_FILE} is not in {path.parent}"
-    return None, (f"FID/KID skipped: {where}; download {INCEPTION_URL} into {hub_checkpoints()}/ "
-                  "(or point samples.inception_weights at it) to measure them")
+    if configured:
+        return None, (f"FID/KID skipped: samples.inception_weights {path} does not exist; point it at "
+                      f"{INCEPTION_FILE} (from {INCEPTION_URL})")
+    return None, (f"FID/KID skipped: {INCEPTION_FILE} not found in {path.parent}/; download it from "
+                  f"{INCEPTION_URL} into that folder, or set samples.inception_weights")
 
 
 @contextmanager

@@ -175,3 +175,27 @@ def deploy_run(deploy_shards, tmp_path_factory) -> Path:
     from deploy_setup import train_detector
 
     return train_detector(deploy_shards[0], tmp_path_factory.mktemp("deploy_runs"))
+
+
+@pytest.fixture(scope="session")
+def real_face_shards(tmp_path_factory) -> Path:
+    """The 100 LFW faces bundled with scikit-image, all real, grey 32 px, 10 per shard, split
+    0.8/0.1/0.1: what the generators train on."""
+    from deepfake_dist.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("real_faces") / "lfw"
+    prepare("builtin:lfw", out, resolution=32, fmt="png", shard_size=10)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gan_run(real_face_shards, tmp_path_factory) -> Path:
+    """A tiny DCGAN trained for 4 steps on ``real_face_shards`` (run folder with generator.safetensors)."""
+    from gen_setup import CONFIGS, tiny_gan
+
+    from deepfake_dist.config import load_config
+    from deepfake_dist.train.loop import train
+
+    cfg = load_config(CONFIGS / "dcgan.yaml", tiny_gan(real_face_shards, tmp_path_factory.mktemp("gan_runs"), "tinygan"))
+    train(cfg)
+    return cfg.run_dir

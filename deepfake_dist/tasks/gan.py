@@ -12,6 +12,7 @@ synthesis and the exported ``generator.safetensors`` use; it is checkpointed as 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from functools import reduce
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor
 from deepfake_dist.ema import EMA
 from deepfake_dist.errors import UserError
 from deepfake_dist.models import create_model
+from deepfake_dist.models.convstacks import gaussian
 from deepfake_dist.tasks import TASKS
 from deepfake_dist.tasks.generative import EXPORT_NAME, GenerativeTask
 from deepfake_dist.train.optim import build_optimizer
@@ -75,6 +77,7 @@ class GANTask(GenerativeTask):
         opt_g = build_optimizer(gan.generator.parameters(), cfg.optim)
         d_optim = dataclasses.replace(cfg.optim, lr=cfg.gan.d_lr or cfg.optim.lr)
         opt_d = build_optimizer(gan.discriminator.parameters(), d_optim)
+        self.step = 0  # optimizer steps so far (checkpointed): seeds each step's noise
         self.deepspeed = accelerator.state.deepspeed_plugins is not None
         if self.deepspeed:
             accelerator.state.select_deepspeed_plugin("generator")
@@ -89,8 +92,15 @@ class GANTask(GenerativeTask):
             return None
         return condition_labels(batch.meta, self.cfg.gan.condition, self.num_classes).to(self.accelerator.device)
 
-    def _noise(self, n: int) -> Tensor:
-        return torch.randn(n, self.z_dim, device=self.accelerator.device)
+    def _step_rng(self) -> torch.Generator:
+        """This step's noise: its own seed per (seed, rank, step), so ranks draw different fakes
+        and a resumed run draws what the uninterrupted one did (the global RNG is also used by
+        the data loader)."""
+        return torch.Generator().manual_seed(zlib.crc32(repr((self.cfg.seed, "gan", self.accelerator.process_index,
+                                                               self.step)).encode()))
+
+    def _noise(self, n: int, rng: torch.Generator) -> Tensor:
+        return gaussian(n, self.z_dim, self.accelerator.device, rng)
 
     def _update(self, model, opt, loss: Tensor) -> None:
         if self.deepspeed:  # this loss to this engine: its backward, clipping, step and zero_grad
@@ -104,15 +114,23 @@ class GANTask(GenerativeTask):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def _broadcast_buffers(self) -> None:
+        """BatchNorm statistics are updated by each rank's own batch (DDP syncs them only at the
+        start of a forward, DeepSpeed never); take rank 0's so the replicas, their EMAs and what
+        is exported agree."""
+        for model in (self.G, self.D):
+            for buffer in self.accelerator.unwrap_model(model).buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def train_step(self, batch) -> dict[str, float]:
         kind, steps = self.cfg.gan.loss, self.cfg.gan.d_steps
         self.G.train()
         self.D.train()
         real, labels = batch.image, self._labels(batch)
-        n = real.shape[0]
+        n, rng = real.shape[0], self._step_rng()
         for i in range(steps):
             with torch.set_grad_enabled(i == steps - 1):  # the last fakes also train G
-                fake = self.G(self._noise(n), labels)
+                fake = self.G(self._noise(n, rng), labels)
             real_logits = self.D(real, labels).float()
             fake_logits = self.D(fake.detach(), labels).float()
             loss_d = d_loss(real_logits, fake_logits, kind)
@@ -124,7 +142,10 @@ class GANTask(GenerativeTask):
             self._update(self.G, self.opt_g, loss_g)
         finally:
             self.D.requires_grad_(True)
+        if self.accelerator.num_processes > 1:
+            self._broadcast_buffers()
         self.ema.update(self.accelerator.unwrap_model(self.G))
+        self.step += 1
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
                 "d_real": torch.sigmoid(real_logits.detach()).mean().item(),
                 "d_fake": torch.sigmoid(fake_logits.detach()).mean().item(),
@@ -148,7 +169,8 @@ class GANTask(GenerativeTask):
                 "num_classes": self.num_classes, "condition": self.cfg.gan.condition}
 
     def state_tensors(self) -> dict[str, Tensor]:
-        return self.ema.state_tensors()
+        return {**self.ema.state_tensors(), "gan.step": torch.tensor(self.step)}
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
         self.ema.load_state_tensors(tensors)
+        self.step = int(tensors.get("gan.step", 0))

@@ -1,0 +1,87 @@
+"""Synthesis: exactly N fakes with unique keys and a valid manifest, on one rank or two, as
+shards or PNG files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import webdataset as wds
+from gen_setup import launch
+from PIL import Image
+
+from deepfake_dist.data.imageio import decode
+from deepfake_dist.data.manifest import file_sha256, load_manifest, shard_urls, verify
+from deepfake_dist.data.sources import SPLITS
+from deepfake_dist.errors import UserError
+from deepfake_dist.generate import generate
+
+
+def read_set(set_dir) -> dict[str, tuple]:
+    """key -> (split, cls, json, pixels) for every sample of every split; duplicates fail."""
+    samples = {}
+    for split in SPLITS:
+        urls = shard_urls(set_dir, split)
+        for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False) if urls else []:
+            assert s["__key__"] not in samples, f"duplicate key {s['__key__']}"
+            samples[s["__key__"]] = (split, int(s["cls"]), json.loads(s["json"]), np.asarray(decode(s["png"])))
+    return samples
+
+
+def test_generate_writes_exactly_n_fakes_with_a_manifest(gan_run, tmp_path):
+    manifest = generate(gan_run, 23, tmp_path / "fake", shard_size=5)
+    samples = read_set(tmp_path / "fake")
+    assert set(samples) == {f"tinygan-{i:06d}" for i in range(23)}
+    assert verify(tmp_path / "fake") == []
+    for key, (split, cls, meta, pixels) in samples.items():
+        assert cls == 1 and pixels.shape == (32, 32)  # grey, like the faces it learned from
+        assert meta["index"] == int(key.rsplit("-", 1)[1])
+        assert (meta["generator"], meta["run"], meta["step"], meta["label"]) == ("dcgan", "tinygan", 4, "fake")
+    counts = manifest["counts"]
+    assert sum(counts[s]["total"] for s in SPLITS) == 23 and sum(counts[s]["real"] for s in SPLITS) == 0
+    assert counts["train"]["total"] == 18  # split 0.8/0.1/0.1, like a prepared set
+    assert (manifest["channels"], manifest["mode"], manifest["label"]) == (1, "L", "fake")
+    assert manifest["generator"]["weights_sha256"] == file_sha256(gan_run / "generator.safetensors")
+    assert manifest["generator"]["step"] == 4 and manifest["created"]["world_size"] == 1
+
+
+def test_png_files_and_the_truncation_trick(gan_run, tmp_path):
+    result = generate(gan_run, 5, tmp_path / "plain", fmt="png")
+    truncated = generate(gan_run, 5, tmp_path / "trunc", fmt="png", truncation=0.5)
+    names = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert names == [f"tinygan-{i:06d}.png" for i in range(5)] and result["images"] == 5
+    assert truncated["images"] == 5
+    a = np.asarray(Image.open(tmp_path / "plain" / names[0]))
+    b = np.asarray(Image.open(tmp_path / "trunc" / names[0]))
+    assert a.shape == b.shape == (32, 32) and not np.array_equal(a, b)
+    again = generate(gan_run, 1, tmp_path / "again", fmt="png")  # image i depends only on (seed, i)
+    assert again["images"] == 1
+    assert np.array_equal(a, np.asarray(Image.open(tmp_path / "again" / names[0])))
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_same_n_images_as_one(gan_run, tmp_path):
+    generate(gan_run, 37, tmp_path / "one", shard_size=5)
+    result = launch(["-m", "deepfake_dist", "generate", "--checkpoint", str(gan_run), "--num-images", "37",
+                     "--out", str(tmp_path / "two"), "--shard-size", "5"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert verify(tmp_path / "two") == []
+    manifest = load_manifest(tmp_path / "two")
+    assert manifest["created"]["world_size"] == 2
+    one, two = read_set(tmp_path / "one"), read_set(tmp_path / "two")
+    assert set(two) == set(one) and len(two) == 37  # no duplicates, no gaps
+    for key in one:
+        assert one[key][:3] == two[key][:3]
+        assert np.abs(one[key][3].astype(int) - two[key][3].astype(int)).max() <= 1, key
+
+
+def test_bad_generate_input_is_one_clear_line(gan_run, tmp_path, smoke_config):
+    with pytest.raises(UserError, match="--num-images 0"):
+        generate(gan_run, 0, tmp_path / "x")
+    with pytest.raises(UserError, match="generator.safetensors not found"):
+        generate(tmp_path, 3, tmp_path / "x")
+    generate(gan_run, 2, tmp_path / "set", shard_size=5)
+    with pytest.raises(UserError, match="is not empty; pass --overwrite"):
+        generate(gan_run, 2, tmp_path / "set")
+    assert len(read_set(tmp_path / "set")) == 2
