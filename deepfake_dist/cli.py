@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -315,8 +316,38 @@ def _add_serve(sub):
     p.set_defaults(fn=cmd_serve)
 
 
+# Benchmarks are not part of the installed package: they live in the source checkout beside it
+# (the editable install ``pip install -e .`` that a benchmark run needs anyway).
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def cmd_bench(args) -> int:
+    import runpy
+
+    from deepfake_dist.registry import closest
+
+    names = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem not in ("__init__", "common"))
+    if not names:
+        raise UserError(f"no benchmarks in {BENCHMARKS}; they live in the source checkout: run deepfake-dist bench "
+                        "from a git clone installed with pip install -e .")
+    if args.name not in names:
+        raise UserError(f"bench {args.name}: no such benchmark{closest(args.name, names)}; choose one of "
+                        f"{', '.join(names)}")
+    sys.path.insert(0, str(BENCHMARKS.parent))
+    sys.argv = [f"deepfake-dist bench {args.name}", *args.args]
+    runpy.run_module(f"benchmarks.{args.name}", run_name="__main__", alter_sys=True)
+    return 0
+
+
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="run a benchmark from the checkout's benchmarks/ folder (see BENCHMARKS.md)")
+    p.add_argument("name", help="loader | trainer | ddp | gpu | ... (benchmarks/NAME.py)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (NAME --help lists them)")
+    p.set_defaults(fn=cmd_bench)
+
+
 COMMANDS = [_add_train, _add_prepare, _add_generate, _add_shards, _add_evaluate, _add_predict, _add_explain, _add_compress,
-            _add_export, _add_serve]
+            _add_export, _add_serve, _add_bench]
 
 
 def parser() -> argparse.ArgumentParser:
