@@ -319,28 +319,31 @@ def _read_stamp(path: Path) -> dict | None:
         return None
 
 
-def _fresh_accelerator_state() -> None:
-    """Each training or evaluation stage builds its own Accelerator (its own precision, DeepSpeed
-    engines, trackers); Accelerate keeps one per process, so the previous one is dropped.
-    The process group (PartialState) stays."""
+def _fresh_state():
+    """The process state for the next step. Each training or evaluation stage builds its own
+    Accelerator (its own precision, DeepSpeed engines, trackers) and Accelerate keeps one per
+    process, so the previous one is dropped; ``Accelerator.end_training`` (the end of every
+    training run) also closes the process group, which is then formed again."""
+    import torch.distributed as dist
     from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state()
+    from deepfake_dist.data.prepare import distributed_state
+
+    AcceleratorState._reset_state(reset_partial_state=not (dist.is_available() and dist.is_initialized()))
     GradientState._reset_state()
+    return distributed_state()
 
 
 def run_pipeline(path: str | Path, overrides: list[str] = ()) -> int:
     """Run every stage in order on this rank; 0 when done, 3 when a stage stopped on request."""
-    from deepfake_dist.data.prepare import distributed_state
     from deepfake_dist.train.checkpoint import write_json_atomic
     from deepfake_dist.train.tracking import console
 
     pipeline = load_pipeline(path, overrides)
-    state = distributed_state()
-    main = state.is_main_process
+    main = _fresh_state().is_main_process
     ctx: dict = {"results": []}
     for i, (kind, spec, where) in enumerate(pipeline["stages"]):
-        _fresh_accelerator_state()
+        state = _fresh_state()
         stage = STAGES.get(kind)(spec, where)
         if not stage.stamped:
             ctx["results"].append(stage.run(ctx))
@@ -366,7 +369,8 @@ def run_pipeline(path: str | Path, overrides: list[str] = ()) -> int:
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             stamp_file.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(stamp_file, {"stage": kind, "identity": identity, "status": "running"})
-            console.print(f"[{i}] {kind}: {'continuing' if same else 'running'}", soft_wrap=True)
+            resumed = same and stamp.get("status") == "running"  # interrupted: training resumes
+            console.print(f"[{i}] {kind}: {'continuing' if resumed else 'running'}", soft_wrap=True)
         state.wait_for_everyone()
         try:
             result = stage.run(ctx)
@@ -374,6 +378,7 @@ def run_pipeline(path: str | Path, overrides: list[str] = ()) -> int:
             if main:
                 console.print(f"stopped in stage {i} ({kind}); rerun the same command to continue", soft_wrap=True)
             return 3
+        state = _fresh_state()
         state.wait_for_everyone()
         if main:
             write_json_atomic(stamp_file, {"stage": kind, "identity": identity, "status": "done",

@@ -53,6 +53,8 @@ class AutoEncoderTask(GenerativeTask):
                 self.sched.step()
                 self.step += 1
             self.opt.zero_grad(set_to_none=True)
+        if self.accelerator.sync_gradients:
+            self.broadcast_buffers(self.model)
         return {**{k: v.detach().item() for k, v in losses.items()}, "kl_weight": kl_weight,
                 "lr": self.sched.get_last_lr()[0]}
 

@@ -114,14 +114,6 @@ class GANTask(GenerativeTask):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def _broadcast_buffers(self) -> None:
-        """BatchNorm statistics are updated by each rank's own batch (DDP syncs them only at the
-        start of a forward, DeepSpeed never); take rank 0's so the replicas, their EMAs and what
-        is exported agree."""
-        for model in (self.G, self.D):
-            for buffer in self.accelerator.unwrap_model(model).buffers():
-                torch.distributed.broadcast(buffer, src=0)
-
     def train_step(self, batch) -> dict[str, float]:
         kind, steps = self.cfg.gan.loss, self.cfg.gan.d_steps
         self.G.train()
@@ -142,8 +134,7 @@ class GANTask(GenerativeTask):
             self._update(self.G, self.opt_g, loss_g)
         finally:
             self.D.requires_grad_(True)
-        if self.accelerator.num_processes > 1:
-            self._broadcast_buffers()
+        self.broadcast_buffers(self.G, self.D)
         self.ema.update(self.accelerator.unwrap_model(self.G))
         self.step += 1
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),

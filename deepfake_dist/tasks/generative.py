@@ -52,6 +52,15 @@ class GenerativeTask(Task):
     def set_total_steps(self, total_steps: int) -> None:
         self.total_steps = total_steps
 
+    def broadcast_buffers(self, *models) -> None:
+        """BatchNorm statistics are updated by each rank's own batch (DDP syncs them only at the
+        start of a forward, DeepSpeed never); after each step every rank takes rank 0's, so the
+        replicas, the EMA and what is exported agree."""
+        if self.accelerator.num_processes > 1:
+            for model in models:
+                for buffer in self.accelerator.unwrap_model(model).buffers():
+                    torch.distributed.broadcast(buffer, src=0)
+
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` images in [-1, 1] from the model used for synthesis (no grad, eval mode)."""
         raise NotImplementedError

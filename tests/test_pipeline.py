@@ -1,0 +1,104 @@
+"""Pipelines: stages run in order, finished ones are skipped on a rerun, changed ones rebuilt,
+outputs the pipeline did not write are never touched; and the quickstart end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from gen_setup import ROOT
+
+from deepfake_dist.data.manifest import load_manifest
+from deepfake_dist.errors import UserError
+from deepfake_dist.pipeline import is_pipeline, load_pipeline, run_pipeline
+
+
+def write(tmp_path, stages, **top) -> str:
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "vars": {"root": str(tmp_path)}, "stamps": "${root}/stamps",
+                                    **top, "stages": stages}, sort_keys=False))
+    return str(path)
+
+
+def test_finished_stages_are_skipped_and_changed_ones_rebuilt(tmp_path, gan_run, capsys):
+    stages = [{"prepare": {"source": "builtin:lfw", "out": "${root}/lfw", "resolution": 16, "shard_size": 50}},
+              {"generate": {"checkpoint": str(gan_run), "num_images": "${n}", "out": "${root}/fake", "shard_size": 4}}]
+    path = write(tmp_path, stages, vars={"root": str(tmp_path), "n": 6})
+    assert is_pipeline(path) and run_pipeline(path) == 0
+    real_id, fake = load_manifest(tmp_path / "lfw")["id"], load_manifest(tmp_path / "fake")
+    assert sum(fake["counts"][s]["fake"] for s in fake["counts"]) == 6
+    stamp = json.loads((tmp_path / "stamps" / "01-generate.json").read_text())
+    assert stamp["status"] == "done" and stamp["inputs"] == {str(gan_run): fake["generator"]["weights_sha256"]}
+    capsys.readouterr()
+
+    assert run_pipeline(path) == 0  # nothing changed: nothing runs
+    out = capsys.readouterr().err
+    assert out.count("up to date, skipped") == 2
+
+    assert run_pipeline(path, ["vars.n=7"]) == 0  # only the stage that reads n runs again
+    out = capsys.readouterr().err
+    assert "[0] prepare: up to date, skipped" in out and "[1] generate: running" in out
+    assert load_manifest(tmp_path / "lfw")["id"] == real_id
+    fake = load_manifest(tmp_path / "fake")
+    assert sum(fake["counts"][s]["fake"] for s in fake["counts"]) == 7
+
+    (tmp_path / "fake" / "manifest.json").unlink()  # an output went missing: the stage runs again
+    assert run_pipeline(path, ["vars.n=7"]) == 0
+    assert "[1] generate: running" in capsys.readouterr().err
+    assert load_manifest(tmp_path / "fake")["id"] == fake["id"]
+
+
+def test_outputs_the_pipeline_did_not_write_are_left_alone(tmp_path):
+    (tmp_path / "lfw").mkdir()
+    (tmp_path / "lfw" / "mine.txt").write_text("precious")
+    path = write(tmp_path, [{"prepare": {"source": "builtin:lfw", "out": "${root}/lfw"}}])
+    with pytest.raises(UserError, match="lfw exists but this pipeline did not write it"):
+        run_pipeline(path)
+    assert (tmp_path / "lfw" / "mine.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"prepair": {}}], r"stages\[0\]: unknown stage 'prepair' \(did you mean 'prepare'\?\)"),
+    ([{"prepare": {"source": "builtin:lfw", "out": "${rot}/x"}}], r"unknown variable \$\{rot\} \(did you mean 'root'\?\)"),
+    ([{"prepare": {"source": "builtin:lfw", "out": "x", "resolutin": 32}}], "unknown key 'resolutin'"),
+    ([{"generate": {"checkpoint": "x"}}], "missing key 'num_images'"),
+    ([{"train": {}, "prepare": {}}], "each stage is one 'kind: {settings}' mapping"),
+])
+def test_bad_pipelines_are_one_clear_line(tmp_path, stages, message):
+    with pytest.raises(UserError, match=message):
+        run_pipeline(write(tmp_path, stages))
+
+
+def test_quickstart_is_a_pipeline_of_every_stage_kind():
+    pipeline = load_pipeline(ROOT / "configs" / "quickstart.yaml")
+    kinds = [kind for kind, _, _ in pipeline["stages"]]
+    assert kinds == ["prepare", "train", "train", "generate", "generate", "train", "train", "train", "evaluate", "compare"]
+    assert str(pipeline["stamps"]) == "runs/quickstart/stages"
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_and_skips_finished_stages_on_rerun(tmp_path):
+    tiny = [f"vars.shards={tmp_path / 'shards'}", f"vars.runs={tmp_path / 'runs'}", "vars.gan_steps=4",
+            "vars.vae_steps=4", "vars.sample_every=2", "vars.fakes=20", "vars.detector_epochs=1", "vars.width=8",
+            "vars.robustness=false", "vars.explain=false"]
+    cmd = [sys.executable, "-m", "deepfake_dist", "train", "--config", "configs/quickstart.yaml", *tiny]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "COLUMNS": "200"}
+    first = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = first.stdout + first.stderr
+    for run in ("hybrid", "resnet18", "densenet121"):
+        assert run in out and (tmp_path / "runs" / run / "model.safetensors").is_file()
+    assert "ROC-AUC" in out and "test split, 28 images" in out  # 20 real + 2 x 4 fake test images
+    assert (tmp_path / "runs" / "dcgan" / "samples" / "step-000004.png").is_file()
+    assert (tmp_path / "runs" / "evaluation" / "comparison.md").is_file()
+    for fake in ("lfw-dcgan-fake", "lfw-vae-fake"):
+        assert load_manifest(tmp_path / "shards" / fake)["channels"] == 1  # grey stays grey
+
+    again = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    assert out.count("up to date, skipped") == 9 and "ROC-AUC" in out
