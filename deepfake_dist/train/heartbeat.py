@@ -24,6 +24,9 @@ import torch
 from deepfake_dist.errors import GroupFailure
 
 PERIOD_S = 1.0
+# where a process-group failure surfaces: c10d itself, and DDP's own collectives (its buffer
+# broadcast before each forward times out with "Application timeout caused pair closure")
+_GROUP_CODE = (f"torch{os.sep}distributed{os.sep}", f"torch{os.sep}nn{os.sep}parallel{os.sep}distributed.py")
 _PREFIX = "deepfake_dist/heartbeat"
 
 
@@ -84,7 +87,7 @@ def from_collective(err: BaseException) -> bool:
         seen.add(id(err))
         if isinstance(err, torch.distributed.DistError) or re.search(r"\bgloo\b|NCCL", str(err)):
             return True
-        if any(f"torch{os.sep}distributed{os.sep}" in frame.filename for frame in traceback.extract_tb(err.__traceback__)):
+        if any(part in frame.filename for frame in traceback.extract_tb(err.__traceback__) for part in _GROUP_CODE):
             return True
         err = err.__cause__ or err.__context__
     return False

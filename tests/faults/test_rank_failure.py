@@ -1,0 +1,59 @@
+"""Fault 8, a rank that stalls: one of two gloo ranks is frozen (SIGSTOP) mid-training. The other
+reports within ``train.timeout_s`` (plus the heartbeat's few seconds), naming the frozen rank
+(``train.heartbeat``), the job ends non-zero, and the relaunch resumes from the last complete
+checkpoint. A rank that dies is the scale-out suite's test (see docs/reliability.md)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from scale_setup import ENV, ROOT, accelerate, free_port, smoke, wait_until, worker_pids
+
+from deepfake_dist.train.checkpoint import complete_checkpoints
+
+TIMEOUT_S = 10
+
+
+@pytest.mark.slow
+def test_stalled_rank_is_named_and_the_job_resumes(face_shards, tmp_path):
+    runs = tmp_path / "runs"
+    run_dir = runs / "stall"
+
+    def command() -> list[str]:
+        return accelerate("--config_file", str(ROOT / "configs/accelerate/cpu_gloo.yaml"),
+                          "--main_process_port", str(free_port()),
+                          *smoke(face_shards, runs, "stall", f"train.timeout_s={TIMEOUT_S}",
+                                 "checkpoint.every_steps=2", "train.max_steps=8",
+                                 "data.num_workers=0"))  # no loader processes: worker_pids finds the ranks alone
+
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen(command(), env=ENV, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        wait_until(lambda: complete_checkpoints(run_dir), 180, job, "a first checkpoint")
+        frozen = worker_pids(job.pid)[1]
+        os.kill(frozen, signal.SIGSTOP)
+        stalled_at = time.monotonic()
+        wait_until(lambda: "stopped responding" in log.read_text(), 120, job, "a report of the stalled rank")
+        reported_after = time.monotonic() - stalled_at
+        os.kill(frozen, signal.SIGCONT)  # let the launcher's SIGTERM reach it now, not after its grace period
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert job.returncode != 0
+    assert reported_after < TIMEOUT_S + 20, reported_after  # the timeout, the heartbeat watch, a loaded machine
+    report = next(line for line in text.splitlines() if "stopped responding" in line)
+    assert report.startswith("error: rank 0: a collective failed") and "rank 1 stopped responding" in report
+    last = complete_checkpoints(run_dir)[-1]
+
+    again = subprocess.run(command(), env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resuming from {last}" in again.stdout + again.stderr
