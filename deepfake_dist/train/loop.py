@@ -97,6 +97,7 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config) -> dict:
+    stop = _StopRequest()  # first: a preemption signal during start-up or resume is not fatal
     make_task = task_class(cfg)
     accelerator = make_accelerator(cfg, engines=make_task.engines)
     set_seed(cfg.seed)
@@ -131,7 +132,6 @@ def _train(cfg: Config) -> dict:
     manifests = manifest_ids(sorted(set(cfg.data.train + (cfg.data.val or []))))
     start_trackers(accelerator, cfg, {"manifests": manifests, "world_size": accelerator.num_processes})
     tracker = Tracker(accelerator, cfg, total_steps, state["step"])
-    stop = _StopRequest()
     export_info = {
         **task.export_info(),
         "model": cfg.model.name,
