@@ -21,7 +21,7 @@ def test_kill_during_checkpoint_write_resumes_from_previous(overrides, capsys):
     args = overrides + ["checkpoint.every_steps=2", "train.max_steps=6"]
     run_dir = load_config(SMOKE, args).run_dir
     half_written = checkpoint_dir(run_dir) / ".tmp-step-4"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", FAULT_DELAY_ENV: "2"}  # each write waits 2 s before its rename
+    env = {**os.environ, "OMP_NUM_THREADS": "1", FAULT_DELAY_ENV: "1"}  # each write waits 1 s before its rename
     job = subprocess.Popen([sys.executable, "-m", "deepfake_dist", "train", "--config", str(SMOKE), *args],
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
