@@ -46,16 +46,17 @@ def free_port() -> int:
 
 
 def node_args(machine_rank: int, port: int, nodes: int = 2) -> list[str]:
-    """One "node" of a multi-node launch on loopback, one process per node."""
+    """One "node" of a multi-node launch on loopback, one process per node, as
+    launch/slurm/train.sbatch starts them: c10d rendezvous hosted by node 0 (on one host every
+    node would otherwise take itself for the host and race to bind the port)."""
     return ["--num_machines", str(nodes), "--num_processes", str(nodes), "--machine_rank", str(machine_rank),
             "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--rdzv_backend", "c10d",
-            "--dynamo_backend", "no"]
+            "--rdzv_conf", f"is_host={str(machine_rank == 0).lower()}", "--dynamo_backend", "no"]
 
 
 def start_nodes(launch_args: list[str], script: list[str], cwd: Path, logs: Path, nodes: int = 2,
                 env: dict | None = None) -> list[subprocess.Popen]:
-    """``nodes`` launchers as separate "machines" on 127.0.0.1. Node 0 starts first and node 1
-    once node 0's rendezvous store listens: on one host both would otherwise race to host it."""
+    """``nodes`` launchers as separate "machines" on 127.0.0.1, output in ``logs/node<N>.log``."""
     port = free_port()
     procs = []
     for rank in range(nodes):
@@ -63,8 +64,6 @@ def start_nodes(launch_args: list[str], script: list[str], cwd: Path, logs: Path
             procs.append(subprocess.Popen(accelerate(*launch_args, *node_args(rank, port, nodes), *script),
                                           env={**ENV, **(env or {})}, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True))
-        if rank == 0:
-            wait_until(lambda: port_listening(port), 120, procs[0], "node 0's rendezvous store")
     return procs
 
 
