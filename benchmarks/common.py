@@ -177,9 +177,12 @@ def face_image(index: int, fake: bool) -> Image.Image:
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
-def face_set(root: Path, train: int, val: int = 100, shard_size: int = 250, fakes: bool = True) -> Path:
-    """A shard set of ``train`` + ``val`` 64-px RGB faces (half real, half fake; all real
-    without ``fakes``) made by the platform's own ``prepare``; built once under ``root``."""
+def face_set(root: Path, train: int, val: int | None = None, shard_size: int = 250, fakes: bool = True,
+             workers: int = 1) -> Path:
+    """A shard set of ``train`` + ``val`` (default: an eighth, 16 to 100) 64-px RGB faces (half
+    real, half fake; all real without ``fakes``) made by the platform's own ``prepare`` (with
+    ``workers`` processes); built once under ``root`` and reused."""
+    val = min(100, max(16, train // 8)) if val is None else val
     name = f"faces-{train}-{val}" + ("" if fakes else "-real")
     out = Path(root) / name
     if _complete(out, train):
@@ -194,7 +197,7 @@ def face_set(root: Path, train: int, val: int = 100, shard_size: int = 250, fake
         face_image(i, fake=label == "fake").save(images / label / f"face_{i:06d}.png")
     total = train + val
     prepare(f"folder:{images}", out, resolution=64, shard_size=shard_size, split=(train / total, val / total, 0.0),
-            overwrite=True)
+            overwrite=True, workers=workers)
     shutil.rmtree(images)
     return out
 

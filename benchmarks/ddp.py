@@ -26,7 +26,7 @@ from benchmarks.common import (
     face_set,
     interleaved,
     machine,
-    median,
+    median_of,
     parser,
     print_table,
     replicated_set,
@@ -67,7 +67,7 @@ def run_training(processes: int, model: str, set_dir, steps: int, warmup: int, b
     logs = [r for r in read_jsonl(run_dir / name / "metrics.jsonl") if "train/loss" in r]
     first, last = logs[0], logs[-1]
     images = (last["step"] - first["step"]) * batch_size * processes
-    return {"images_per_s": images / (last["time"] - first["time"]), "steps": [first["step"], last["step"]],
+    return {"per_s": images / (last["time"] - first["time"]), "steps": [first["step"], last["step"]],
             "data_wait_frac": last.get("train/data_wait_frac")}
 
 
@@ -88,29 +88,25 @@ def main(argv=None) -> dict:
     base = face_set(args.data, args.samples)
     copies = -(-args.steps * args.batch_size * max(args.processes) // args.samples) + 1
     set_dir = replicated_set(base, copies)
-    details: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         def case(n):
-            def run():
-                result = run_training(n, args.model, set_dir, args.steps, args.warmup, args.batch_size, args.workers,
-                                      Path(tmp))
-                details.setdefault(str(n), []).append(result)
-                return result["images_per_s"]
-            return run
+            return lambda: run_training(n, args.model, set_dir, args.steps, args.warmup, args.batch_size, args.workers,
+                                        Path(tmp))
 
         console.print(f"ddp: {args.model}, processes {args.processes}, {args.steps} steps x {args.repeats} rounds")
-        rates = interleaved({str(n): case(n) for n in args.processes}, args.repeats)
-    one = median(rates[str(min(args.processes))])
+        runs = interleaved({str(n): case(n) for n in args.processes}, args.repeats)
+    base = min(args.processes)
+    one = median_of(runs[str(base)], "per_s")
     results = {"model": args.model, "batch_size_per_process": args.batch_size, "workers": args.workers,
                "threads_per_process": 1, "processes": {}}
     rows = []
     for n in args.processes:
-        rate = median(rates[str(n)])
+        rate = median_of(runs[str(n)], "per_s")
         speedup = rate / one
-        results["processes"][str(n)] = {"images_per_s": rate, "runs": details[str(n)], "speedup": speedup,
-                                        "efficiency": speedup / (n / min(args.processes))}
-        rows.append([str(n), rate, speedup, speedup / (n / min(args.processes)),
-                     median([d["data_wait_frac"] for d in details[str(n)]])])
+        row = {"images_per_s": rate, "runs": runs[str(n)], "speedup": speedup, "efficiency": speedup / (n / base),
+               "data_wait_frac": median_of(runs[str(n)], "data_wait_frac")}
+        results["processes"][str(n)] = row
+        rows.append([str(n), rate, speedup, row["efficiency"], row["data_wait_frac"]])
     print_table(f"ddp: {args.model}, total images/s, 1 thread per process (median of rounds)",
                 ["processes", "images/s", "speedup", "efficiency", "data wait"], rows)
     write_result("ddp", args, results, started)

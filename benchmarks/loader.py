@@ -8,7 +8,7 @@ batching, the platform's ``train_loader``) at each ``num_workers``, against
 and the peak memory (RSS of the process and its workers) of one epoch over a small and a
 large set, which stays flat when the pipeline streams.
 
-    deepfake-dist bench loader [--samples 1000] [--large 50000] [--workers 0 1 2]
+    deepfake-dist bench loader [--samples 1000] [--memory-samples 1000 10000 50000] [--workers 0 1 2]
 """
 
 from __future__ import annotations
@@ -168,8 +168,9 @@ def _memory_probe(set_dir: str, workers: int, batch_size: int) -> dict:
 def main(argv=None) -> dict:
     p = parser("loader", __doc__)
     p.add_argument("--samples", type=int, default=1000, help="train samples of the throughput set")
-    p.add_argument("--large", type=int, default=50000, help="train samples of the memory check's large set "
-                   "(a multiple of --samples; 0 skips the memory check)")
+    p.add_argument("--memory-samples", dest="memory_samples", type=int, nargs="+", default=[1000, 10000, 50000],
+                   help="set sizes of the memory check (multiples of --samples, made by copying its shards; "
+                        "0 skips it)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="num_workers values to measure")
     p.add_argument("--memory-workers", dest="memory_workers", type=int, default=2)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
@@ -218,26 +219,30 @@ def main(argv=None) -> dict:
                                                           "vs ImageFolder"], rows)
     console.print("* the limit on as many cores as workers (at least one)")
 
-    if args.large:
-        large = replicated_set(small, max(args.large // args.samples, 1))
-        sets = {"small": small, "large": large}
-        memory_runs = {name: [] for name in sets}
+    sizes = [n for n in args.memory_samples if n]
+    if sizes:
+        sets = {n: small if n == args.samples else replicated_set(small, max(n // args.samples, 1)) for n in sizes}
+        memory_runs: dict[int, list[dict]] = {n: [] for n in sizes}
         for r in range(args.repeats):
-            for name in (list(sets) if r % 2 == 0 else list(sets)[::-1]):
-                memory_runs[name].append(peak_memory(sets[name], args.memory_workers, args.batch_size))
-                console.print(f"  round {r + 1}/{args.repeats} memory {name}: {memory_runs[name][-1]}", style="dim")
-        memory = {name: {"samples": memory_runs[name][0]["samples"], "runs": memory_runs[name],
-                         **{k: median_of(memory_runs[name], k) for k in ("peak_rss_mib", "peak_uss_mib")}}
-                  for name in sets}
-        memory |= {f"large_vs_small_{k}": memory["large"][f"peak_{k}_mib"] / memory["small"][f"peak_{k}_mib"]
-                   for k in ("rss", "uss")}
-        memory["workers"] = args.memory_workers
+            for n in (sizes if r % 2 == 0 else sizes[::-1]):
+                memory_runs[n].append(peak_memory(sets[n], args.memory_workers, args.batch_size))
+                console.print(f"  round {r + 1}/{args.repeats} memory {n}: {memory_runs[n][-1]}", style="dim")
+        first = sizes[0]
+        memory = {"workers": args.memory_workers, "sets": {}}
+        for n in sizes:
+            row = {"samples": memory_runs[n][0]["samples"], "runs": memory_runs[n],
+                   **{k: median_of(memory_runs[n], k) for k in ("peak_rss_mib", "peak_uss_mib")}}
+            memory["sets"][str(n)] = row
+        for n in sizes:
+            row = memory["sets"][str(n)]
+            for k in ("rss", "uss"):
+                row[f"{k}_vs_first"] = row[f"peak_{k}_mib"] / memory["sets"][str(first)][f"peak_{k}_mib"]
         results["memory"] = memory
         print_table(f"loader: peak memory of one epoch, process + {args.memory_workers} workers (median)",
-                    ["set", "samples", "RSS MiB", "USS MiB", "RSS vs small", "USS vs small"],
-                    [[name, memory[name]["samples"], memory[name]["peak_rss_mib"], memory[name]["peak_uss_mib"],
-                      memory[name]["peak_rss_mib"] / memory["small"]["peak_rss_mib"],
-                      memory[name]["peak_uss_mib"] / memory["small"]["peak_uss_mib"]] for name in sets])
+                    ["samples", "RSS MiB", "USS MiB", f"RSS vs {first}", f"USS vs {first}"],
+                    [[r["samples"], r["peak_rss_mib"], r["peak_uss_mib"], r["rss_vs_first"], r["uss_vs_first"]]
+                     for r in memory["sets"].values()])
+
     write_result("loader", args, results, started)
     return results
 

@@ -20,10 +20,10 @@ from benchmarks.common import (
     face_set,
     interleaved,
     machine,
-    median,
+    measure,
+    median_of,
     parser,
     print_table,
-    timed_rate,
     train_images,
     write_result,
 )
@@ -35,10 +35,12 @@ from deepfake_dist.models import create_model, model_kind
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
 
-def bench_config(model: str, set_dir, run_dir: str, batch_size: int | None, resolution: int = 64) -> Config:
-    """The shipped config of ``model``, on the benchmark's set, with no tracker, workers or samples."""
+def bench_config(model: str, set_dir, run_dir: str, batch_size: int | None, resolution: int = 64,
+                 extra: list[str] = ()) -> Config:
+    """The shipped config of ``model``, on the benchmark's set, with no tracker, workers or samples
+    (``extra``: more overrides)."""
     overrides = [f"data.train=[{set_dir}]", "data.val=null", "data.num_workers=0", f"data.resolution={resolution}",
-                 "wandb.mode=disabled", f"output_dir={run_dir}", "samples.every=0", "samples.fid_every=0"]
+                 "wandb.mode=disabled", f"output_dir={run_dir}", "samples.every=0", "samples.fid_every=0", *extra]
     if batch_size:
         overrides.append(f"data.batch_size={batch_size}")
     return load_config(REPO / "configs" / f"{model}.yaml", overrides)
@@ -70,7 +72,7 @@ def rate_case(step, images: int, steps: int, warmup: int, device):
             step()
         _sync(device)
 
-    return lambda: timed_rate(images * steps, run)
+    return lambda: measure(images * steps, run)
 
 
 def platform_step(cfg: Config, batch: Batch, channels: int):
@@ -148,30 +150,36 @@ def main(argv=None) -> dict:
     started = machine()
     if args.threads:
         torch.set_num_threads(args.threads)
-    detector_set = face_set(args.data, 64, val=16)
-    real_set = face_set(args.data, 64, val=16, fakes=False)
+    detector_set = face_set(args.data, 64)
+    real_set = face_set(args.data, 64, fakes=False)
     results = {"threads": torch.get_num_threads(), "models": {}}
     rows = []
     with tempfile.TemporaryDirectory() as run_dir:
         for name in args.models:
-            gan = model_kind(load_config(REPO / "configs" / f"{name}.yaml").model.name) == "gan"
-            set_dir = real_set if gan else detector_set
-            cfg = bench_config(name, set_dir, run_dir, args.batch_size, args.resolution)
+            cfg = bench_config(name, detector_set, run_dir, args.batch_size, args.resolution)
+            gan = model_kind(cfg.model.name) == "gan"
+            set_dir = real_set if gan else detector_set  # generators learn from real faces only
+            if gan:
+                cfg = bench_config(name, set_dir, run_dir, args.batch_size, args.resolution)
             channels = 3
             batch = memory_batch(cfg, set_dir, channels)
             ours, device = platform_step(cfg, batch, channels)
             bare = (bare_gan_step if gan else bare_detector_step)(cfg, batch, channels, device)
             n = len(batch)
             console.print(f"trainer {name}: batch {n}, {args.steps} steps x {args.repeats} rounds on {device}")
-            rates = interleaved({"platform": rate_case(ours, n, args.steps, args.warmup, device),
-                                 "bare": rate_case(bare, n, args.steps, args.warmup, device)}, args.repeats)
-            platform, plain = median(rates["platform"]), median(rates["bare"])
-            results["models"][name] = {"batch_size": n, "resolution": cfg.data.resolution, "device": str(device),
-                                       "platform_images_per_s": platform, "bare_images_per_s": plain,
-                                       "platform_vs_bare": platform / plain, "runs": rates}
-            rows.append([name, n, platform, plain, platform / plain])
+            runs = interleaved({"platform": rate_case(ours, n, args.steps, args.warmup, device),
+                                "bare": rate_case(bare, n, args.steps, args.warmup, device)}, args.repeats)
+            row = {"batch_size": n, "resolution": cfg.data.resolution, "device": str(device), "runs": runs}
+            for case in ("platform", "bare"):
+                row[f"{case}_images_per_s"] = median_of(runs[case], "per_s")
+                row[f"{case}_images_per_cpu_s"] = median_of(runs[case], "per_cpu_s")
+            row["platform_vs_bare"] = row["platform_images_per_s"] / row["bare_images_per_s"]
+            row["platform_vs_bare_cpu"] = row["platform_images_per_cpu_s"] / row["bare_images_per_cpu_s"]
+            results["models"][name] = row
+            rows.append([name, n, row["platform_images_per_s"], row["bare_images_per_s"], row["platform_vs_bare"],
+                         row["platform_vs_bare_cpu"]])
     print_table(f"trainer: images/s of one training step at {args.resolution} px (median of rounds)",
-                ["model", "batch", "platform", "bare PyTorch", "platform / bare"], rows)
+                ["model", "batch", "platform", "bare PyTorch", "platform / bare", "same, per CPU-s"], rows)
     write_result("trainer", args, results, started)
     return results
 

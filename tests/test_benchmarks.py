@@ -1,0 +1,78 @@
+"""Every benchmark runs end to end at tiny sizes through ``deepfake-dist bench NAME`` and writes
+its JSON (machine, arguments, positive rates), so the suite cannot rot between the runs that
+produce BENCHMARKS.md. The figures themselves are not tested here: they need a quiet machine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deepfake_dist.cli import main
+
+
+@pytest.fixture(scope="module")
+def bench_data(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench_data")  # the generated face sets, shared by the tests
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(name: str, tmp_path, bench_data, *args: str) -> dict:
+    out = tmp_path / "results"
+    assert main(["bench", name, "--out", str(out), "--data", str(bench_data), "--repeats", "1", *args]) == 0
+    (path,) = out.glob(f"{name}-*.json")
+    record = json.loads(path.read_text())
+    assert record["benchmark"] == name and record["machine"]["torch"] == torch.__version__
+    assert record["machine"]["logical_cores"] >= 1 and record["machine"]["cpu"]
+    return record["results"]
+
+
+def test_loader(tmp_path, bench_data):
+    results = _run("loader", tmp_path, bench_data, "--samples", "64", "--memory-samples", "128", "--workers", "0",
+                   "--memory-workers", "0", "--epochs", "1", "--batch-size", "8")
+    assert results["limit"]["1"]["per_s"] > 0
+    row = results["workers"]["0"]
+    assert row["webdataset_per_s"] > 0 and row["imagefolder_per_s"] > 0 and row["webdataset_vs_limit"] > 0
+    memory = results["memory"]["sets"]["128"]  # the set copied twice, streamed in a fresh process
+    assert memory["samples"] == 128 and memory["peak_rss_mib"] > memory["peak_uss_mib"] > 0
+
+
+def test_trainer(tmp_path, bench_data):
+    results = _run("trainer", tmp_path, bench_data, "--models", "cnn", "dcgan", "--steps", "1", "--warmup", "1",
+                   "--batch-size", "4", "--resolution", "32")
+    for model in ("cnn", "dcgan"):
+        row = results["models"][model]
+        assert row["batch_size"] == 4 and row["platform_images_per_s"] > 0 and row["bare_images_per_s"] > 0
+
+
+def test_ddp_two_gloo_processes(tmp_path, bench_data):
+    results = _run("ddp", tmp_path, bench_data, "--processes", "2", "--steps", "4", "--warmup", "2",
+                   "--batch-size", "4", "--samples", "64")
+    row = results["processes"]["2"]
+    assert row["images_per_s"] > 0 and row["runs"][0]["steps"] == [2, 4]
+
+
+def test_gpu_skips_without_cuda_and_runs_on_cpu_when_asked(tmp_path, bench_data, capsys):
+    if not torch.cuda.is_available():
+        assert main(["bench", "gpu", "--out", str(tmp_path / "none")]) == 0
+        assert "no CUDA device: skipped" in capsys.readouterr().out and not (tmp_path / "none").exists()
+    results = _run("gpu", tmp_path, bench_data, "--device", "cpu", "--models", "cnn", "dcgan", "--resolution", "32",
+                   "--gan-resolution", "32", "--precisions", "fp32", "--layouts", "contiguous", "--no-compile", "--batch-size", "2",
+                   "--gan-batch-size", "2", "--steps", "1", "--windows", "1", "--warmup", "0", "--loader-workers", "0",
+                   "--loader-batch-size", "8", "--loader-samples", "64")
+    assert {c["model"] for c in results["configs"]} == {"cnn", "dcgan"}
+    assert all(c["images_per_s"] > 0 and "error" not in c for c in results["configs"])
+    assert all(flops > 0 for flops in results["flops_per_step"].values())
+    assert results["loader_vs_model"]["data_wait_frac"] >= 0 and results["platform_vs_bare"]["platform_vs_bare"] > 0
+
+
+def test_unknown_benchmark_is_one_line(capsys):
+    assert main(["bench", "lodaer"]) == 2
+    assert "did you mean 'loader'" in capsys.readouterr().err
