@@ -76,30 +76,20 @@ def wait_until(condition, timeout: float, proc: subprocess.Popen | None = None, 
 
 
 def worker_pids(launcher_pid: int) -> dict[int, int]:
-    """{RANK: pid} of the training processes below a launcher (read from /proc)."""
+    """{RANK: pid} of the training processes a launcher started (its children; their own
+    DataLoader workers share the environment but are a generation further down)."""
     found = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
         try:
-            env = dict(line.split("=", 1) for line in (entry / "environ").read_text().split("\0") if "=" in line)
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent != launcher_pid:
+                continue
+            env = dict(line.split("=", 1) for line in (entry / "environ").read_text().split("\0") if "=" in line)
         except (OSError, ValueError, IndexError):
             continue
-        if "RANK" in env and "LOCAL_RANK" in env and _descends(parent, launcher_pid):
+        if "RANK" in env:
             found[int(env["RANK"])] = int(entry.name)
     return found
-
-
-def _descends(pid: int, ancestor: int) -> bool:
-    while pid > 1:
-        if pid == ancestor:
-            return True
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-    return False
 
 
 def logged_train_steps(run_dir: Path) -> list[int]:
