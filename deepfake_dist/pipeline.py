@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -320,26 +322,47 @@ def _read_stamp(path: Path) -> dict | None:
 
 
 def _fresh_state():
-    """The process state for the next step. Each training or evaluation stage builds its own
+    """The process state for the next stage. Each training or evaluation stage builds its own
     Accelerator (its own precision, DeepSpeed engines, trackers) and Accelerate keeps one per
-    process, so the previous one is dropped; ``Accelerator.end_training`` (the end of every
-    training run) also closes the process group, which is then formed again."""
-    import torch.distributed as dist
+    process, so the previous one is dropped; the process group (PartialState) stays."""
     from accelerate.state import AcceleratorState, GradientState
 
     from deepfake_dist.data.prepare import distributed_state
 
-    AcceleratorState._reset_state(reset_partial_state=not (dist.is_available() and dist.is_initialized()))
+    AcceleratorState._reset_state()
     GradientState._reset_state()
     return distributed_state()
 
 
+@contextmanager
+def _one_process_group():
+    """One process group for all stages. ``Accelerator.end_training`` (the end of every
+    training run) closes the group unless the launcher owns it (Accelerate's ``FORK_LAUNCHED``,
+    read by every ``PartialState()``); forming it again reuses the launcher's store and can
+    race, so the pipeline owns the group instead and closes it when the last stage is done."""
+    old = os.environ.get("FORK_LAUNCHED")
+    os.environ["FORK_LAUNCHED"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FORK_LAUNCHED", None)
+        else:
+            os.environ["FORK_LAUNCHED"] = old
+        _fresh_state().destroy_process_group()
+
+
 def run_pipeline(path: str | Path, overrides: list[str] = ()) -> int:
     """Run every stage in order on this rank; 0 when done, 3 when a stage stopped on request."""
+    pipeline = load_pipeline(path, overrides)
+    with _one_process_group():
+        return _run_stages(pipeline)
+
+
+def _run_stages(pipeline: dict) -> int:
     from deepfake_dist.train.checkpoint import write_json_atomic
     from deepfake_dist.train.tracking import console
 
-    pipeline = load_pipeline(path, overrides)
     main = _fresh_state().is_main_process
     ctx: dict = {"results": []}
     for i, (kind, spec, where) in enumerate(pipeline["stages"]):
@@ -378,7 +401,6 @@ def run_pipeline(path: str | Path, overrides: list[str] = ()) -> int:
             if main:
                 console.print(f"stopped in stage {i} ({kind}); rerun the same command to continue", soft_wrap=True)
             return 3
-        state = _fresh_state()
         state.wait_for_everyone()
         if main:
             write_json_atomic(stamp_file, {"stage": kind, "identity": identity, "status": "done",
