@@ -20,6 +20,7 @@ from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.errors import UserError
 from deepfake_dist.fidelity import Fidelity, find_inception_weights, inception, to_uint8_rgb
 from deepfake_dist.tasks import Task
+from deepfake_dist.train.runtime import broadcast_buffers
 from deepfake_dist.train.tracking import console
 
 EXPORT_NAME = "generator"
@@ -53,13 +54,9 @@ class GenerativeTask(Task):
         self.total_steps = total_steps
 
     def broadcast_buffers(self, *models) -> None:
-        """BatchNorm statistics are updated by each rank's own batch (DDP syncs them only at the
-        start of a forward, DeepSpeed never); after each step every rank takes rank 0's, so the
-        replicas, the EMA and what is exported agree."""
-        if self.accelerator.num_processes > 1:
-            for model in models:
-                for buffer in self.accelerator.unwrap_model(model).buffers():
-                    torch.distributed.broadcast(buffer, src=0)
+        """Rank 0's BatchNorm statistics on every rank now, before the EMA reads them (the loop
+        does it again after the step, for every task)."""
+        broadcast_buffers(self.accelerator, models)
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` images in [-1, 1] from the model used for synthesis (no grad, eval mode)."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from datetime import timedelta
 
 import torch
@@ -31,6 +34,7 @@ def make_accelerator(cfg: Config, engines: tuple[str, ...] = (), **kwargs) -> Ac
     (a task's ``Task.engines``) asks DeepSpeed for one engine per name, each configured from the
     launcher's DeepSpeed settings; the task selects one before preparing each model.
     """
+    _die_with_launcher()
     handlers, cpu = [], False
     deepspeed = launched_with_deepspeed()
     if launched_world_size() > 1 or deepspeed:
@@ -61,6 +65,19 @@ def make_accelerator(cfg: Config, engines: tuple[str, ...] = (), **kwargs) -> Ac
     return accelerator
 
 
+def _die_with_launcher() -> None:
+    """Under torchrun (and so ``accelerate launch``) end this trainer when its launcher dies.
+    torchrun starts trainers in sessions of their own, so a launcher killed with SIGKILL (or an
+    out-of-memory kill) would leave them training on, writing checkpoints into the run folder
+    that a relaunch is using; with this they go as a node's processes go when the node dies."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher was gone before the request
+        os._exit(1)
+
+
 def _fill_deepspeed_config(ds: dict, cfg: Config, precision: str) -> None:
     """The DeepSpeed settings that belong to the experiment, not the launcher.
 
@@ -81,14 +98,19 @@ def _fill_deepspeed_config(ds: dict, cfg: Config, precision: str) -> None:
 
 
 def broadcast_buffers(accelerator: Accelerator, modules) -> None:
-    """Give every rank rank 0's buffers (BatchNorm statistics). DDP does this before each
-    forward; DeepSpeed does not, so without it each rank's statistics drift apart and the
-    validation, export and checkpoint (rank 0's) stop matching what the other ranks evaluate."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED or accelerator.num_processes == 1:
+    """Give every rank rank 0's buffers (BatchNorm statistics), one broadcast per dtype. Each
+    rank's forward updates them from its own batch; DDP syncs them only at the start of a
+    training forward and DeepSpeed never, so without this the replicas drift apart and
+    validation, the export and an EMA see different statistics on different ranks."""
+    if accelerator.num_processes == 1:
         return
-    for module in modules:
-        for buffer in accelerator.unwrap_model(module).buffers():
-            torch.distributed.broadcast(buffer, src=0)
+    buffers = [b for module in modules for b in accelerator.unwrap_model(module).buffers()]
+    for dtype in sorted({b.dtype for b in buffers}, key=str):
+        group = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.detach().reshape(-1) for b in group])
+        torch.distributed.broadcast(flat, src=0)
+        for buffer, value in zip(group, flat.split([b.numel() for b in group])):
+            buffer.copy_(value.view_as(buffer))
 
 
 def cast_inputs_for_deepspeed(accelerator: Accelerator, modules) -> None:
