@@ -228,8 +228,8 @@ class EvaluateStage(Stage):
 
 @STAGES.register("compare")
 class CompareStage(Stage):
-    """Prints the last evaluation's comparison table, what it was computed on, and every path
-    the pipeline wrote."""
+    """Prints the last evaluation's comparison table (``evaluate`` prints it when it runs; this
+    stage when it was skipped), what it was computed on, and every path the pipeline wrote."""
 
     stamped = False
 
@@ -244,7 +244,8 @@ class CompareStage(Stage):
         if distributed_state().is_main_process:
             rows = evaluation["rows"]
             images = rows[0].get("test_images", "?") if rows else "?"
-            console.print(comparison_table(rows), soft_wrap=True)
+            if evaluation.get("skipped"):  # a fresh evaluation has just printed it
+                console.print(comparison_table(rows))
             console.print(f"data: {', '.join(evaluation['data'])} ({evaluation['split']} split, {images} images)",
                           soft_wrap=True)
             console.print("written:", soft_wrap=True)
@@ -378,7 +379,7 @@ def _run_stages(pipeline: dict) -> int:
         if same and stamp.get("status") == "done" and all(p.exists() for p in stage.outputs()):
             if main:
                 console.print(f"[{i}] {kind}: up to date, skipped ({stamp_file})", soft_wrap=True)
-            ctx["results"].append(stamp.get("result", {}))
+            ctx["results"].append({**stamp.get("result", {}), "skipped": True})
             continue
         if stamp is None:
             taken = [p for p in stage.owned() if p.exists() and (not p.is_dir() or any(p.iterdir()))]

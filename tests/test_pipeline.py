@@ -84,9 +84,9 @@ def test_quickstart_is_a_pipeline_of_every_stage_kind():
 def test_quickstart_runs_end_to_end_and_skips_finished_stages_on_rerun(tmp_path):
     tiny = [f"vars.shards={tmp_path / 'shards'}", f"vars.runs={tmp_path / 'runs'}", "vars.gan_steps=4",
             "vars.vae_steps=4", "vars.sample_every=2", "vars.fakes=20", "vars.detector_epochs=1", "vars.width=8",
-            "vars.robustness=false", "vars.explain=false"]
+            "vars.robustness=false", "vars.explain=false", "vars.wandb=disabled"]
     cmd = [sys.executable, "-m", "deepfake_dist", "train", "--config", "configs/quickstart.yaml", *tiny]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "COLUMNS": "200"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     first = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     out = first.stdout + first.stderr
