@@ -13,6 +13,7 @@ line where it goes and FID/KID are skipped (training goes on).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,9 +30,12 @@ def hub_checkpoints() -> Path:
 
 
 def find_inception_weights(configured: str | None) -> tuple[Path | None, str]:
-    """(path, "") when the Inception weights are on disk, else (None, the one line to show)."""
+    """(path, "") when the Inception weights are on disk (and torch-fidelity, which reads them,
+    is installed), else (None, the one line to show)."""
     path = Path(configured) if configured else hub_checkpoints() / INCEPTION_FILE
     if path.is_file():
+        if importlib.util.find_spec("torch_fidelity") is None:
+            return None, "FID/KID skipped: torch-fidelity is not installed; pip install 'deepfake_dist[fid]'"
         return path, ""
     if configured:
         return None, (f"FID/KID skipped: samples.inception_weights {path} does not exist; point it at "

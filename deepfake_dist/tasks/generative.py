@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
 from deepfake_dist.data.loader import eval_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
@@ -75,8 +75,9 @@ class GenerativeTask(Task):
         if self.accelerator.is_main_process:
             self.samples_dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp.png")
-            save_image(images.float().cpu(), tmp, nrow=math.ceil(math.sqrt(len(images))),
-                       normalize=True, value_range=(-1, 1))
+            grid = make_grid(images.float().cpu(), nrow=math.ceil(math.sqrt(len(images))), normalize=True,
+                             value_range=(-1, 1))
+            save_image(grid[: self.channels], tmp)  # a grey model's grid stays grey
             tmp.replace(path)
             if self.cfg.wandb.mode != "disabled":
                 import wandb
