@@ -90,6 +90,36 @@ def interleaved(cases: dict[str, Callable[[], dict]], repeats: int, show: bool =
     return runs
 
 
+def alternating(steps_of: dict[str, Callable[[], object]], items: int, steps: int, repeats: int,
+                sync: Callable[[], None] = lambda: None, show: bool = True) -> dict[str, list[dict]]:
+    """Rounds of ``steps`` calls of every case, the cases taking turns call by call (the order
+    reversed every other call), so that each pair of calls meets the same load: the finest
+    interleaving, for comparing two ways of doing one training step. Per round and case:
+    ``per_s`` and ``per_cpu_s`` (this process's CPU time) of ``items`` per call."""
+    names = list(steps_of)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(repeats):
+        wall, cpu = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+        for i in range(steps):
+            for name in names if (r + i) % 2 == 0 else names[::-1]:
+                w, c = time.perf_counter(), time.process_time()
+                steps_of[name]()
+                sync()
+                wall[name] += time.perf_counter() - w
+                cpu[name] += time.process_time() - c
+        for name in names:
+            runs[name].append({"per_s": items * steps / wall[name], "per_cpu_s": items * steps / max(cpu[name], 1e-9)})
+        if show:
+            shown = "; ".join(f"{n} {runs[n][-1]['per_s']:,.1f}/s {runs[n][-1]['per_cpu_s']:,.1f}/CPU-s" for n in names)
+            console.print(f"  round {r + 1}/{repeats}: {shown}", style="dim")
+    return runs
+
+
+def paired_ratio(runs: dict[str, list[dict]], a: str, b: str, key: str = "per_s") -> float:
+    """Median over rounds of case ``a`` / case ``b`` measured in the same round."""
+    return statistics.median(x[key] / y[key] for x, y in zip(runs[a], runs[b]))
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

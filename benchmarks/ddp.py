@@ -12,13 +12,17 @@ the last: (images between them, all ranks) / (wall time between them).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import psutil
 
 from benchmarks.common import (
     REPO,
@@ -26,13 +30,13 @@ from benchmarks.common import (
     face_set,
     interleaved,
     machine,
+    median,
     median_of,
     parser,
     print_table,
     replicated_set,
     write_result,
 )
-from deepfake_dist.train.tracking import read_jsonl
 
 
 def free_port() -> int:
@@ -47,9 +51,32 @@ def launcher() -> str:
     return str(local) if local.is_file() else shutil.which("accelerate") or "accelerate"
 
 
+def _records(metrics: Path) -> list[dict]:
+    """The complete lines of a metrics.jsonl that is being written (train-step records only)."""
+    if not metrics.is_file():
+        return []
+    lines = metrics.read_text().split("\n")[:-1]  # the last piece may be a line still being written
+    return [r for r in map(json.loads, lines) if "train/loss" in r]
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds so far of a process and all its descendants (the launcher and the ranks)."""
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            times = proc.cpu_times()
+            total += times.user + times.system
+    except psutil.Error:
+        pass
+    return total
+
+
 def run_training(processes: int, model: str, set_dir, steps: int, warmup: int, batch_size: int, workers: int,
                  run_dir: Path) -> dict:
-    """One training run; images/s of all ranks together between step ``warmup`` and ``steps``."""
+    """One training run, watched while it runs: images/s of all ranks together between the
+    records of step ``warmup`` and step ``steps``, per wall second and per CPU second of the
+    launched processes (read when each record appears)."""
     name = f"ddp-{processes}"
     shutil.rmtree(run_dir / name, ignore_errors=True)
     command = [launcher(), "launch", "--config_file", str(REPO / "configs/accelerate/cpu_gloo.yaml"),
@@ -61,14 +88,25 @@ def run_training(processes: int, model: str, set_dir, steps: int, warmup: int, b
                "checkpoint.every_epochs=1", "checkpoint.resume=none", "wandb.mode=disabled",
                f"name={name}", f"output_dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{done.stderr[-3000:]}")
-    logs = [r for r in read_jsonl(run_dir / name / "metrics.jsonl") if "train/loss" in r]
-    first, last = logs[0], logs[-1]
+    metrics, cpu_at = run_dir / name / "metrics.jsonl", {}
+    with open(run_dir / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 1800
+        while proc.poll() is None and time.monotonic() < deadline:
+            for record in _records(metrics):
+                cpu_at.setdefault(record["step"], _tree_cpu(proc.pid))
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+    if proc.returncode:
+        tail = (run_dir / f"{name}.log").read_text()[-3000:]
+        raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}:\n{tail}")
+    records = {r["step"]: r for r in _records(metrics)}
+    first, last = records[min(records)], records[max(records)]
     images = (last["step"] - first["step"]) * batch_size * processes
-    return {"per_s": images / (last["time"] - first["time"]), "steps": [first["step"], last["step"]],
-            "data_wait_frac": last.get("train/data_wait_frac")}
+    cpu = cpu_at.get(last["step"], 0.0) - cpu_at.get(first["step"], 0.0)
+    return {"per_s": images / (last["time"] - first["time"]), "per_cpu_s": images / cpu if cpu > 0 else None,
+            "steps": [first["step"], last["step"]], "data_wait_frac": last.get("train/data_wait_frac")}
 
 
 def main(argv=None) -> dict:
@@ -85,9 +123,8 @@ def main(argv=None) -> dict:
     if args.steps < 2 * args.warmup:
         p.error("--steps must be at least twice --warmup (the timed window needs two logged steps)")
     started = machine()
-    base = face_set(args.data, args.samples)
     copies = -(-args.steps * args.batch_size * max(args.processes) // args.samples) + 1
-    set_dir = replicated_set(base, copies)
+    set_dir = replicated_set(face_set(args.data, args.samples), copies)
     with tempfile.TemporaryDirectory() as tmp:
         def case(n):
             return lambda: run_training(n, args.model, set_dir, args.steps, args.warmup, args.batch_size, args.workers,
@@ -102,13 +139,19 @@ def main(argv=None) -> dict:
     rows = []
     for n in args.processes:
         rate = median_of(runs[str(n)], "per_s")
-        speedup = rate / one
-        row = {"images_per_s": rate, "runs": runs[str(n)], "speedup": speedup, "efficiency": speedup / (n / base),
+        cpu_rates = [r["per_cpu_s"] for r in runs[str(n)] if r["per_cpu_s"]]
+        row = {"images_per_s": rate, "runs": runs[str(n)], "speedup": rate / one, "efficiency": rate / one / (n / base),
+               "images_per_cpu_s": median(cpu_rates) if cpu_rates else None,
                "data_wait_frac": median_of(runs[str(n)], "data_wait_frac")}
         results["processes"][str(n)] = row
-        rows.append([str(n), rate, speedup, row["efficiency"], row["data_wait_frac"]])
+    one_cpu = results["processes"][str(base)]["images_per_cpu_s"]
+    for n in args.processes:
+        row = results["processes"][str(n)]
+        row["cpu_efficiency"] = row["images_per_cpu_s"] / one_cpu if row["images_per_cpu_s"] and one_cpu else None
+        rows.append([str(n), row["images_per_s"], row["speedup"], row["efficiency"], row["images_per_cpu_s"],
+                     row["cpu_efficiency"], row["data_wait_frac"]])
     print_table(f"ddp: {args.model}, total images/s, 1 thread per process (median of rounds)",
-                ["processes", "images/s", "speedup", "efficiency", "data wait"], rows)
+                ["processes", "images/s", "speedup", "efficiency", "per CPU-s", "CPU efficiency", "data wait"], rows)
     write_result("ddp", args, results, started)
     return results
 

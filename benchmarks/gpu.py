@@ -18,6 +18,7 @@ matmul precision set to "high" as well, so their peak is the TF32 one).
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import tempfile
@@ -26,7 +27,17 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import console, face_set, machine, parser, print_table, write_result
+from benchmarks.common import (
+    alternating,
+    console,
+    face_set,
+    machine,
+    median_of,
+    paired_ratio,
+    parser,
+    print_table,
+    write_result,
+)
 
 # Dense (no sparsity) peak TFLOPS by card: (bf16, fp16, tf32); None where the card lacks it.
 # The first name that is a substring of torch.cuda.get_device_name() wins, so specific first.
@@ -166,17 +177,19 @@ def grid(args) -> list[dict]:
 
 
 def platform_vs_bare(args, model: str, device, set_dir) -> dict:
-    """The platform's step (DetectorTask through Accelerate at bf16) against the bare bf16 step."""
-    from benchmarks.trainer import bench_config, memory_batch, platform_step
+    """The platform's step (DetectorTask through Accelerate at bf16) against the bare bf16 step,
+    taking turns step by step."""
+    from benchmarks.trainer import bench_config, memory_batch, platform_step, warm
 
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = bench_config(model, set_dir, run_dir, args.batch_size, args.resolution, ["train.mixed_precision=bf16"])
         ours, _ = platform_step(cfg, memory_batch(cfg, set_dir, 3), 3)
-        platform = time_steps(ours, device, args.warmup, args.steps, args.windows) * args.batch_size
-    bare = Setup(model, args.batch_size, args.resolution, "bf16", False, False, device)
-    plain = time_steps(bare.run, device, args.warmup, args.steps, args.windows) * args.batch_size
-    return {"model": model, "resolution": args.resolution, "precision": "bf16", "platform_images_per_s": platform,
-            "bare_images_per_s": plain, "platform_vs_bare": platform / plain}
+        bare = Setup(model, args.batch_size, args.resolution, "bf16", False, False, device)
+        runs = alternating({"platform": warm(ours, args.warmup, device), "bare": warm(bare.run, args.warmup, device)},
+                           args.batch_size, args.steps, args.windows, sync=functools.partial(_sync, device), show=False)
+    return {"model": model, "resolution": args.resolution, "precision": "bf16",
+            "platform_images_per_s": median_of(runs["platform"], "per_s"),
+            "bare_images_per_s": median_of(runs["bare"], "per_s"), "platform_vs_bare": paired_ratio(runs, "platform", "bare")}
 
 
 def loader_vs_model(args, model: str, device, set_dir) -> dict:

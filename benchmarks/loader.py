@@ -32,6 +32,7 @@ from benchmarks.common import (
     machine,
     measure,
     median_of,
+    paired_ratio,
     parser,
     print_table,
     replicated_set,
@@ -184,7 +185,8 @@ def main(argv=None) -> dict:
     cfg = data_config(small, 0, args.batch_size)
     channels = resolve_channels(cfg, cfg.train)
     cores = {w: max(1, min(w, len(os.sched_getaffinity(0)))) for w in args.workers}
-    cases = {f"limit {c} core{'s' if c > 1 else ''}": limit_case(small, args.batch_size, args.epochs, c) for c in sorted(set(cores.values()))}
+    limit_name = {c: f"limit {c} core{'s' if c > 1 else ''}" for c in sorted(set(cores.values()))}
+    cases = {limit_name[c]: limit_case(small, args.batch_size, args.epochs, c) for c in limit_name}
     for w in args.workers:
         cases[f"webdataset w{w}"] = webdataset_case(data_config(small, w, args.batch_size), args.epochs)
         cases[f"imagefolder w{w}"] = imagefolder_case(folder, data_config(small, w, args.batch_size), channels,
@@ -199,24 +201,24 @@ def main(argv=None) -> dict:
         if name.startswith("limit"):
             results["limit"][name.split()[1]] = {k: median_of(runs[name], k) for k in ("per_s", "per_cpu_s")}
             rows.append([f"{name}, in memory", median_of(runs[name], "per_s"), median_of(runs[name], "per_cpu_s"),
-                         None, None])
+                         None, None, None])
     for w in args.workers:
-        limit = results["limit"][str(cores[w])]
         ours, theirs = runs[f"webdataset w{w}"], runs[f"imagefolder w{w}"]
         row = {"limit_cores": cores[w], "webdataset_per_s": median_of(ours, "per_s"),
                "imagefolder_per_s": median_of(theirs, "per_s"), "webdataset_per_cpu_s": median_of(ours, "per_cpu_s"),
                "imagefolder_per_cpu_s": median_of(theirs, "per_cpu_s")}
-        row |= {"webdataset_vs_limit": row["webdataset_per_s"] / limit["per_s"],
-                "imagefolder_vs_limit": row["imagefolder_per_s"] / limit["per_s"],
-                "webdataset_vs_imagefolder": row["webdataset_per_s"] / row["imagefolder_per_s"],
-                "webdataset_cpu_vs_limit": row["webdataset_per_cpu_s"] / limit["per_cpu_s"]}
+        wds, folder, lim = f"webdataset w{w}", f"imagefolder w{w}", limit_name[cores[w]]
+        row |= {"webdataset_vs_limit": paired_ratio(runs, wds, lim), "imagefolder_vs_limit": paired_ratio(runs, folder, lim),
+                "webdataset_vs_imagefolder": paired_ratio(runs, wds, folder),
+                "webdataset_cpu_vs_limit": paired_ratio(runs, wds, lim, "per_cpu_s"),
+                "imagefolder_cpu_vs_limit": paired_ratio(runs, folder, lim, "per_cpu_s")}
         results["workers"][str(w)] = row
         rows.append([f"webdataset, {w} workers", row["webdataset_per_s"], row["webdataset_per_cpu_s"],
-                     row["webdataset_vs_limit"], row["webdataset_vs_imagefolder"]])
+                     row["webdataset_vs_limit"], row["webdataset_cpu_vs_limit"], row["webdataset_vs_imagefolder"]])
         rows.append([f"ImageFolder, {w} workers", row["imagefolder_per_s"], row["imagefolder_per_cpu_s"],
-                     row["imagefolder_vs_limit"], 1.0])
-    print_table("loader: samples/s (median of rounds)", ["pipeline", "per s", "per CPU-s", "vs limit*",
-                                                          "vs ImageFolder"], rows)
+                     row["imagefolder_vs_limit"], row["imagefolder_cpu_vs_limit"], 1.0])
+    print_table("loader: samples/s (medians of rounds; ratios: median of each round's ratio)",
+                ["pipeline", "per s", "per CPU-s", "vs limit*", "CPU vs limit*", "vs ImageFolder"], rows)
     console.print("* the limit on as many cores as workers (at least one)")
 
     sizes = [n for n in args.memory_samples if n]

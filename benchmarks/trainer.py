@@ -9,6 +9,7 @@ optimizer settings and gradient clipping, batches already in memory. Detectors `
 
 from __future__ import annotations
 
+import functools
 import tempfile
 
 import torch
@@ -16,12 +17,12 @@ import torch.nn.functional as F
 
 from benchmarks.common import (
     REPO,
+    alternating,
     console,
     face_set,
-    interleaved,
     machine,
-    measure,
     median_of,
+    paired_ratio,
     parser,
     print_table,
     train_images,
@@ -61,18 +62,12 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def rate_case(step, images: int, steps: int, warmup: int, device):
-    """Images/s of ``steps`` calls of ``step`` (after ``warmup`` untimed ones)."""
+def warm(step, warmup: int, device):
+    """``step`` after ``warmup`` untimed calls (first calls pick kernels and allocate)."""
     for _ in range(warmup):
         step()
     _sync(device)
-
-    def run():
-        for _ in range(steps):
-            step()
-        _sync(device)
-
-    return lambda: measure(images * steps, run)
+    return step
 
 
 def platform_step(cfg: Config, batch: Batch, channels: int):
@@ -141,7 +136,8 @@ def main(argv=None) -> dict:
     p = parser("trainer", __doc__)
     p.add_argument("--models", nargs="+", default=["cnn", "resnet18", "hybrid", "dcgan"],
                    help="configs/NAME.yaml of each model to measure")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per case and round")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per case and round (the cases alternate "
+                   "step by step)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", dest="batch_size", type=int, help="default: each config's data.batch_size")
     p.add_argument("--resolution", type=int, default=64)
@@ -167,18 +163,18 @@ def main(argv=None) -> dict:
             bare = (bare_gan_step if gan else bare_detector_step)(cfg, batch, channels, device)
             n = len(batch)
             console.print(f"trainer {name}: batch {n}, {args.steps} steps x {args.repeats} rounds on {device}")
-            runs = interleaved({"platform": rate_case(ours, n, args.steps, args.warmup, device),
-                                "bare": rate_case(bare, n, args.steps, args.warmup, device)}, args.repeats)
+            runs = alternating({"platform": warm(ours, args.warmup, device), "bare": warm(bare, args.warmup, device)},
+                               n, args.steps, args.repeats, sync=functools.partial(_sync, device))
             row = {"batch_size": n, "resolution": cfg.data.resolution, "device": str(device), "runs": runs}
             for case in ("platform", "bare"):
                 row[f"{case}_images_per_s"] = median_of(runs[case], "per_s")
                 row[f"{case}_images_per_cpu_s"] = median_of(runs[case], "per_cpu_s")
-            row["platform_vs_bare"] = row["platform_images_per_s"] / row["bare_images_per_s"]
-            row["platform_vs_bare_cpu"] = row["platform_images_per_cpu_s"] / row["bare_images_per_cpu_s"]
+            row["platform_vs_bare"] = paired_ratio(runs, "platform", "bare")
+            row["platform_vs_bare_cpu"] = paired_ratio(runs, "platform", "bare", "per_cpu_s")
             results["models"][name] = row
             rows.append([name, n, row["platform_images_per_s"], row["bare_images_per_s"], row["platform_vs_bare"],
                          row["platform_vs_bare_cpu"]])
-    print_table(f"trainer: images/s of one training step at {args.resolution} px (median of rounds)",
+    print_table(f"trainer: images/s of one training step at {args.resolution} px (medians of {args.repeats} rounds)",
                 ["model", "batch", "platform", "bare PyTorch", "platform / bare", "same, per CPU-s"], rows)
     write_result("trainer", args, results, started)
     return results
