@@ -79,6 +79,11 @@ class Batch:
         return Batch(self.image.to(device, non_blocking=True), self.label.to(device, non_blocking=True), self.key,
                      self.meta, self.problems)
 
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader's pin-memory thread (``data.pin_memory`` on a GPU): without it
+        a Batch stays in pageable memory and ``to(device, non_blocking=True)`` copies synchronously."""
+        return Batch(self.image.pin_memory(), self.label.pin_memory(), self.key, self.meta, self.problems)
+
     def __len__(self) -> int:
         return len(self.key)
 
