@@ -35,7 +35,7 @@ def test_two_node_job_is_preempted_requeued_and_resumes(face_shards, tmp_path):
            "PROCS_PER_NODE": "1", "MAIN_PORT": str(free_port())}
     submitted = subprocess.run(
         ["sbatch", f"--output={tmp_path}/job-%j.out", str(SBATCH), "configs/smoke.yaml", f"data.train=[{face_shards}]",
-         f"output_dir={runs}", "name=slurm", "wandb.mode=disabled", "train.epochs=8", "train.log_every=1"],
+         f"output_dir={runs}", "name=slurm", "wandb.mode=disabled", "train.epochs=6", "train.log_every=1"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=30, check=True)
     job = submitted.stdout.split()[-1]
     run, log = runs / "slurm", tmp_path / f"job-{job}.out"
@@ -53,8 +53,8 @@ def test_two_node_job_is_preempted_requeued_and_resumes(face_shards, tmp_path):
     assert (status, restarts) == ("0", "1"), out[-6000:]
     assert "2 node(s) x 1 process(es)" in out and "requeued 1 times" in out
     stopped = int(re.search(r"stop requested: checkpoint written at step (\d+)", out).group(1))
-    assert 0 < stopped < 48
+    assert 0 < stopped < 36
     assert f"resuming from {run / 'checkpoints' / f'step-{stopped}'}" in out
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 48 and summary["ranks agree"] and len(summary["rank_digests"]) == 2
-    assert logged_train_steps(run) == list(range(1, 49))  # every step once: stopped, then continued
+    assert summary["steps"] == 36 and summary["ranks agree"] and len(summary["rank_digests"]) == 2
+    assert logged_train_steps(run) == list(range(1, 37))  # every step once: stopped, then continued
