@@ -1,12 +1,14 @@
 """FID/KID of fixed images split over ranks, for tests/test_gan.py:
 
-    accelerate launch --config_file configs/accelerate/cpu_gloo.yaml tests/fidelity_launch.py
+    accelerate launch --config_file configs/accelerate/cpu_gloo.yaml tests/fidelity_launch.py OUT_DIR
 
 Rank r takes the r-th contiguous part of the real and fake images (so the gathered order is the
-one-process order) and prints the values its ``Fidelity.compute`` returned, as JSON.
+one-process order) and writes the values its ``Fidelity.compute`` returned to OUT_DIR/rank-r.json.
 """
 
 import json
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -54,7 +56,8 @@ def main() -> None:
     metric = Fidelity(SmallExtractor(), kid_subsets=10, kid_subset_size=8)
     metric.update(part(real, acc.process_index, acc.num_processes), real=True)
     metric.update(part(fake, acc.process_index, acc.num_processes), real=False)
-    print(json.dumps({"rank": acc.process_index, **metric.compute(acc)}), flush=True)
+    values = {"rank": acc.process_index, **metric.compute(acc)}
+    (Path(sys.argv[1]) / f"rank-{acc.process_index}.json").write_text(json.dumps(values))
 
 
 if __name__ == "__main__":

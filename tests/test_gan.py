@@ -142,15 +142,15 @@ def test_vae_loss_falls_and_reconstructions_keep_shape_and_range(real_face_shard
 
 
 @pytest.mark.slow
-def test_fid_kid_over_two_ranks_equal_the_one_process_values():
+def test_fid_kid_over_two_ranks_equal_the_one_process_values(tmp_path):
     real, fake = fixed_images()
     single = Fidelity(SmallExtractor(), kid_subsets=10, kid_subset_size=8)
     single.update(real, real=True)
     single.update(fake, real=False)
     expected = single.compute()
-    result = launch([str(ROOT / "tests" / "fidelity_launch.py")])
+    result = launch([str(ROOT / "tests" / "fidelity_launch.py"), str(tmp_path)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank-*.json"))]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
     for values in ranks:
         assert (values["fid_real"], values["fid_fake"]) == (len(real), len(fake))
