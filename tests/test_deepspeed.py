@@ -14,10 +14,13 @@ import torch
 from safetensors.torch import load_file
 from scale_setup import ACCELERATE_CONFIGS, ENV, ROOT, accelerate, free_port, logged_train_steps, optimizer_steps, smoke
 
+from deepfake_dist.config import Config, DataConfig, TrainConfig
+from deepfake_dist.errors import UserError
 from deepfake_dist.exported import load_exported
+from deepfake_dist.train.runtime import _fill_deepspeed_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                                   reason="DeepSpeed is not installed (pip install 'deepfake_dist[deepspeed]')")]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                reason="DeepSpeed is not installed (pip install 'deepfake_dist[deepspeed]')")
 
 
 def cpu_adam_built() -> bool:
@@ -47,6 +50,21 @@ def zero_weights(checkpoint) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
 
 
+def test_the_experiment_config_fills_deepspeeds_settings():
+    cfg = Config(data=DataConfig(batch_size=12), train=TrainConfig(grad_clip=0.5, grad_accum=2))
+    zero3 = {"gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 3}}
+    _fill_deepspeed_config(zero3, cfg, "bf16")
+    assert zero3["train_micro_batch_size_per_gpu"] == 12 and zero3["gradient_clipping"] == 0.5
+    assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]  # the export gathers
+    assert zero3["data_types"]["buffer_dtype"] == "bf16"  # BatchNorm statistics in the weights' dtype
+    fixed = {"gradient_clipping": 2.0, "zero_optimization": {"stage": 2}}
+    _fill_deepspeed_config(fixed, cfg, "no")
+    assert fixed["gradient_clipping"] == 2.0 and "data_types" not in fixed
+    with pytest.raises(UserError, match="gradient_accumulation_steps: 8 but train.grad_accum is 2"):
+        _fill_deepspeed_config({"gradient_accumulation_steps": 8}, cfg, "no")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("config, precision", [
     ("deepspeed_zero1", "no"), ("deepspeed_zero2", "bf16"), ("deepspeed_zero3", "no"), ("deepspeed_zero2_offload", "no")])
 def test_detector_trains_resumes_and_exports(config, precision, face_shards, tmp_path):
@@ -82,7 +100,7 @@ def test_detector_trains_resumes_and_exports(config, precision, face_shards, tmp
     assert optimizer_steps(run / "checkpoints" / "step-12") == 12  # Adam's state came back too
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepfake_dist.tasks.gan") is None, reason="no GAN task")
+@pytest.mark.slow
 def test_gan_two_engines_under_zero3_trains_resumes_and_exports(real_face_shards, tmp_path):
     from gen_setup import CONFIGS, tiny_gan
 

@@ -82,12 +82,18 @@ def _fill_deepspeed_config(ds: dict, cfg: Config, precision: str) -> None:
     """The DeepSpeed settings that belong to the experiment, not the launcher.
 
     A WebLoader has no integer batch size for DeepSpeed to read, so the micro batch is
-    ``data.batch_size``; clipping left at "auto" is ``train.grad_clip`` (0: none); ZeRO-3 must
-    gather the full weights for the exported ``model.safetensors``. In bf16/fp16 DeepSpeed casts
+    ``data.batch_size``; accumulation is ``train.grad_accum`` (Accelerate fills "auto" with it; a
+    different number in the DeepSpeed config would silently win); clipping left at "auto" is
+    ``train.grad_clip`` (0: none); ZeRO-3 must gather the full weights for the exported
+    ``model.safetensors``. In bf16/fp16 DeepSpeed casts
     the weights but keeps buffers in fp32, which BatchNorm refuses (weights and running
     statistics must share a dtype), so buffers follow the weights unless the config says otherwise.
     """
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    accumulation = ds.get("gradient_accumulation_steps", "auto")
+    if accumulation not in ("auto", cfg.train.grad_accum):
+        raise UserError(f"the DeepSpeed config sets gradient_accumulation_steps: {accumulation} but train.grad_accum "
+                        f"is {cfg.train.grad_accum}; set it to \"auto\" (deepfake_dist takes it from train.grad_accum)")
     if precision in ("bf16", "fp16"):
         ds.setdefault("data_types", {}).setdefault("buffer_dtype", precision)
     if ds.get("gradient_clipping", "auto") == "auto":
