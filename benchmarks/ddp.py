@@ -30,8 +30,8 @@ from benchmarks.common import (
     face_set,
     interleaved,
     machine,
-    median,
     median_of,
+    paired_ratio,
     parser,
     print_table,
     replicated_set,
@@ -133,24 +133,21 @@ def main(argv=None) -> dict:
         console.print(f"ddp: {args.model}, processes {args.processes}, {args.steps} steps x {args.repeats} rounds")
         runs = interleaved({str(n): case(n) for n in args.processes}, args.repeats)
     base = min(args.processes)
-    one = median_of(runs[str(base)], "per_s")
     results = {"model": args.model, "batch_size_per_process": args.batch_size, "workers": args.workers,
                "threads_per_process": 1, "processes": {}}
     rows = []
     for n in args.processes:
-        rate = median_of(runs[str(n)], "per_s")
-        cpu_rates = [r["per_cpu_s"] for r in runs[str(n)] if r["per_cpu_s"]]
-        row = {"images_per_s": rate, "runs": runs[str(n)], "speedup": rate / one, "efficiency": rate / one / (n / base),
-               "images_per_cpu_s": median(cpu_rates) if cpu_rates else None,
-               "data_wait_frac": median_of(runs[str(n)], "data_wait_frac")}
+        speedup = paired_ratio(runs, str(n), str(base))
+        cpu_runs = {k: [r for r in v if r["per_cpu_s"]] for k, v in runs.items()}
+        row = {"images_per_s": median_of(runs[str(n)], "per_s"), "runs": runs[str(n)], "speedup": speedup,
+               "efficiency": speedup / (n / base), "data_wait_frac": median_of(runs[str(n)], "data_wait_frac"),
+               "images_per_cpu_s": median_of(cpu_runs[str(n)], "per_cpu_s") if cpu_runs[str(n)] else None,
+               "cpu_efficiency": paired_ratio(cpu_runs, str(n), str(base), "per_cpu_s") if cpu_runs[str(n)] else None}
         results["processes"][str(n)] = row
-    one_cpu = results["processes"][str(base)]["images_per_cpu_s"]
-    for n in args.processes:
-        row = results["processes"][str(n)]
-        row["cpu_efficiency"] = row["images_per_cpu_s"] / one_cpu if row["images_per_cpu_s"] and one_cpu else None
-        rows.append([str(n), row["images_per_s"], row["speedup"], row["efficiency"], row["images_per_cpu_s"],
+        rows.append([str(n), row["images_per_s"], speedup, row["efficiency"], row["images_per_cpu_s"],
                      row["cpu_efficiency"], row["data_wait_frac"]])
-    print_table(f"ddp: {args.model}, total images/s, 1 thread per process (median of rounds)",
+    print_table(f"ddp: {args.model}, total images/s, 1 thread per process (medians of rounds; ratios: median "
+                "of each round's ratio)",
                 ["processes", "images/s", "speedup", "efficiency", "per CPU-s", "CPU efficiency", "data wait"], rows)
     write_result("ddp", args, results, started)
     return results

@@ -2,13 +2,14 @@
 batching, the platform's ``train_loader``) at each ``num_workers``, against
 
 * the limit: the same decode + augmentation + batch stacking in a tight loop over the same
-  encoded bytes already in memory (one process, one thread), and
+  encoded bytes already in memory, in as many processes as the loader has workers (at least
+  one; one thread each), and
 * torchvision's ``ImageFolder`` over the same images as files, with the same augmentation;
 
-and the peak memory (RSS of the process and its workers) of one epoch over a small and a
-large set, which stays flat when the pipeline streams.
+and the peak memory (RSS and USS of the process and its workers) of one epoch over sets of
+1 000, 10 000 and 50 000 samples, which stays flat when the pipeline streams.
 
-    deepfake-dist bench loader [--samples 1000] [--memory-samples 1000 10000 50000] [--workers 0 1 2]
+    deepfake-dist bench loader [--samples 4000] [--memory-samples 1000 10000 50000] [--workers 0 1 2]
 """
 
 from __future__ import annotations
@@ -168,19 +169,20 @@ def _memory_probe(set_dir: str, workers: int, batch_size: int) -> dict:
 
 def main(argv=None) -> dict:
     p = parser("loader", __doc__)
-    p.add_argument("--samples", type=int, default=1000, help="train samples of the throughput set")
+    p.add_argument("--samples", type=int, default=4000, help="train samples of the throughput set (several times "
+                   "data.shuffle_buffer, so epoch starts and ends weigh as little as in real training)")
     p.add_argument("--memory-samples", dest="memory_samples", type=int, nargs="+", default=[1000, 10000, 50000],
-                   help="set sizes of the memory check (multiples of --samples, made by copying its shards; "
+                   help="set sizes of the memory check (multiples of the first, made by copying its shards; "
                         "0 skips it)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="num_workers values to measure")
     p.add_argument("--memory-workers", dest="memory_workers", type=int, default=2)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs per case and round (after a warm-up epoch)")
+    p.add_argument("--epochs", type=int, default=1, help="timed epochs per case and round (after a warm-up epoch)")
     args = p.parse_args(argv)
     started = machine()
     torch.set_num_threads(1)  # one core per decode stream, as in a DataLoader worker
 
-    small = face_set(args.data, args.samples)
+    small = face_set(args.data, args.samples, workers=len(os.sched_getaffinity(0)))
     folder = image_folder(small)
     cfg = data_config(small, 0, args.batch_size)
     channels = resolve_channels(cfg, cfg.train)
@@ -223,7 +225,8 @@ def main(argv=None) -> dict:
 
     sizes = [n for n in args.memory_samples if n]
     if sizes:
-        sets = {n: small if n == args.samples else replicated_set(small, max(n // args.samples, 1)) for n in sizes}
+        base = face_set(args.data, sizes[0])  # larger sets: copies of its shards under new keys
+        sets = {n: base if n == sizes[0] else replicated_set(base, max(n // sizes[0], 1)) for n in sizes}
         memory_runs: dict[int, list[dict]] = {n: [] for n in sizes}
         for r in range(args.repeats):
             for n in (sizes if r % 2 == 0 else sizes[::-1]):
