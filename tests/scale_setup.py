@@ -3,6 +3,7 @@ failures): real ``accelerate launch`` processes on this CPU, one thread each."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -16,7 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
 TRAIN = str(ROOT / "launch" / "train.py")
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "500"}  # rich: no wrapped lines
+# DeepSpeed compiles its CPU ops (shared-memory all-reduce, CPU Adam) on first use into
+# TORCH_EXTENSIONS_DIR. One folder per virtual environment: two checkouts sharing a home folder
+# would otherwise rebuild each other's ops at every launch (a CPU-minute or more each time).
+EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
+    Path.home() / ".cache" / "torch_extensions" / f"venv-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]}")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TORCH_EXTENSIONS_DIR": EXTENSIONS,
+       "COLUMNS": "500"}  # COLUMNS: rich wraps no line
 
 
 def accelerate(*args: str) -> list[str]:

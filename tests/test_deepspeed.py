@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from scale_setup import ACCELERATE_CONFIGS, ENV, ROOT, accelerate, free_port, logged_train_steps, optimizer_steps, smoke
+from scale_setup import (
+    ACCELERATE_CONFIGS,
+    ENV,
+    EXTENSIONS,
+    ROOT,
+    accelerate,
+    free_port,
+    logged_train_steps,
+    optimizer_steps,
+    smoke,
+)
 
 from deepfake_dist.config import Config, DataConfig, TrainConfig
 from deepfake_dist.errors import UserError
@@ -27,11 +37,8 @@ def cpu_adam_built() -> bool:
     """DeepSpeedCPUAdam (what offload runs) is a C++ op that DeepSpeed compiles on first use:
     about three CPU-minutes, too long for a test. It is there once built, or when prebuilt."""
     from deepspeed.git_version_info import installed_ops
-    from deepspeed.ops.op_builder import CPUAdamBuilder
-    from torch.utils.cpp_extension import _get_build_directory
 
-    return bool(installed_ops.get(CPUAdamBuilder.NAME)) or any(
-        Path(_get_build_directory(CPUAdamBuilder.NAME, verbose=False)).glob("*.so"))
+    return bool(installed_ops.get("cpu_adam")) or any(Path(EXTENSIONS).glob("*/cpu_adam/cpu_adam.so"))
 
 
 def launch_deepspeed(config: str, precision: str, script: list[str]) -> subprocess.CompletedProcess:
@@ -69,9 +76,9 @@ def test_the_experiment_config_fills_deepspeeds_settings():
     ("deepspeed_zero1", "no"), ("deepspeed_zero2", "bf16"), ("deepspeed_zero3", "no"), ("deepspeed_zero2_offload", "no")])
 def test_detector_trains_resumes_and_exports(config, precision, face_shards, tmp_path):
     if "offload" in config and not cpu_adam_built():
-        pytest.skip("DeepSpeedCPUAdam is not compiled yet: run `python -c \"from deepspeed.ops.op_builder import "
-                    "CPUAdamBuilder; CPUAdamBuilder().load()\"` once (about 3 CPU-minutes), or install DeepSpeed "
-                    "with DS_BUILD_CPU_ADAM=1")
+        pytest.skip(f"DeepSpeedCPUAdam is not compiled yet: run `TORCH_EXTENSIONS_DIR={EXTENSIONS} python -c "
+                    "'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()'` once (about "
+                    "3 CPU-minutes), or install DeepSpeed with DS_BUILD_CPU_ADAM=1")
     runs = tmp_path / "runs"
     run = runs / config
     first = launch_deepspeed(config, precision, smoke(face_shards, runs, config, "train.epochs=1"))
