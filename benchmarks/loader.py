@@ -141,14 +141,12 @@ def _memory_probe(set_dir: str, workers: int, batch_size: int) -> dict:
 
     def sample():
         while not stop.is_set():
-            rss = uss = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    info = proc.memory_full_info()
-                except psutil.Error:
-                    continue  # a worker that just ended
-                rss, uss = rss + info.rss, uss + info.uss
-            peak["rss"], peak["uss"] = max(peak["rss"], rss), max(peak["uss"], uss)
+            try:
+                infos = [proc.memory_full_info() for proc in [me, *me.children(recursive=True)]]
+            except psutil.Error:  # a worker that just started or ended: the next sample counts
+                infos = []
+            peak["rss"] = max(peak["rss"], sum(i.rss for i in infos))
+            peak["uss"] = max(peak["uss"], sum(i.uss for i in infos))
             stop.wait(0.02)
 
     cfg = data_config(set_dir, workers, batch_size)
