@@ -139,7 +139,8 @@ def cmd_generate(args) -> int:
                       encoding=args.encoding, overwrite=args.overwrite, command=_command_line(), progress=True)
     if distributed_state().is_main_process:
         if args.format == "png":
-            out.print(f"{result['images']} images written to {escape(result['out'])} ({result['keys'][0]} .. {result['keys'][1]})")
+            first, last = result["keys"]
+            out.print(f"{result['images']} images written to {escape(result['out'])} ({first} .. {last})")
         else:
             out.print(info_table(result))
     return 0
@@ -168,7 +169,6 @@ def _add_shards(sub):
     p.add_argument("action", choices=["verify", "info"])
     p.add_argument("set", help="shard set folder (holds manifest.json)")
     p.set_defaults(fn=cmd_shards)
-
 
 
 def _command_line() -> str:

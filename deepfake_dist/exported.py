@@ -28,7 +28,8 @@ def resolve(path: str | Path, name: str = "model") -> tuple[Path, Path]:
         raise UserError(f"{path}: models load from .safetensors files only (no pickles); pass a run folder or NAME.safetensors")
     for file in (weights, info):
         if not file.is_file():
-            raise UserError(f"{file} not found; pass a run folder that finished training (it holds {name}.safetensors and {name}.json)")
+            raise UserError(f"{file} not found; pass a run folder that finished training "
+                            f"(it holds {name}.safetensors and {name}.json)")
     return weights, info
 
 

@@ -108,8 +108,9 @@ class PrepareStage(Stage):
     frames, clips_per_video, sampling, frame_step, margin, face_model, frame_level)."""
 
     required = ("source", "out")
-    optional: ClassVar[dict[str, Any]] = {"resolution": 64, "format": "png", "shard_size": 1000, "split": [0.8, 0.1, 0.1], "workers": 1,
-                "label": None, "seed": 0, "quality": 95, "options": {}}
+    optional: ClassVar[dict[str, Any]] = {
+        "resolution": 64, "format": "png", "shard_size": 1000, "split": [0.8, 0.1, 0.1], "workers": 1,
+        "label": None, "seed": 0, "quality": 95, "options": {}}
 
     def outputs(self) -> list[Path]:
         return [Path(self.spec["out"]) / "manifest.json"]
@@ -173,8 +174,8 @@ class GenerateStage(Stage):
     """``generate.generate``: a trained generator's fakes as a shard set."""
 
     required = ("checkpoint", "num_images", "out")
-    optional: ClassVar[dict[str, Any]] = {"truncation": None, "seed": 0, "batch_size": 64, "split": [0.8, 0.1, 0.1], "shard_size": 1000,
-                "encoding": "png"}
+    optional: ClassVar[dict[str, Any]] = {
+        "truncation": None, "seed": 0, "batch_size": 64, "split": [0.8, 0.1, 0.1], "shard_size": 1000, "encoding": "png"}
 
     def inputs(self) -> dict[str, str]:
         from deepfake_dist.tasks.generative import EXPORT_NAME
@@ -202,8 +203,8 @@ class EvaluateStage(Stage):
     """``evaluation.evaluate`` of detectors on ``split`` of ``data``."""
 
     required = ("checkpoints", "data", "out")
-    optional: ClassVar[dict[str, Any]] = {"split": "test", "val_split": "val", "robustness": True, "explain": True, "report": True,
-                "batch_size": 64}
+    optional: ClassVar[dict[str, Any]] = {
+        "split": "test", "val_split": "val", "robustness": True, "explain": True, "report": True, "batch_size": 64}
 
     def inputs(self) -> dict[str, str]:
         weights = {str(c): _weights_sha(c, "model") for c in self.spec["checkpoints"]}

@@ -138,8 +138,8 @@ def test_batch_limits(server, deploy_shards):
     name, data = _test_images(deploy_shards[1], "real", 1)[0]
     r = httpx.post(f"{server}/v1/detect/batch", files=[("files", (name, data, "image/png"))] * 33)
     assert r.status_code == 413 and "at most 32" in r.json()["detail"]
-    r = httpx.post(f"{server}/v1/detect/batch", files=[("files", (name, data, "image/png")),
-                                                        ("files", ("bad.png", b"nope", "image/png"))])
+    r = httpx.post(f"{server}/v1/detect/batch",
+                   files=[("files", (name, data, "image/png")), ("files", ("bad.png", b"nope", "image/png"))])
     assert r.status_code == 415 and "bad.png" in r.json()["detail"]
 
 

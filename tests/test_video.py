@@ -31,7 +31,7 @@ from deepfake_dist.predictions import Predictions
 from deepfake_dist.train.loop import train
 
 cv2 = pytest.importorskip("cv2", reason="videos need the video extra (opencv-python-headless<5)")
-from video_data import level, write_video, write_video_folder  # after the skip: it imports cv2
+from video_data import level, write_video, write_video_folder  # noqa: E402 - after the skip: it imports cv2
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIP = {"frames": 4, "clips_per_video": 3, "frame_step": 2, "margin": 0.5}  # 24-frame videos: 3 clips each

@@ -156,7 +156,6 @@ class ShardLoader(torch.utils.data.DataLoader):
                 yield batch
 
 
-
 def resolve_channels(cfg: DataConfig, sets: list[str]) -> int:
     """``auto``: 1 when any set is grey, so that colour can never tell real from fake."""
     if cfg.channels != "auto":
@@ -254,7 +253,8 @@ class TrainStream(IterableDataset):
                     return
 
 
-def train_loader(cfg: DataConfig, channels: int, rank: int, world: int, seed: int) -> tuple[torch.utils.data.DataLoader, TrainStream]:
+def train_loader(cfg: DataConfig, channels: int, rank: int, world: int,
+                 seed: int) -> tuple[torch.utils.data.DataLoader, TrainStream]:
     """A missing shard is an error under ``data.on_error: raise``; under ``skip`` the others are
     used (with a warning) and the epoch shrinks by its samples."""
     listed = [shard for s in cfg.train for shard in listed_shards(s, cfg.train_split)]

@@ -54,7 +54,8 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{file} is unreadable ({err}); re-create it: deepfake-dist prepare ... --out {set_dir} --overwrite") from None
+        raise UserError(f"{file} is unreadable ({err}); "
+                        f"re-create it: deepfake-dist prepare ... --out {set_dir} --overwrite") from None
     missing = [k for k in _REQUIRED if k not in manifest] if isinstance(manifest, dict) else list(_REQUIRED)
     if missing:
         raise UserError(f"{file} lacks {', '.join(missing)}; re-create it: deepfake-dist prepare ... --out {set_dir} --overwrite")

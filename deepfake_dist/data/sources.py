@@ -339,7 +339,8 @@ def labelled_files(spec: str, root: Path, label: str | None, accept: Callable[[P
         for split, split_dir in sorted(split_dirs.items()):
             labels = {n: p for n, p in _subdirs(split_dir).items() if n in LABELS}
             if not labels:
-                raise UserError(f"{spec}: {split_dir} has no real/ or fake/ folder; expected {split_dir}/real/*, {split_dir}/fake/*")
+                raise UserError(f"{spec}: {split_dir} has no real/ or fake/ folder; "
+                                f"expected {split_dir}/real/*, {split_dir}/fake/*")
             found += [(p, split, name, d) for name, d in sorted(labels.items()) for p in _files_under(d, root, accept)]
     elif label_dirs:
         found += [(p, None, name, d) for name, d in sorted(label_dirs.items()) for p in _files_under(d, root, accept)]
@@ -395,4 +396,4 @@ def _all_grey(paths) -> bool:
     return True
 
 
-from deepfake_dist.data import video as _video  # noqa: F401 - registers videos:PATH (it imports this module)
+from deepfake_dist.data import video as _video  # noqa: F401,E402 - registers videos:PATH (it imports this module)

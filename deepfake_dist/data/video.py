@@ -246,7 +246,8 @@ class DnnFaces:
             self.net = cv2.dnn.readNet(str(Path(model).expanduser()), str(Path(config).expanduser()) if config else "")
         except cv2.error as e:
             detail = str(e).strip().splitlines()[-1]
-            raise UserError(f"--face-model {model}: OpenCV cannot load it as a DNN ({detail}); a Caffe model also needs --face-config deploy.prototxt") from None
+            raise UserError(f"--face-model {model}: OpenCV cannot load it as a DNN ({detail}); "
+                            "a Caffe model also needs --face-config deploy.prototxt") from None
 
     def __call__(self, rgb: np.ndarray) -> list[Box]:
         cv2 = _cv2()
@@ -446,7 +447,8 @@ def _read_csv(spec: str, file: Path) -> tuple[list[tuple[Path, str | None, str, 
             continue
         found.append((path, SPLIT_DIRS[split] if split else None, label, fields.get("generator") or None))
     if not found:
-        raise UserError(f"{spec}: {file} lists no existing video" + (f" (first missing: {missing[0]['input']})" if missing else ""))
+        first_missing = f" (first missing: {missing[0]['input']})" if missing else ""
+        raise UserError(f"{spec}: {file} lists no existing video{first_missing}")
     return found, missing
 
 
@@ -508,4 +510,3 @@ def options_from_settings(settings: dict[str, Any] | None, **overrides: Any) -> 
     if detector.get("kind") == "dnn":
         fields.update(face_model=detector.get("model"), face_config=detector.get("config"))
     return VideoOptions(**{**fields, **{k: v for k, v in overrides.items() if v is not None}})
-

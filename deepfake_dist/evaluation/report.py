@@ -64,8 +64,8 @@ def _card_blocks(card: dict) -> list:
                         f"normalize {card['normalize']}")],
              ["parameters", f"{card['parameters']:,}"], ["Grad-CAM layer", str(card["gradcam_layer"])],
              ["exported at step", str(card["step"])],
-             ["validation metrics at export", ", ".join(f"{k} {v:.4g}" for k, v in card["val_metrics"].items()
-                                                       if isinstance(v, (int, float)))],
+             ["validation metrics at export",
+              ", ".join(f"{k} {v:.4g}" for k, v in card["val_metrics"].items() if isinstance(v, (int, float)))],
              ["deepfake_dist version", str(card["package_version"])]]
     modules = [[m["name"], m["type"], f"{m['parameters']:,}"] for m in card["modules"]]
     manifests = [[m["path"], m["id"], str(m.get("source", "")),

@@ -96,8 +96,8 @@ class GANTask(GenerativeTask):
         """This step's noise: its own seed per (seed, rank, step), so ranks draw different fakes
         and a resumed run draws what the uninterrupted one did (the global RNG is also used by
         the data loader)."""
-        return torch.Generator().manual_seed(zlib.crc32(repr((self.cfg.seed, "gan", self.accelerator.process_index,
-                                                               self.step)).encode()))
+        key = (self.cfg.seed, "gan", self.accelerator.process_index, self.step)
+        return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
     def _noise(self, n: int, rng: torch.Generator) -> Tensor:
         return gaussian(n, self.z_dim, self.accelerator.device, rng)

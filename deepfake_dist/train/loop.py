@@ -17,7 +17,6 @@ import hashlib
 import os
 import signal
 import time
-from pathlib import Path
 
 import torch
 import yaml
