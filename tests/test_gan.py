@@ -3,6 +3,7 @@ resume with the EMA, the conditional GAN, the VAE, and FID/KID across ranks."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 
@@ -19,6 +20,7 @@ from deepfake_dist.errors import UserError
 from deepfake_dist.exported import load_exported
 from deepfake_dist.fidelity import INCEPTION_FILE, Fidelity, find_inception_weights
 from deepfake_dist.models import create_model
+from deepfake_dist.tasks import NONFINITE, create_task, task_class
 from deepfake_dist.tasks.gan import GANTask
 from deepfake_dist.train.loop import train
 from deepfake_dist.train.runtime import make_accelerator
@@ -139,6 +141,27 @@ def test_vae_loss_falls_and_reconstructions_keep_shape_and_range(real_face_shard
         recon_images = model(batch.image)["recon"]
     assert recon_images.shape == batch.image.shape == (10, 1, 32, 32)
     assert recon_images.min() >= -1 and recon_images.max() <= 1
+
+
+@pytest.mark.parametrize("config, extra", [
+    ("dcgan.yaml", {"model.ngf": 8, "model.ndf": 8}), ("vae.yaml", {"model.width": 8, "model.latent_dim": 16})])
+def test_generator_tasks_skip_a_nonfinite_batch_without_an_update(config, extra, real_face_shards, tmp_path):
+    cfg = load_config(CONFIGS / config, tiny(real_face_shards, tmp_path, "nan", **extra))
+    task = create_task(cfg, make_accelerator(cfg, engines=task_class(cfg).engines), channels=1)
+    task.set_total_steps(4)
+    batch = next(iter(eval_loader(cfg.data, [str(real_face_shards)], "train", 1, 0, 1)))
+
+    def weights():  # parameters: the NaN images do reach the discriminator's BatchNorm statistics
+        return {f"{name}.{k}": p.detach().clone() for name, module in task.replicated_modules().items()
+                for k, p in module.named_parameters()}
+
+    before = weights()
+    poisoned = dataclasses.replace(batch, image=torch.full_like(batch.image, float("nan")))
+    assert task.train_step(poisoned)[NONFINITE] == 1.0
+    after = weights()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a NaN batch changed the weights"
+    assert NONFINITE not in task.train_step(batch)
+    assert any(not torch.equal(after[k], v) for k, v in weights().items()), "a clean batch did not train"
 
 
 @pytest.mark.slow

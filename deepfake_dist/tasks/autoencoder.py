@@ -15,7 +15,7 @@ from torch import Tensor
 from deepfake_dist.data.loader import eval_loader
 from deepfake_dist.models import create_model
 from deepfake_dist.models.autoencoder import RECON_LOSSES, vae_loss
-from deepfake_dist.tasks import TASKS
+from deepfake_dist.tasks import NONFINITE, TASKS
 from deepfake_dist.tasks.generative import EXPORT_NAME, GenerativeTask
 from deepfake_dist.train.optim import build_optimizer, build_scheduler
 
@@ -45,6 +45,9 @@ class AutoEncoderTask(GenerativeTask):
             out = self.model(batch.image)
             out = {k: v.float() if v is not None else None for k, v in out.items()}
             losses = vae_loss(out, batch.image.float(), kl_weight, self.cfg.vae.recon)
+            if self.nonfinite(losses["loss"]):  # skipped on every rank, counted by the loop
+                self.opt.zero_grad(set_to_none=True)
+                return {NONFINITE: 1.0, "lr": self.sched.get_last_lr()[0]}
             self.accelerator.backward(losses["loss"])
             if self.accelerator.sync_gradients and self.cfg.train.grad_clip:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)

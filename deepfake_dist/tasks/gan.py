@@ -23,7 +23,7 @@ from deepfake_dist.ema import EMA
 from deepfake_dist.errors import UserError
 from deepfake_dist.models import create_model
 from deepfake_dist.models.convstacks import gaussian
-from deepfake_dist.tasks import TASKS
+from deepfake_dist.tasks import NONFINITE, TASKS
 from deepfake_dist.tasks.generative import EXPORT_NAME, GenerativeTask
 from deepfake_dist.train.optim import build_optimizer
 
@@ -77,7 +77,7 @@ class GANTask(GenerativeTask):
         opt_g = build_optimizer(gan.generator.parameters(), cfg.optim)
         d_optim = dataclasses.replace(cfg.optim, lr=cfg.gan.d_lr or cfg.optim.lr)
         opt_d = build_optimizer(gan.discriminator.parameters(), d_optim)
-        self.step = 0  # optimizer steps so far (checkpointed): seeds each step's noise
+        self.step = 0  # batches trained so far (checkpointed): seeds each batch's noise
         self.deepspeed = accelerator.state.deepspeed_plugins is not None
         if self.deepspeed:
             accelerator.state.select_deepspeed_plugin("generator")
@@ -126,11 +126,15 @@ class GANTask(GenerativeTask):
             real_logits = self.D(real, labels).float()
             fake_logits = self.D(fake.detach(), labels).float()
             loss_d = d_loss(real_logits, fake_logits, kind)
+            if self.nonfinite(loss_d):
+                return self._skip()
             self._update(self.D, self.opt_d, loss_d)
 
         self.D.requires_grad_(False)
         try:
             loss_g = g_loss(self.D(fake, labels).float(), kind)
+            if self.nonfinite(loss_g):
+                return self._skip()  # the discriminator updates of this batch stay: they were finite
             self._update(self.G, self.opt_g, loss_g)
         finally:
             self.D.requires_grad_(True)
@@ -141,6 +145,14 @@ class GANTask(GenerativeTask):
                 "d_real": torch.sigmoid(real_logits.detach()).mean().item(),
                 "d_fake": torch.sigmoid(fake_logits.detach()).mean().item(),
                 "lr": self.opt_g.param_groups[0]["lr"]}
+
+    def _skip(self) -> dict[str, float]:
+        """A NaN/inf loss: no update from it (see ``Task.nonfinite``); the batch counts as a step
+        so the next one draws fresh noise."""
+        self.opt_d.zero_grad(set_to_none=True)
+        self.opt_g.zero_grad(set_to_none=True)
+        self.step += 1
+        return {NONFINITE: 1.0, "lr": self.opt_g.param_groups[0]["lr"]}
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
