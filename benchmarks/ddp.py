@@ -93,8 +93,11 @@ def run_training(processes: int, model: str, set_dir, steps: int, warmup: int, b
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 1800
         while proc.poll() is None and time.monotonic() < deadline:
+            # the watcher shares the cores with the ranks: read the CPU times only when a new
+            # record appears (walking the process tree every poll would slow the ranks it times)
             for record in _records(metrics):
-                cpu_at.setdefault(record["step"], _tree_cpu(proc.pid))
+                if record["step"] not in cpu_at:
+                    cpu_at[record["step"]] = _tree_cpu(proc.pid)
             time.sleep(0.05)
         if proc.poll() is None:
             proc.kill()

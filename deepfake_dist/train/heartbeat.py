@@ -24,6 +24,7 @@ import torch
 from deepfake_dist.errors import GroupFailure
 
 PERIOD_S = 1.0
+_STORE_TIMEOUT_S = 10  # a store call that gets no answer in this long fails
 # where a process-group failure surfaces: c10d itself, and DDP's own collectives (its buffer
 # broadcast before each forward times out with "Application timeout caused pair closure")
 _GROUP_CODE = (f"torch{os.sep}distributed{os.sep}", f"torch{os.sep}nn{os.sep}parallel{os.sep}distributed.py")
@@ -68,14 +69,20 @@ class Heartbeat:
             return None
 
     def close(self) -> None:
+        """Stop the thread and wait for it: a daemon thread still inside the store's C++ call when
+        the interpreter exits aborts the process ("terminate called without an active exception")
+        after a run that succeeded."""
         self._stop.set()
+        if self._store is not None:
+            self._thread.join(timeout=PERIOD_S + _STORE_TIMEOUT_S)
 
 
 def _connect():
     """A client of the launcher's store, or None when there is none to reach."""
     try:
         return torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                          is_master=False, wait_for_workers=False, timeout=timedelta(seconds=10))
+                                          is_master=False, wait_for_workers=False,
+                                          timeout=timedelta(seconds=_STORE_TIMEOUT_S))
     except Exception:  # noqa: BLE001 - KeyError, ValueError or a refused connection: no heartbeat
         return None
 

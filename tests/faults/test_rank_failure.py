@@ -12,8 +12,10 @@ import time
 
 import pytest
 from scale_setup import ENV, ROOT, accelerate, free_port, smoke, wait_until, worker_pids
+from torch.distributed import TCPStore
 
 from deepfake_dist.train.checkpoint import complete_checkpoints
+from deepfake_dist.train.heartbeat import _PREFIX, PERIOD_S, Heartbeat
 
 TIMEOUT_S = 10
 
@@ -57,3 +59,19 @@ def test_stalled_rank_is_named_and_the_job_resumes(face_shards, tmp_path):
                            check=False)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"resuming from {last}" in again.stdout + again.stderr
+
+
+def test_the_heartbeat_thread_has_ended_when_the_run_ends(monkeypatch):
+    """A heartbeat thread left inside the store's C++ call at interpreter exit aborted a rank
+    that had finished its run (SIGABRT, exit code 1 for the whole job)."""
+    port = free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    beat = Heartbeat(rank=1, world=2)
+    wait_until(lambda: beat._count(1) >= 2, 30, None, "two heartbeats")
+    beat.close()
+    assert not beat._thread.is_alive()
+    beats = store.add(f"{_PREFIX}/0/1", 0)
+    time.sleep(2.5 * PERIOD_S)
+    assert store.add(f"{_PREFIX}/0/1", 0) == beats  # no beat after close
