@@ -41,7 +41,7 @@ def test_loader(tmp_path, bench_data):
     row = results["workers"]["0"]
     assert row["webdataset_per_s"] > 0 and row["imagefolder_per_s"] > 0 and row["webdataset_vs_limit"] > 0
     memory = results["memory"]["sets"]["64"]  # streamed in a fresh process
-    assert memory["samples"] == 64 and memory["peak_rss_mib"] > memory["peak_uss_mib"] > 0
+    assert memory["set_samples"] == memory["streamed"] == 64 and memory["peak_rss_mib"] > memory["peak_uss_mib"] > 0
 
 
 def test_trainer(tmp_path, bench_data):
