@@ -14,12 +14,12 @@ line where it goes and FID/KID are skipped (training goes on).
 from __future__ import annotations
 
 import importlib.util
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from deepfake_dist.envvars import temporary_env
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
@@ -44,25 +44,12 @@ def find_inception_weights(configured: str | None) -> tuple[Path | None, str]:
                   f"{INCEPTION_URL} into that folder, or set samples.inception_weights")
 
 
-@contextmanager
-def _weights_only_loads():
-    """torch-fidelity loads the .pth with ``weights_only=False``; force the safe unpickler."""
-    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
-
-
 def inception(path: Path) -> nn.Module:
     """The 2048-feature Inception-v3 of FID, weights from ``path``; takes uint8 (B, 3, H, W)."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    with _weights_only_loads():
+    # torch-fidelity loads the .pth with ``weights_only=False``; force the safe unpickler
+    with temporary_env("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1"):
         model = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                    feature_extractor_weights_path=str(path))
     model.num_features = 2048

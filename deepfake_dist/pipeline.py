@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from typing import Any, ClassVar
 import yaml
 
 from deepfake_dist.config import apply_override
+from deepfake_dist.envvars import temporary_env
 from deepfake_dist.errors import UserError
 from deepfake_dist.registry import Registry, closest
 
@@ -342,15 +342,10 @@ def _one_process_group():
     training run) closes the group unless the launcher owns it (Accelerate's ``FORK_LAUNCHED``,
     read by every ``PartialState()``); forming it again reuses the launcher's store and can
     race, so the pipeline owns the group instead and closes it when the last stage is done."""
-    old = os.environ.get("FORK_LAUNCHED")
-    os.environ["FORK_LAUNCHED"] = "1"
     try:
-        yield
+        with temporary_env("FORK_LAUNCHED", "1"):
+            yield
     finally:
-        if old is None:
-            os.environ.pop("FORK_LAUNCHED", None)
-        else:
-            os.environ["FORK_LAUNCHED"] = old
         _fresh_state().destroy_process_group()
 
 
