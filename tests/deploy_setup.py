@@ -8,12 +8,12 @@ The shard set has 100 real LFW faces and 100 toy fakes split 0.5 / 0.1 / 0.4, so
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from pathlib import Path
 
 from datasets import write_face_folder
+from scale_setup import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,12 +56,6 @@ def train_detector(shards: Path, runs: Path) -> Path:
     with one_thread():
         train(detector_config(shards, runs, "cnn8", "model.width=8", "train.epochs=6", "optim.lr=0.01"))
     return runs / "cnn8"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

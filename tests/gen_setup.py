@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from scale_setup import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -23,12 +24,6 @@ def tiny(shards: Path, output_dir: Path, name: str, steps: int = 4, **extra) -> 
 
 def tiny_gan(shards: Path, output_dir: Path, name: str, steps: int = 4, **extra) -> list[str]:
     return tiny(shards, output_dir, name, steps, **{"model.ngf": 8, "model.ndf": 8, **extra})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 GLOO = ["--config_file", str(CONFIGS / "accelerate" / "cpu_gloo.yaml")]

@@ -4,24 +4,18 @@ after its first checkpoint resumes from it when relaunched with the same command
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from scale_setup import free_port
 
 from deepfake_dist.train.checkpoint import complete_checkpoints
 from deepfake_dist.train.tracking import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accelerate_cmd(*args) -> list[str]:
