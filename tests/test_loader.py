@@ -7,7 +7,7 @@ import torch
 
 from deepfake_dist.config import AugmentConfig, DataConfig
 from deepfake_dist.data import transforms
-from deepfake_dist.data.loader import eval_loader, resolve_channels, train_loader
+from deepfake_dist.data.loader import batches_per_transfer, eval_loader, resolve_channels, train_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.data.prepare import prepare
 
@@ -51,6 +51,33 @@ def test_train_stream_is_deterministic_per_epoch_and_rank(face_shards):
     assert keys(0, 0) == keys(0, 0)  # same images, same augmentation
     assert keys(0, 0) != keys(1, 0)
     assert keys(0, 0) != keys(0, 1)
+
+
+def test_workers_hand_over_groups_of_batches_that_train_as_the_same_batches(face_shards):
+    one = _data([face_shards], num_workers=2, transfer_mib=0)
+    grouped = _data([face_shards], num_workers=2, transfer_mib=0.05)  # 16 KiB batches: 3 a hand-off
+    assert batches_per_transfer(one, 1, None) == 1 and batches_per_transfer(grouped, 1, None) == 3
+
+    def batches(cfg):
+        loader, stream = train_loader(cfg, 1, 0, 1, seed=0)
+        assert stream.per_transfer == batches_per_transfer(cfg, 1, None)
+        handed = [len(b) for b in torch.utils.data.DataLoader.__iter__(loader)]  # what the workers send
+        assert max(handed) == 4 * stream.per_transfer
+        out = [(tuple(b.key), b.image.sum().item(), tuple(b.label.tolist())) for b in loader]
+        assert len(out) == stream.batches_per_worker * 2
+        return out
+
+    ones, groups = batches(one), batches(grouped)
+    assert all(len(keys) == 4 for keys, _, _ in groups)
+    assert sorted(groups) == sorted(ones)  # the same batches, in another order of the two workers
+
+
+def test_only_small_batches_are_grouped():
+    faces = DataConfig(train=["x"], resolution=64, batch_size=32, num_workers=2)  # 1.5 MiB of float32
+    assert batches_per_transfer(faces, 3, None) == 5  # the default 8 MiB
+    assert batches_per_transfer(DataConfig(train=["x"], resolution=224, batch_size=32), 3, None) == 1
+    assert batches_per_transfer(faces, 3, 16) == 1  # 16-frame clips
+    assert batches_per_transfer(DataConfig(train=["x"], resolution=64, num_workers=0), 3, None) == 1
 
 
 def test_augmentation_keeps_shapes_and_ranges(face_shards):

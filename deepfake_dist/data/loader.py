@@ -23,6 +23,7 @@ clip tensor, so every frame of a clip gets the same random crop, flip, jitter, J
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import multiprocessing
@@ -37,7 +38,7 @@ import torch
 import webdataset as wds
 from rich.console import Console
 from rich.markup import escape
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from deepfake_dist.config import DataConfig
 from deepfake_dist.data import transforms
@@ -87,12 +88,20 @@ class Batch:
     def __len__(self) -> int:
         return len(self.key)
 
+    def split(self, size: int) -> list[Batch]:
+        """Batches of ``size`` (views of this one's tensors); the problems go with the first."""
+        return [Batch(self.image[i:i + size], self.label[i:i + size], self.key[i:i + size], self.meta[i:i + size],
+                      self.problems if i == 0 else []) for i in range(0, len(self), size)]
+
 
 def collate(samples: list[tuple], problems: list[ReadProblem] = ()) -> Batch:
+    """``default_collate`` stacks the images: in a worker it writes them straight into shared
+    memory, which saves the copy sending the batch to the main process would otherwise make."""
     if not samples:  # only problems to report (the stream stops at the first under on_error: raise)
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), [], [], list(problems))
     images, labels, keys, metas = zip(*samples)
-    return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.long), list(keys), list(metas), list(problems))
+    return Batch(default_collate(images), torch.tensor(labels, dtype=torch.long), list(keys), list(metas),
+                 list(problems))
 
 
 def _reason(err: BaseException) -> str:
@@ -135,11 +144,13 @@ class ShardLoader(torch.utils.data.DataLoader):
     """A DataLoader that applies the ``on_error`` policy to the problems its workers report with
     each batch: ``skip`` warns once per problem on this rank's console, ``raise`` stops with a
     UserError (``hint`` says what to do; ``{set}`` in it becomes the shard's set). Batches that
-    only carry problems are not yielded."""
+    only carry problems are not yielded. With ``batch_size`` the workers' hand-offs (groups of
+    batches, as WebDataset's re-batching in the main process) are split into batches of that size."""
 
-    def __init__(self, dataset, on_error: str, hint: str, rank: int, world: int, **kwargs):
+    def __init__(self, dataset, on_error: str, hint: str, rank: int, world: int, batch_size: int | None = None,
+                 **kwargs):
         super().__init__(dataset, batch_size=None, **kwargs)
-        self.on_error, self.hint = on_error, hint
+        self.on_error, self.hint, self.split = on_error, hint, batch_size
         self.prefix = f"rank {rank}: " if world > 1 else ""
         self.warned: set[ReadProblem] = set()
 
@@ -153,7 +164,7 @@ class ShardLoader(torch.utils.data.DataLoader):
                     _console.print(f"{self.prefix}[yellow]warning:[/yellow] {escape(str(problem))}; skipped "
                                    "(data.on_error: skip)")
             if len(batch):
-                yield batch
+                yield from batch.split(self.split) if self.split else [batch]
 
 
 def resolve_channels(cfg: DataConfig, sets: list[str]) -> int:
@@ -192,7 +203,13 @@ def _decode_sample(sample: dict, channels: int) -> tuple:
     label = int(sample["cls"])
     meta = json.loads(sample["json"]) if "json" in sample else {}
     # keys are unique within a set; the set's folder name makes them unique across sets
-    return image, label, f"{Path(sample['__url__']).parent.name}/{sample['__key__']}", meta
+    return image, label, f"{_set_name(sample['__url__'])}/{sample['__key__']}", meta
+
+
+@functools.lru_cache(maxsize=4096)
+def _set_name(url: str) -> str:
+    """The folder of a shard (cached: a ``Path`` per sample costs more than the shard read)."""
+    return Path(url).parent.name
 
 
 def _seed(*parts) -> int:
@@ -205,27 +222,32 @@ def _worker() -> tuple[int, int]:
 
 
 class TrainStream(IterableDataset):
-    """Endless seeded shard resampling, cut to ``batches_per_worker`` batches per epoch."""
+    """Endless seeded shard resampling, cut to ``batches_per_worker`` batches per epoch, yielded
+    ``per_transfer`` batches at a time as one ``Batch`` (the loader splits them again)."""
 
     def __init__(self, urls, cfg: DataConfig, channels: int, rank: int, batches_per_worker: int, seed: int,
-                 expected: dict[str, int] | None = None):
+                 expected: dict[str, int] | None = None, per_transfer: int = 1):
         self.urls, self.cfg, self.channels, self.rank, self.seed = urls, cfg, channels, rank, seed
         self.expected = expected or {}  # url -> samples the manifest lists (to notice a truncated shard)
         self.missing: list[str] = []  # listed shards that were not there at the start (skipped)
-        self.batches_per_worker = batches_per_worker
+        self.batches_per_worker, self.per_transfer = batches_per_worker, per_transfer
         self.transform = transforms.train_transform(cfg.resolution, channels, cfg.normalize, cfg.augment)
         self._epoch = multiprocessing.Value("i", 0)  # shared with persistent workers
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.value = epoch
 
-    def _augment(self, item: tuple, epoch: int) -> tuple:
-        image, label, key, meta = item
+    def _augment(self, items: list[tuple], epoch: int) -> list[tuple]:
+        """Each image augmented with the CPU generator seeded from its key, inside one fork of
+        the generator for all (a fork per sample cost ~20 us, 3% of the sample's work)."""
+        augmented = []
         with torch.random.fork_rng(devices=[]):
-            # the CPU generator only: torch.manual_seed also queues a seed for every accelerator
-            # backend, recording a stack trace each time (~0.4-3 ms a sample, more than the decode)
-            torch.default_generator.manual_seed(_seed(self.seed, epoch, key))
-            return self.transform(image), label, key, meta
+            for image, label, key, meta in items:
+                # the CPU generator only: torch.manual_seed also queues a seed for every accelerator
+                # backend, recording a stack trace each time (~0.4-3 ms a sample, more than the decode)
+                torch.default_generator.manual_seed(_seed(self.seed, epoch, key))
+                augmented.append((self.transform(image), label, key, meta))
+        return augmented
 
     def __iter__(self):
         epoch = self._epoch.value
@@ -235,8 +257,9 @@ class TrainStream(IterableDataset):
         shards = (rng.choice(self.urls) for _ in iter(int, 1))
         samples = _read_shards(shards, self.expected, problems)
         samples = wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer // 2, rng=rng)(samples)
-        batch: list[tuple] = []
-        produced = 0
+        size = self.cfg.batch_size
+        group: list[tuple] = []
+        left = self.batches_per_worker
         for sample in samples:
             item = _decode_or_report(sample, self.channels, problems)
             if problems and self.cfg.on_error == "raise":
@@ -244,13 +267,23 @@ class TrainStream(IterableDataset):
                 return
             if item is None:
                 continue
-            batch.append(self._augment(item, epoch))
-            if len(batch) == self.cfg.batch_size:
-                yield collate(batch, problems)
+            group.append(item)
+            if len(group) == min(self.per_transfer, left) * size:
+                yield collate(self._augment(group, epoch), problems)
                 problems.clear()
-                batch, produced = [], produced + 1
-                if produced == self.batches_per_worker:
+                left -= len(group) // size
+                group = []
+                if not left:
                     return
+
+
+def batches_per_transfer(cfg: DataConfig, channels: int, frames: int | None) -> int:
+    """Batches a worker hands over at once: about ``data.transfer_mib`` of float32 images, at
+    least one; one without workers (nothing is handed over)."""
+    if cfg.num_workers == 0:
+        return 1
+    batch_bytes = cfg.batch_size * (frames or 1) * channels * cfg.resolution**2 * 4
+    return max(int(cfg.transfer_mib * 2**20 // batch_bytes), 1)
 
 
 def train_loader(cfg: DataConfig, channels: int, rank: int, world: int,
@@ -271,16 +304,16 @@ def train_loader(cfg: DataConfig, channels: int, rank: int, world: int,
     urls = list(expected)
     samples = sum(split_count(load_manifest(s), cfg.train_split) for s in cfg.train)
     samples -= sum(int(entry.get("samples", 0)) for path, entry in listed if not path.is_file())
-    clip_frames(cfg.train)  # refuses sets whose samples cannot share a batch
     workers = max(cfg.num_workers, 1)
     batches_per_rank = max(math.ceil(samples / (cfg.batch_size * world)), 1)
     per_worker = math.ceil(batches_per_rank / workers)
-    stream = TrainStream(urls, cfg, channels, rank, per_worker, seed, expected)
+    stream = TrainStream(urls, cfg, channels, rank, per_worker, seed, expected,
+                         batches_per_transfer(cfg, channels, clip_frames(cfg.train)))
     stream.missing = [str(path) for path in missing]
     hint = ("data.on_error is raise; set it to skip to train on without it, or find what is wrong with "
             "deepfake-dist shards verify {set} and re-create the set")
     loader = ShardLoader(
-        stream, cfg.on_error, hint, rank, world,
+        stream, cfg.on_error, hint, rank, world, cfg.batch_size,
         num_workers=cfg.num_workers,
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
