@@ -57,7 +57,9 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(overrides):
     folder = checkpoint_dir(run_dir)
     assert [p.name for p in complete_checkpoints(run_dir)] == ["step-2"]
 
-    proc = _run_limited("train", "--config", str(SMOKE), *args, "train.max_steps=4")
+    # the file-size limit also caps the loader's shared-memory files, which a full disk does not
+    # (/dev/shm is memory): keep each hand-off to one 32 KiB batch, under the limit
+    proc = _run_limited("train", "--config", str(SMOKE), *args, "train.max_steps=4", "data.transfer_mib=0")
     assert proc.returncode == 2, proc.stderr
     errors = _error_lines(proc)
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
