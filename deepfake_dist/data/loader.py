@@ -307,8 +307,9 @@ def train_loader(cfg: DataConfig, channels: int, rank: int, world: int,
     workers = max(cfg.num_workers, 1)
     batches_per_rank = max(math.ceil(samples / (cfg.batch_size * world)), 1)
     per_worker = math.ceil(batches_per_rank / workers)
+    frames = clip_frames(cfg.train)  # refuses sets whose samples cannot share a batch
     stream = TrainStream(urls, cfg, channels, rank, per_worker, seed, expected,
-                         batches_per_transfer(cfg, channels, clip_frames(cfg.train)))
+                         batches_per_transfer(cfg, channels, frames))
     stream.missing = [str(path) for path in missing]
     hint = ("data.on_error is raise; set it to skip to train on without it, or find what is wrong with "
             "deepfake-dist shards verify {set} and re-create the set")
