@@ -40,6 +40,7 @@ def test_defaults_and_overrides_reach_typed_object(write_config):
         ("train.epoks=3", ["exp.yaml", "train.epoks", "did you mean 'epochs'"]),
         ("data.batch_size=big", ["exp.yaml", "data.batch_size", "an integer", "'big'"]),
         ("data.batch_size=-4", ["data.batch_size", "must be positive", "-4"]),
+        ("data.transfer_mib=-1", ["data.transfer_mib", "must be >= 0", "-1"]),
         ("optim.name=adamm", ["optim.name", "adamw"]),
         ("model.widht=3", ["model.widht", "did you mean 'width'", "cnn"]),
         ("model.name=resnet81", ["model.name", "resnet18"]),

@@ -150,7 +150,7 @@ class ShardLoader(torch.utils.data.DataLoader):
     def __init__(self, dataset, on_error: str, hint: str, rank: int, world: int, batch_size: int | None = None,
                  **kwargs):
         super().__init__(dataset, batch_size=None, **kwargs)
-        self.on_error, self.hint, self.split = on_error, hint, batch_size
+        self.on_error, self.hint, self.split_size = on_error, hint, batch_size
         self.prefix = f"rank {rank}: " if world > 1 else ""
         self.warned: set[ReadProblem] = set()
 
@@ -164,7 +164,7 @@ class ShardLoader(torch.utils.data.DataLoader):
                     _console.print(f"{self.prefix}[yellow]warning:[/yellow] {escape(str(problem))}; skipped "
                                    "(data.on_error: skip)")
             if len(batch):
-                yield from batch.split(self.split) if self.split else [batch]
+                yield from batch.split(self.split_size) if self.split_size else [batch]
 
 
 def resolve_channels(cfg: DataConfig, sets: list[str]) -> int:
