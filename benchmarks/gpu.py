@@ -1,8 +1,9 @@
 """The GPU path (runs only where CUDA is present): training images/s and model FLOPs utilisation
 (MFU) of ``resnet18`` and ``hybrid`` at 224 px and the DCGAN at 64 px, in fp32 / bf16 / fp16,
-with ``channels_last`` and ``torch.compile`` on and off; the platform's step against the bare
-step at bf16; and the data loader's rate against the model's for 64-px faces (which one bounds,
-and the data wait when one feeds the other).
+with ``channels_last`` and ``torch.compile`` on and off (eager ones also with cuDNN's autotuner,
+``torch.backends.cudnn.benchmark``, on and off); the platform's step against the bare step at
+bf16; and the data loader's rate against the model's for 64-px faces at each worker count (which
+one bounds, and the data wait when one feeds the other).
 
 One prepared run with a total time bound (``--budget-s``): the eager grid first, then the
 loader check, then ``torch.compile`` configurations (each compiles for tens of seconds) in order
@@ -74,9 +75,10 @@ class Setup:
     """One model's training step in one configuration, on in-memory tensors."""
 
     def __init__(self, model: str, batch: int, resolution: int, precision: str, channels_last: bool, compile_: bool,
-                 device):
+                 device, cudnn_benchmark: bool = False):
         from deepfake_dist.models import create_model
 
+        torch.backends.cudnn.benchmark = cudnn_benchmark  # autotunes each conv at its first call
         self.device, self.dtype = device, DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -168,9 +170,10 @@ def grid(args) -> list[dict]:
     for model in args.models:
         for precision in args.precisions:
             for cl in [layout == "channels_last" for layout in args.layouts]:
-                eager.append({"model": model, "precision": precision, "channels_last": cl, "compile": False})
+                config = {"model": model, "precision": precision, "channels_last": cl}
+                eager += [{**config, "compile": False, "cudnn_benchmark": tune == "on"} for tune in args.cudnn_benchmark]
                 if args.compile:
-                    compiled.append({"model": model, "precision": precision, "channels_last": cl, "compile": True})
+                    compiled.append({**config, "compile": True, "cudnn_benchmark": False})
     rank = {"bf16": 0, "fp16": 1, "fp32": 2}  # the settings one would train with come first
     compiled.sort(key=lambda c: (rank[c["precision"]], not c["channels_last"], args.models.index(c["model"])))
     return eager + compiled
@@ -192,7 +195,7 @@ def platform_vs_bare(args, model: str, device, set_dir) -> dict:
             "bare_images_per_s": median_of(runs["bare"], "per_s"), "platform_vs_bare": paired_ratio(runs, "platform", "bare")}
 
 
-def loader_vs_model(args, model: str, device, set_dir) -> dict:
+def loader_vs_model(args, model: str, workers: int, device, set_dir) -> dict:
     """For 64-px faces: the loader alone, a detector's step alone (bf16, channels_last), and the
     two together as the training loop runs them (batches moved to the GPU, data wait measured)."""
     from deepfake_dist.config import DataConfig
@@ -200,8 +203,9 @@ def loader_vs_model(args, model: str, device, set_dir) -> dict:
     from deepfake_dist.models import create_model
 
     batch = args.loader_batch_size
-    cfg = DataConfig(train=[str(set_dir)], resolution=64, batch_size=batch, num_workers=args.loader_workers)
+    cfg = DataConfig(train=[str(set_dir)], resolution=64, batch_size=batch, num_workers=workers)
     loader, stream = train_loader(cfg, 3, 0, 1, seed=0)
+    torch.backends.cudnn.benchmark = False  # the platform's setting
     net = create_model(model, in_channels=3).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-4)
 
@@ -234,7 +238,7 @@ def loader_vs_model(args, model: str, device, set_dir) -> dict:
         tick = time.perf_counter()
         seen += len(b)
     total = time.perf_counter() - start
-    return {"model": model, "batch_size": batch, "workers": args.loader_workers, "loader_images_per_s": loader_rate,
+    return {"model": model, "batch_size": batch, "workers": workers, "loader_images_per_s": loader_rate,
             "model_images_per_s": model_rate, "together_images_per_s": seen / total, "data_wait_frac": wait / total,
             "bound_by": "loader" if loader_rate < model_rate else "model"}
 
@@ -248,6 +252,8 @@ def main(argv=None) -> dict:
     p.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"],
                    choices=["contiguous", "channels_last"], help="memory formats to measure")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile configurations")
+    p.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", nargs="+", default=["off", "on"], choices=["off", "on"],
+                   help="cuDNN autotuner settings to measure the eager configurations with")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=128, help="of the detectors")
     p.add_argument("--resolution", type=int, default=224, help="of the detectors")
     p.add_argument("--gan-batch-size", dest="gan_batch_size", type=int, default=256)
@@ -255,7 +261,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--windows", type=int, default=3, help="timed windows per configuration (median)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--loader-workers", dest="loader_workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--loader-workers", dest="loader_workers", type=int, nargs="+",
+                   default=[min(8, os.cpu_count() or 1)], help="worker counts to feed the model with")
     p.add_argument("--loader-batch-size", dest="loader_batch_size", type=int, default=256)
     p.add_argument("--loader-samples", dest="loader_samples", type=int, default=4096)
     p.add_argument("--peak-tflops", dest="peak_tflops", type=float, help="the card's dense peak, if not in the table")
@@ -280,7 +287,7 @@ def main(argv=None) -> dict:
         row = {**config, "batch_size": batch_of[model], "resolution": size_of[model]}
         try:
             setup = Setup(model, batch_of[model], size_of[model], config["precision"], config["channels_last"],
-                          config["compile"], device)
+                          config["compile"], device, config["cudnn_benchmark"])
             steps_per_s = time_steps(setup.run, device, args.warmup, args.steps, args.windows)
             peak = peak_tflops(name, config["precision"], args.peak_tflops)
             row |= {"images_per_s": steps_per_s * batch_of[model], "tflops": steps_per_s * flops[model] / 1e12}
@@ -296,9 +303,9 @@ def main(argv=None) -> dict:
         console.print(f"  {row}", style="dim")
 
     def check_loader() -> None:
-        set_dir = face_set(args.data, args.loader_samples, workers=max(args.loader_workers, 1))
+        set_dir = face_set(args.data, args.loader_samples, workers=max(*args.loader_workers, 1))
         results["platform_vs_bare"] = platform_vs_bare(args, detector, device, set_dir)
-        results["loader_vs_model"] = loader_vs_model(args, detector, device, set_dir)
+        results["loader_vs_model"] = [loader_vs_model(args, detector, w, device, set_dir) for w in args.loader_workers]
 
     for config in grid(args):
         if config["compile"] and "loader_vs_model" not in results:
@@ -311,16 +318,17 @@ def main(argv=None) -> dict:
     if "loader_vs_model" not in results and deadline - time.perf_counter() > 30:
         check_loader()
 
-    rows = [[c["model"], c["precision"], "yes" if c["channels_last"] else "", "yes" if c["compile"] else "",
+    yes = {True: "yes", False: ""}
+    rows = [[c["model"], c["precision"], yes[c["channels_last"]], yes[c["compile"]], yes[c["cudnn_benchmark"]],
              c.get("images_per_s"), c.get("tflops"), c.get("mfu"), c.get("error", "")] for c in results["configs"]]
     print_table(f"gpu: {name}, training step (median of {args.windows} windows)",
-                ["model", "dtype", "channels_last", "compile", "images/s", "TFLOP/s", "MFU", "error"], rows)
+                ["model", "dtype", "channels_last", "compile", "cudnn autotune", "images/s", "TFLOP/s", "MFU", "error"],
+                rows)
     if "loader_vs_model" in results:
-        lm = results["loader_vs_model"]
-        print_table(f"gpu: 64-px faces, loader against model ({lm['model']}, bf16, channels_last)",
-                    ["loader images/s", "model images/s", "together images/s", "data wait", "bound by"],
-                    [[lm["loader_images_per_s"], lm["model_images_per_s"], lm["together_images_per_s"],
-                      lm["data_wait_frac"], lm["bound_by"]]])
+        print_table(f"gpu: 64-px faces, loader against model ({detector}, bf16, channels_last)",
+                    ["workers", "loader images/s", "model images/s", "together images/s", "data wait", "bound by"],
+                    [[lm["workers"], lm["loader_images_per_s"], lm["model_images_per_s"], lm["together_images_per_s"],
+                      lm["data_wait_frac"], lm["bound_by"]] for lm in results["loader_vs_model"]])
     if "platform_vs_bare" in results:
         pb = results["platform_vs_bare"]
         console.print(f"platform step / bare step ({pb['model']}, {pb['resolution']} px, bf16): "

@@ -65,12 +65,14 @@ def test_gpu_skips_without_cuda_and_runs_on_cpu_when_asked(tmp_path, bench_data,
         assert "no CUDA device: skipped" in capsys.readouterr().out and not (tmp_path / "none").exists()
     results = _run("gpu", tmp_path, bench_data, "--device", "cpu", "--models", "cnn", "dcgan", "--resolution", "32",
                    "--gan-resolution", "32", "--precisions", "fp32", "--layouts", "contiguous", "--no-compile",
+                   "--cudnn-benchmark", "off",
                    "--batch-size", "2", "--gan-batch-size", "2", "--steps", "1", "--windows", "1", "--warmup", "0",
                    "--loader-workers", "0", "--loader-batch-size", "8", "--loader-samples", "64")
     assert {c["model"] for c in results["configs"]} == {"cnn", "dcgan"}
     assert all(c["images_per_s"] > 0 and "error" not in c for c in results["configs"])
     assert all(flops > 0 for flops in results["flops_per_step"].values())
-    assert results["loader_vs_model"]["data_wait_frac"] >= 0 and results["platform_vs_bare"]["platform_vs_bare"] > 0
+    assert [lm["workers"] for lm in results["loader_vs_model"]] == [0]
+    assert results["loader_vs_model"][0]["data_wait_frac"] >= 0 and results["platform_vs_bare"]["platform_vs_bare"] > 0
 
 
 def test_unknown_benchmark_is_one_line(capsys):
