@@ -175,22 +175,23 @@ def grid(args) -> list[dict]:
                 if args.compile:
                     compiled.append({**config, "compile": True, "cudnn_benchmark": False})
     rank = {"bf16": 0, "fp16": 1, "fp32": 2}  # the settings one would train with come first
-    compiled.sort(key=lambda c: (rank[c["precision"]], not c["channels_last"], args.models.index(c["model"])))
+    compiled.sort(key=lambda c: (not c["channels_last"], rank[c["precision"]], args.models.index(c["model"])))
     return eager + compiled
 
 
-def platform_vs_bare(args, model: str, device, set_dir) -> dict:
-    """The platform's step (DetectorTask through Accelerate at bf16) against the bare bf16 step,
-    taking turns step by step."""
+def platform_vs_bare(args, model: str, channels_last: bool, device, set_dir) -> dict:
+    """The platform's step (DetectorTask through Accelerate at bf16, ``train.channels_last`` as
+    given) against the bare bf16 step in the same layout, taking turns step by step."""
     from benchmarks.trainer import bench_config, memory_batch, platform_step, warm
 
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = bench_config(model, set_dir, run_dir, args.batch_size, args.resolution, ["train.mixed_precision=bf16"])
+        cfg = bench_config(model, set_dir, run_dir, args.batch_size, args.resolution,
+                           ["train.mixed_precision=bf16", f"train.channels_last={str(channels_last).lower()}"])
         ours, _ = platform_step(cfg, memory_batch(cfg, set_dir, 3), 3)
-        bare = Setup(model, args.batch_size, args.resolution, "bf16", False, False, device)
+        bare = Setup(model, args.batch_size, args.resolution, "bf16", channels_last, False, device)
         runs = alternating({"platform": warm(ours, args.warmup, device), "bare": warm(bare.run, args.warmup, device)},
                            args.batch_size, args.steps, args.windows, sync=functools.partial(_sync, device), show=False)
-    return {"model": model, "resolution": args.resolution, "precision": "bf16",
+    return {"model": model, "resolution": args.resolution, "precision": "bf16", "channels_last": channels_last,
             "platform_images_per_s": median_of(runs["platform"], "per_s"),
             "bare_images_per_s": median_of(runs["bare"], "per_s"), "platform_vs_bare": paired_ratio(runs, "platform", "bare")}
 
@@ -304,7 +305,8 @@ def main(argv=None) -> dict:
 
     def check_loader() -> None:
         set_dir = face_set(args.data, args.loader_samples, workers=max(*args.loader_workers, 1))
-        results["platform_vs_bare"] = platform_vs_bare(args, detector, device, set_dir)
+        results["platform_vs_bare"] = [platform_vs_bare(args, detector, cl == "channels_last", device, set_dir)
+                                       for cl in args.layouts]
         results["loader_vs_model"] = [loader_vs_model(args, detector, w, device, set_dir) for w in args.loader_workers]
 
     for config in grid(args):
@@ -329,10 +331,9 @@ def main(argv=None) -> dict:
                     ["workers", "loader images/s", "model images/s", "together images/s", "data wait", "bound by"],
                     [[lm["workers"], lm["loader_images_per_s"], lm["model_images_per_s"], lm["together_images_per_s"],
                       lm["data_wait_frac"], lm["bound_by"]] for lm in results["loader_vs_model"]])
-    if "platform_vs_bare" in results:
-        pb = results["platform_vs_bare"]
-        console.print(f"platform step / bare step ({pb['model']}, {pb['resolution']} px, bf16): "
-                      f"{pb['platform_vs_bare']:.3f}")
+    for pb in results.get("platform_vs_bare", []):
+        console.print(f"platform step / bare step ({pb['model']}, {pb['resolution']} px, bf16, "
+                      f"{'channels_last' if pb['channels_last'] else 'contiguous'}): {pb['platform_vs_bare']:.3f}")
     if results["skipped"]:
         console.print(f"skipped for the budget: {len(results['skipped'])} configuration(s)")
     write_result("gpu", args, results, started)

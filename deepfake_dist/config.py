@@ -86,6 +86,7 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: Optional[float] = 1.0
     mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None  # None: the launcher's
+    channels_last: bool = True  # on a GPU (not DeepSpeed): NHWC weights and activations, faster convolutions
     monitor: str = "val/auroc"  # metric that picks the best checkpoint (validation only)
     monitor_mode: Literal["max", "min"] = "max"
     early_stopping: Optional[int] = None  # epochs without improvement before stopping

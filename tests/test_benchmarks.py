@@ -72,7 +72,7 @@ def test_gpu_skips_without_cuda_and_runs_on_cpu_when_asked(tmp_path, bench_data,
     assert all(c["images_per_s"] > 0 and "error" not in c for c in results["configs"])
     assert all(flops > 0 for flops in results["flops_per_step"].values())
     assert [lm["workers"] for lm in results["loader_vs_model"]] == [0]
-    assert results["loader_vs_model"][0]["data_wait_frac"] >= 0 and results["platform_vs_bare"]["platform_vs_bare"] > 0
+    assert results["loader_vs_model"][0]["data_wait_frac"] >= 0 and results["platform_vs_bare"][0]["platform_vs_bare"] > 0
 
 
 def test_unknown_benchmark_is_one_line(capsys):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from deepfake_dist.config import load_config
@@ -98,3 +99,13 @@ def test_gradient_accumulation_and_early_stopping(smoke_config):
                                          "train.early_stopping=1"])
     stopped = train(cfg)
     assert stopped["early stopped"] and stopped["epochs"] == 2
+
+
+def test_channels_last_only_on_a_gpu_without_deepspeed():
+    from deepfake_dist.tasks import memory_format
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert memory_format(True, cuda, deepspeed=False) == torch.channels_last
+    assert memory_format(False, cuda, deepspeed=False) == torch.contiguous_format  # train.channels_last: false
+    assert memory_format(True, cpu, deepspeed=False) == torch.contiguous_format
+    assert memory_format(True, cuda, deepspeed=True) == torch.contiguous_format

@@ -24,7 +24,7 @@ from deepfake_dist.train.optim import build_optimizer, build_scheduler
 class AutoEncoderTask(GenerativeTask):
     def __init__(self, cfg, accelerator, channels: int):
         super().__init__(cfg, accelerator, channels)
-        model = create_model(cfg.model.name, **self.build_args, **cfg.model.args)
+        model = self.on_device(create_model(cfg.model.name, **self.build_args, **cfg.model.args))
         opt = build_optimizer(model.parameters(), cfg.optim)
         self.model, self.opt = accelerator.prepare(model, opt)
         self.sched = None
@@ -38,7 +38,7 @@ class AutoEncoderTask(GenerativeTask):
         warmup = self.cfg.vae.kl_warmup_steps
         return self.cfg.vae.kl_weight * (min(self.step / warmup, 1.0) if warmup else 1.0)
 
-    def train_step(self, batch) -> dict[str, float]:
+    def train_step(self, batch) -> dict[str, float | torch.Tensor]:
         self.model.train()
         kl_weight = self.kl_weight()
         with self.accelerator.accumulate(self.model):
@@ -58,7 +58,7 @@ class AutoEncoderTask(GenerativeTask):
             self.opt.zero_grad(set_to_none=True)
         if self.accelerator.sync_gradients:
             self.broadcast_buffers(self.model)
-        return {**{k: v.detach().item() for k, v in losses.items()}, "kl_weight": kl_weight,
+        return {**{k: v.detach() for k, v in losses.items()}, "kl_weight": kl_weight,
                 "lr": self.sched.get_last_lr()[0]}
 
     @torch.no_grad()

@@ -31,7 +31,7 @@ class DetectorTask(Task):
                     "model.name=temporal, or sets prepared with --frame-level")
             raise UserError(f"model.name {cfg.model.name}: {hint}")
         self.val_loader()  # a validation split that is empty or lacks a shard is refused now, not after an epoch
-        model = self._build_model()
+        model = self.on_device(self._build_model())
         opt = build_optimizer(model.parameters(), cfg.optim)
         self.model, self.opt = accelerator.prepare(model, opt)
         self.sched = None
@@ -59,12 +59,12 @@ class DetectorTask(Task):
     def set_total_steps(self, total_steps: int) -> None:
         self.sched = self.accelerator.prepare(build_scheduler(self.opt, self.cfg.sched, total_steps))
 
-    def loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The batch's training loss, and extra values to log (distillation changes this)."""
         logits = self.model(batch.image)
         return F.binary_cross_entropy_with_logits(logits.float(), batch.label.float()), {}
 
-    def train_step(self, batch) -> dict[str, float]:
+    def train_step(self, batch) -> dict[str, float | torch.Tensor]:
         self.model.train()
         with self.accelerator.accumulate(self.model):
             loss, logs = self.loss(batch)
@@ -83,7 +83,7 @@ class DetectorTask(Task):
             if self.accelerator.sync_gradients:
                 self.sched.step()
             self.opt.zero_grad(set_to_none=True)
-        return {"loss": loss.detach().item(), **logs, "lr": self.sched.get_last_lr()[0]}
+        return {"loss": loss.detach(), **logs, "lr": self.sched.get_last_lr()[0]}
 
     def _skip(self) -> dict[str, float]:
         self.opt.zero_grad(set_to_none=True)

@@ -67,7 +67,7 @@ class DistillTask(DetectorTask):
                                        align_corners=False).unflatten(0, images.shape[:-3])
             teacher = self.teacher(images).float()
         total, soft, hard = distillation_loss(logits, teacher, batch.label, d.temperature, d.alpha)
-        return total, {"loss_soft": soft.detach().item(), "loss_hard": hard.detach().item()}
+        return total, {"loss_soft": soft.detach(), "loss_hard": hard.detach()}
 
     def export_info(self) -> dict:
         return {**super().export_info(), "distilled_from": self.teacher_info}

@@ -66,7 +66,7 @@ class GANTask(GenerativeTask):
             raise UserError(f"{where}: GANs step both networks every batch; set train.grad_accum: 1")
         if cfg.sched.name != "constant" or cfg.sched.warmup_steps:
             raise UserError(f"{where}: GANs train at a constant learning rate; set sched.name: constant, warmup_steps: 0")
-        gan = create_model(cfg.model.name, **self.build_args, **cfg.model.args)
+        gan = self.on_device(create_model(cfg.model.name, **self.build_args, **cfg.model.args))
         self.z_dim, self.num_classes = gan.z_dim, gan.num_classes
         if self.num_classes and not cfg.gan.condition:
             raise UserError(f"{where}: {cfg.model.name} is conditional; set gan.condition to the json key of "
@@ -114,7 +114,7 @@ class GANTask(GenerativeTask):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def train_step(self, batch) -> dict[str, float]:
+    def train_step(self, batch) -> dict[str, float | torch.Tensor]:
         kind, steps = self.cfg.gan.loss, self.cfg.gan.d_steps
         self.G.train()
         self.D.train()
@@ -141,9 +141,9 @@ class GANTask(GenerativeTask):
         self.broadcast_buffers(self.G, self.D)
         self.ema.update(self.accelerator.unwrap_model(self.G))
         self.step += 1
-        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
-                "d_real": torch.sigmoid(real_logits.detach()).mean().item(),
-                "d_fake": torch.sigmoid(fake_logits.detach()).mean().item(),
+        return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(),
+                "d_real": torch.sigmoid(real_logits.detach()).mean(),
+                "d_fake": torch.sigmoid(fake_logits.detach()).mean(),
                 "lr": self.opt_g.param_groups[0]["lr"]}
 
     def _skip(self) -> dict[str, float]:

@@ -183,6 +183,7 @@ def _train(cfg: Config) -> dict:
                 continue
             state["step"] += 1
             if state["step"] % cfg.train.log_every == 0 or state["step"] == total_steps:
+                logs = {k: float(v) for k, v in logs.items()}  # the step's losses, read from the GPU only now
                 rate = seen / max(wait + compute, 1e-9)
                 faults.sync(state)
                 logs.update({"images_per_s": rate * accelerator.num_processes, "images_per_s_per_rank": rate,
