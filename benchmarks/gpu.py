@@ -1,5 +1,6 @@
 """The GPU path (runs only where CUDA is present): training images/s and model FLOPs utilisation
-(MFU) of ``resnet18`` and ``hybrid`` at 224 px and the DCGAN at 64 px, in fp32 / bf16 / fp16,
+(MFU) of ``resnet18`` and ``hybrid`` at 224 px and the DCGAN at 64 px, in fp32 / bf16 / fp16
+(and, when asked, ``fp32-ieee``: fp32 with TF32 off),
 with ``channels_last`` and ``torch.compile`` on and off (eager ones also with cuDNN's autotuner,
 ``torch.backends.cudnn.benchmark``, on and off); the platform's step against the bare step at
 bf16; and the data loader's rate against the model's for 64-px faces at each worker count (which
@@ -59,7 +60,9 @@ PEAK_TFLOPS = {
     "V100": (None, 125.0, None),
     "T4": (None, 65.0, None),
 }
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp32: PyTorch's default, whose convolutions run on TF32 tensor cores; fp32-ieee: TF32 off
+# (not in the default grid; its MFU is not computed: the table holds tensor-core peaks)
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32-ieee": None}
 
 
 def peak_tflops(device_name: str, precision: str, override: float | None = None) -> float | None:
@@ -67,7 +70,7 @@ def peak_tflops(device_name: str, precision: str, override: float | None = None)
         return override
     for name, peaks in PEAK_TFLOPS.items():
         if name in device_name:
-            return peaks[{"bf16": 0, "fp16": 1, "fp32": 2}[precision]]
+            return peaks[{"bf16": 0, "fp16": 1, "fp32": 2}[precision]] if precision != "fp32-ieee" else None
     return None
 
 
@@ -79,6 +82,7 @@ class Setup:
         from deepfake_dist.models import create_model
 
         torch.backends.cudnn.benchmark = cudnn_benchmark  # autotunes each conv at its first call
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision != "fp32-ieee"
         self.device, self.dtype = device, DTYPES[precision]
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -174,7 +178,7 @@ def grid(args) -> list[dict]:
                 eager += [{**config, "compile": False, "cudnn_benchmark": tune == "on"} for tune in args.cudnn_benchmark]
                 if args.compile:
                     compiled.append({**config, "compile": True, "cudnn_benchmark": False})
-    rank = {"bf16": 0, "fp16": 1, "fp32": 2}  # the settings one would train with come first
+    rank = {"bf16": 0, "fp16": 1, "fp32": 2, "fp32-ieee": 3}  # the settings one would train with come first
     compiled.sort(key=lambda c: (not c["channels_last"], rank[c["precision"]], args.models.index(c["model"])))
     return eager + compiled
 

@@ -64,11 +64,12 @@ def test_gpu_skips_without_cuda_and_runs_on_cpu_when_asked(tmp_path, bench_data,
         assert main(["bench", "gpu", "--out", str(tmp_path / "none")]) == 0
         assert "no CUDA device: skipped" in capsys.readouterr().out and not (tmp_path / "none").exists()
     results = _run("gpu", tmp_path, bench_data, "--device", "cpu", "--models", "cnn", "dcgan", "--resolution", "32",
-                   "--gan-resolution", "32", "--precisions", "fp32", "--layouts", "contiguous", "--no-compile",
+                   "--gan-resolution", "32", "--precisions", "fp32", "fp32-ieee", "--layouts", "contiguous", "--no-compile",
                    "--cudnn-benchmark", "off",
                    "--batch-size", "2", "--gan-batch-size", "2", "--steps", "1", "--windows", "1", "--warmup", "0",
                    "--loader-workers", "0", "--loader-batch-size", "8", "--loader-samples", "64")
-    assert {c["model"] for c in results["configs"]} == {"cnn", "dcgan"}
+    assert {(c["model"], c["precision"]) for c in results["configs"]} == {
+        (m, p) for m in ("cnn", "dcgan") for p in ("fp32", "fp32-ieee")}
     assert all(c["images_per_s"] > 0 and "error" not in c for c in results["configs"])
     assert all(flops > 0 for flops in results["flops_per_step"].values())
     assert [lm["workers"] for lm in results["loader_vs_model"]] == [0]
