@@ -31,7 +31,7 @@ class Task:
 
     def train_step(self, batch) -> dict[str, float | torch.Tensor]:
         """One batch: forward, backward(s), optimizer step(s); returns what to log. Losses stay
-        0-dim tensors: the loop reads them only at log steps, so a step does not wait for the GPU."""
+        0-dim tensors: the loop reads them only at log steps, so logging makes no step wait for the GPU."""
         raise NotImplementedError
 
     def on_device(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -42,11 +42,11 @@ class Task:
 
     def nonfinite(self, *values: torch.Tensor) -> bool:
         """Whether any of ``values`` (losses, a gradient norm) is NaN/inf on any rank. The step then
-        skips its batch on every rank alike (no backward or optimizer step, gradients zeroed), so
+        skips its batch on every rank alike (no optimizer step, gradients zeroed), so
         DDP replicas stay in step, and returns ``{NONFINITE: 1.0}``: the loop counts these and
         stops after ``train.max_nonfinite`` in a row. A collective: every rank must call it."""
-        bad = torch.tensor([0.0 if all(bool(torch.isfinite(v).all()) for v in values) else 1.0],
-                           device=self.accelerator.device)
+        # computed on the device and read once: one wait for the GPU, however many values
+        bad = torch.stack([~torch.isfinite(v).all() for v in values]).any().float().reshape(1)
         if self.accelerator.num_processes > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
         return bool(bad.item() > 0)
