@@ -58,7 +58,7 @@ def _limit_setup(set_dir: str, batch_size: int) -> None:
     cfg = data_config(set_dir, 0, batch_size)
     channels = resolve_channels(cfg, cfg.train)
     _LIMIT.update(blobs=[data for _, _, data in train_images(set_dir)], channels=channels, batch_size=batch_size,
-                  transform=transforms.train_transform(cfg.resolution, channels, cfg.normalize, cfg.augment))
+                  transform=transforms.TrainAugment(cfg.resolution, channels, cfg.normalize, cfg.augment))
 
 
 def _share(part: int, parts: int) -> list[bytes]:
@@ -115,7 +115,7 @@ def imagefolder_case(folder, cfg: DataConfig, channels: int, epochs: int):
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
-    augment = transforms.train_transform(cfg.resolution, channels, cfg.normalize, cfg.augment)
+    augment = transforms.TrainAugment(cfg.resolution, channels, cfg.normalize, cfg.augment)
     grey = [v2.Grayscale()] if channels == 1 else []
     dataset = ImageFolder(str(folder), transform=v2.Compose([*grey, v2.PILToTensor(), augment]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,

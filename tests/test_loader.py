@@ -89,7 +89,7 @@ def test_augmentation_keeps_shapes_and_ranges(face_shards):
     assert batch.image.min() >= -1.0 and batch.image.max() <= 1.0
     plain = transforms.eval_transform(32, 1, "half")
     raw = transforms.decode(open_first_png(face_shards), 1)
-    assert not torch.equal(transforms.train_transform(32, 1, "half", always)(raw), plain(raw))
+    assert not torch.equal(transforms.TrainAugment(32, 1, "half", always)(raw), plain(raw))
 
 
 def open_first_png(shards):

@@ -20,7 +20,7 @@ from deepfake_dist.config import AugmentConfig, load_config
 from deepfake_dist.data.loader import eval_loader
 from deepfake_dist.data.manifest import info_table, shard_urls, verify
 from deepfake_dist.data.prepare import prepare
-from deepfake_dist.data.transforms import train_transform
+from deepfake_dist.data.transforms import TrainAugment
 from deepfake_dist.data.video import VideoOptions, clip_indices, fill_boxes, largest_track
 from deepfake_dist.errors import UserError
 from deepfake_dist.evaluation.metrics import detection_metrics
@@ -200,7 +200,7 @@ def test_every_frame_of_a_clip_gets_the_same_augmentation():
     always = AugmentConfig(hflip=1, crop=1, crop_scale=(0.5, 0.6), jitter=1, jitter_strength=0.5, jpeg=1,
                            jpeg_quality=(20, 30), blur=1)
     frame = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    out = train_transform(32, 3, "half", always)(frame.expand(5, 3, 32, 32).clone())
+    out = TrainAugment(32, 3, "half", always)(frame.expand(5, 3, 32, 32).clone())
     assert out.shape == (5, 3, 32, 32)
     assert all(torch.equal(out[0], out[t]) for t in range(1, 5))
     assert not torch.allclose(out[0], (frame.float() / 255 - 0.5) / 0.5, atol=0.05)  # it did change

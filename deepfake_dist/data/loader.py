@@ -231,7 +231,7 @@ class TrainStream(IterableDataset):
         self.expected = expected or {}  # url -> samples the manifest lists (to notice a truncated shard)
         self.missing: list[str] = []  # listed shards that were not there at the start (skipped)
         self.batches_per_worker, self.per_transfer = batches_per_worker, per_transfer
-        self.transform = transforms.train_transform(cfg.resolution, channels, cfg.normalize, cfg.augment)
+        self.transform = transforms.TrainAugment(cfg.resolution, channels, cfg.normalize, cfg.augment)
         self._epoch = multiprocessing.Value("i", 0)  # shared with persistent workers
 
     def set_epoch(self, epoch: int) -> None:

@@ -1,4 +1,4 @@
-"""Decode and augment images from shards (torchvision v2 on uint8 tensors).
+"""Decode and augment images from shards (torchvision on uint8 tensors).
 
 The augmentations are the usual flip / random resized crop / jitter plus the JPEG
 recompression and Gaussian blur of Wang et al. 2020 ("CNN-generated images are surprisingly
@@ -7,9 +7,13 @@ easy to spot... for now"), each applied with its own probability.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from deepfake_dist.config import AugmentConfig
 
@@ -42,21 +46,54 @@ def eval_transform(resolution: int, channels: int, norm: str, perturb=None) -> v
     )
 
 
-def train_transform(resolution: int, channels: int, norm: str, aug: AugmentConfig) -> v2.Compose:
-    jitter = aug.jitter_strength
-    kernel = 2 * int(round(3 * aug.blur_sigma[1])) + 1
-    return v2.Compose(
-        [
-            v2.Resize((resolution, resolution), antialias=True),
-            v2.RandomHorizontalFlip(aug.hflip),
-            v2.RandomApply([v2.RandomResizedCrop(resolution, scale=aug.crop_scale, antialias=True)], p=aug.crop),
-            v2.RandomApply([v2.ColorJitter(brightness=jitter, contrast=jitter)], p=aug.jitter),
-            v2.RandomApply([v2.JPEG(quality=aug.jpeg_quality)], p=aug.jpeg),
-            v2.RandomApply([v2.GaussianBlur(min(kernel, resolution | 1), sigma=aug.blur_sigma)], p=aug.blur),
-            v2.ToDtype(torch.float32, scale=True),
-            normalize(channels, norm),
-        ]
-    )
+class TrainAugment:
+    """Resize, then flip / random resized crop / brightness + contrast jitter / JPEG / blur, each
+    with its probability, then scale to float and normalise. The random draws come from torch's
+    default CPU generator (the loader seeds it per sample) and the work from torchvision's
+    functional kernels: at 64 px, composing ``v2`` transform objects cost as much as the image
+    work itself (BENCHMARKS.md, loader). A clip (T, C, H, W) gets one draw for all its frames."""
+
+    def __init__(self, resolution: int, channels: int, norm: str, aug: AugmentConfig):
+        self.size, self.aug = resolution, aug
+        stats = normalize(channels, norm)
+        self.mean, self.std = torch.tensor(stats.mean).view(-1, 1, 1), torch.tensor(stats.std).view(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        aug, size = self.aug, self.size
+        u = torch.rand(13).tolist()  # one draw of every parameter, used or not: a fixed stream per sample
+        if image.shape[-2:] != (size, size):
+            image = TF.resize(image, [size, size], antialias=True)
+        if u[0] < aug.hflip:
+            image = image.flip(-1)
+        if u[1] < aug.crop:  # as v2.RandomResizedCrop: area fraction and log aspect ratio uniform
+            area = size * size * (aug.crop_scale[0] + u[2] * (aug.crop_scale[1] - aug.crop_scale[0]))
+            ratio = math.exp(math.log(3 / 4) + u[3] * math.log(16 / 9))
+            w, h = min(size, round(math.sqrt(area * ratio))), min(size, round(math.sqrt(area / ratio)))
+            top, left = int(u[4] * (size - h + 1)), int(u[5] * (size - w + 1))
+            image = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+        if u[6] < aug.jitter:
+            s = aug.jitter_strength
+            image = TF.adjust_contrast(TF.adjust_brightness(image, 1 - s + 2 * s * u[7]), 1 - s + 2 * s * u[8])
+        if u[9] < aug.jpeg:
+            low, high = aug.jpeg_quality
+            image = TF.jpeg(image, min(high, low + int(u[10] * (high - low + 1))))
+        if u[11] < aug.blur:
+            image = gaussian_blur(image, aug.blur_sigma[0] + u[12] * (aug.blur_sigma[1] - aug.blur_sigma[0]))
+        return image.float().div_(255).sub_(self.mean).div_(self.std)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """uint8 (..., H, W) blurred by two 1-D convolutions with a kernel of 3 sigma each side (a
+    square kernel of the largest sigma, as ``v2.GaussianBlur`` uses, cost 5x more)."""
+    height, width = image.shape[-2:]
+    radius = max(1, min(math.ceil(3 * sigma), height - 1, width - 1))  # reflect padding needs less than a side
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel /= kernel.sum()
+    planes = image.reshape(-1, 1, height, width).float()
+    planes = F.conv2d(F.pad(planes, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    planes = F.conv2d(F.pad(planes, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return planes.round_().clamp_(0, 255).to(torch.uint8).reshape(image.shape)
 
 
 def denormalize(x: torch.Tensor, norm: str) -> torch.Tensor:
