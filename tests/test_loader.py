@@ -2,6 +2,7 @@
 augmentation that keeps shapes and ranges, and evaluation that reads every sample once."""
 
 import json
+import math
 
 import torch
 
@@ -90,6 +91,16 @@ def test_augmentation_keeps_shapes_and_ranges(face_shards):
     plain = transforms.eval_transform(32, 1, "half")
     raw = transforms.decode(open_first_png(face_shards), 1)
     assert not torch.equal(transforms.TrainAugment(32, 1, "half", always)(raw), plain(raw))
+
+
+def test_separable_blur_matches_torchvisions_square_kernel():
+    from torchvision.transforms.v2 import functional as TF
+
+    image = torch.randint(0, 256, (2, 3, 40, 48), dtype=torch.uint8)
+    for sigma in (0.3, 1.0, 2.5):
+        size = 2 * math.ceil(3 * sigma) + 1
+        expected = TF.gaussian_blur(image, [size, size], [sigma, sigma])
+        assert (transforms.gaussian_blur(image, sigma).int() - expected.int()).abs().max() <= 1
 
 
 def open_first_png(shards):
