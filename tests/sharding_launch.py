@@ -21,7 +21,9 @@ def main() -> None:
     parser.add_argument("--split", default="0.8,0.1,0.1")
     args = parser.parse_args()
     manifest = prepare(args.source, args.out, shard_size=args.shard_size, split=args.split, workers=args.workers)
-    print(f"rank {PartialState().process_index} id {manifest['id']}", flush=True)
+    # one write with its newline: the ranks share the launcher's stdout, and unbuffered (as the
+    # launcher runs them) print's separate write of the newline let two ranks' lines run together
+    print(f"rank {PartialState().process_index} id {manifest['id']}\n", end="", flush=True)
 
 
 if __name__ == "__main__":
