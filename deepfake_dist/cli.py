@@ -372,3 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """A launched command (prepare, evaluate, generate) leaves its gloo/NCCL group open, and the
+    group's threads torn down at interpreter exit can abort a rank that finished its work
+    ("terminate called without an active exception"). Training closes it itself."""
+    dist = sys.modules.get("torch.distributed")  # never imported: no group to close
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

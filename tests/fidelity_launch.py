@@ -58,6 +58,7 @@ def main() -> None:
     metric.update(part(fake, acc.process_index, acc.num_processes), real=False)
     values = {"rank": acc.process_index, **metric.compute(acc)}
     (Path(sys.argv[1]) / f"rank-{acc.process_index}.json").write_text(json.dumps(values))
+    acc.end_training()  # closes the process group: left open, its threads can abort the rank at exit
 
 
 if __name__ == "__main__":

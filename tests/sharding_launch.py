@@ -24,6 +24,7 @@ def main() -> None:
     # one write with its newline: the ranks share the launcher's stdout, and unbuffered (as the
     # launcher runs them) print's separate write of the newline let two ranks' lines run together
     print(f"rank {PartialState().process_index} id {manifest['id']}\n", end="", flush=True)
+    PartialState().destroy_process_group()  # left open, its threads can abort the rank at exit
 
 
 if __name__ == "__main__":
