@@ -1,8 +1,8 @@
 """The training data path: samples/s of the WebDataset pipeline (decode + augmentation +
-batching, the platform's ``train_loader``) at each ``num_workers``, against
+batching + normalisation, the platform's ``train_loader`` on the CPU) at each ``num_workers``, against
 
-* the limit: the same decode + augmentation + batch stacking in a tight loop over the same
-  encoded bytes already in memory, in as many processes as the loader has workers (at least
+* the limit: the same decode + augmentation + batch stacking + normalisation in a tight loop
+  over the same encoded bytes already in memory, in as many processes as the loader has workers (at least
   one; one thread each), and
 * torchvision's ``ImageFolder`` over the same images as files, with the same augmentation;
 
@@ -58,7 +58,8 @@ def _limit_setup(set_dir: str, batch_size: int) -> None:
     cfg = data_config(set_dir, 0, batch_size)
     channels = resolve_channels(cfg, cfg.train)
     _LIMIT.update(blobs=[data for _, _, data in train_images(set_dir)], channels=channels, batch_size=batch_size,
-                  transform=transforms.TrainAugment(cfg.resolution, channels, cfg.normalize, cfg.augment))
+                  transform=transforms.TrainAugment(cfg.resolution, cfg.augment),
+                  normalize=transforms.Normalize(channels, cfg.normalize))
 
 
 def _share(part: int, parts: int) -> list[bytes]:
@@ -68,17 +69,17 @@ def _share(part: int, parts: int) -> list[bytes]:
 
 
 def _limit_run(part: int = 0, parts: int = 1, epochs: int = 1) -> None:
-    """Decode + augment + stack this part's share of the images, ``epochs`` times."""
+    """Decode + augment + stack + normalise this part's share of the images, ``epochs`` times."""
     torch.set_num_threads(1)
-    size, channels, transform = _LIMIT["batch_size"], _LIMIT["channels"], _LIMIT["transform"]
+    size, channels, transform, normalize = (_LIMIT[k] for k in ("batch_size", "channels", "transform", "normalize"))
     mine = _share(part, parts)
     for _ in range(epochs):
         for start in range(0, len(mine), size):
-            torch.stack([transform(transforms.decode(b, channels)) for b in mine[start:start + size]])
+            normalize(torch.stack([transform(transforms.decode(b, channels)) for b in mine[start:start + size]]))
 
 
 def limit_case(set_dir, batch_size: int, epochs: int, cores: int):
-    """Decode + augment + stack, nothing else, in ``cores`` processes each holding its share of
+    """Decode + augment + stack + normalise, nothing else, in ``cores`` processes each holding its share of
     the encoded images in memory: the rate those cores can reach on these bytes."""
     _limit_setup(str(set_dir), batch_size)
     total = sum(len(_share(p, cores)) for p in range(cores)) * epochs
@@ -95,7 +96,7 @@ def _epochs(loader, epochs: int, set_epoch=None) -> int:
         if set_epoch:
             set_epoch(epoch + 1)
         for batch in loader:
-            seen += len(batch[1]) if isinstance(batch, list) else len(batch)
+            seen += len(batch)
     return seen
 
 
@@ -110,17 +111,28 @@ def webdataset_case(cfg: DataConfig, epochs: int):
     return _loader_case(loader, epochs, stream.set_epoch)
 
 
+class _NormalizedBatches:
+    """A DataLoader of (uint8 images, labels) whose images are normalised as the platform's are."""
+
+    def __init__(self, loader, normalize):
+        self.loader, self.normalize = loader, normalize
+
+    def __iter__(self):
+        return (self.normalize(images) for images, _ in self.loader)
+
+
 def imagefolder_case(folder, cfg: DataConfig, channels: int, epochs: int):
-    """torchvision's ImageFolder (PIL decode) + the same augmentation, shuffled, full batches."""
+    """torchvision's ImageFolder (PIL decode) + the same augmentation and normalisation, shuffled,
+    full batches."""
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
-    augment = transforms.TrainAugment(cfg.resolution, channels, cfg.normalize, cfg.augment)
     grey = [v2.Grayscale()] if channels == 1 else []
+    augment = transforms.TrainAugment(cfg.resolution, cfg.augment)
     dataset = ImageFolder(str(folder), transform=v2.Compose([*grey, v2.PILToTensor(), augment]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                          num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
-    return _loader_case(loader, epochs)
+    return _loader_case(_NormalizedBatches(loader, transforms.Normalize(channels, cfg.normalize)), epochs)
 
 
 def peak_memory(set_dir, workers: int, batch_size: int, epochs: int) -> dict:

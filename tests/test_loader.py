@@ -1,14 +1,17 @@
 """The WebDataset loaders: equal batches per rank over uneven shards, deterministic streams,
 augmentation that keeps shapes and ranges, and evaluation that reads every sample once."""
 
+import itertools
 import json
 import math
+import random
 
+import pytest
 import torch
 
 from deepfake_dist.config import AugmentConfig, DataConfig
 from deepfake_dist.data import transforms
-from deepfake_dist.data.loader import batches_per_transfer, eval_loader, resolve_channels, train_loader
+from deepfake_dist.data.loader import _shuffled, batches_per_transfer, eval_loader, resolve_channels, train_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.data.prepare import prepare
 
@@ -56,7 +59,7 @@ def test_train_stream_is_deterministic_per_epoch_and_rank(face_shards):
 
 def test_workers_hand_over_groups_of_batches_that_train_as_the_same_batches(face_shards):
     one = _data([face_shards], num_workers=2, transfer_mib=0)
-    grouped = _data([face_shards], num_workers=2, transfer_mib=0.05)  # 16 KiB batches: 3 a hand-off
+    grouped = _data([face_shards], num_workers=2, transfer_mib=0.012)  # 4 KiB batches: 3 a hand-off
     assert batches_per_transfer(one, 1, None) == 1 and batches_per_transfer(grouped, 1, None) == 3
 
     def batches(cfg):
@@ -74,8 +77,8 @@ def test_workers_hand_over_groups_of_batches_that_train_as_the_same_batches(face
 
 
 def test_only_small_batches_are_grouped():
-    faces = DataConfig(train=["x"], resolution=64, batch_size=32, num_workers=2)  # 1.5 MiB of float32
-    assert batches_per_transfer(faces, 3, None) == 5  # the default 8 MiB
+    faces = DataConfig(train=["x"], resolution=64, batch_size=32, num_workers=2)  # 384 KiB of uint8
+    assert batches_per_transfer(faces, 3, None) == 21  # the default 8 MiB
     assert batches_per_transfer(DataConfig(train=["x"], resolution=224, batch_size=32), 3, None) == 1
     assert batches_per_transfer(faces, 3, 16) == 1  # 16-frame clips
     assert batches_per_transfer(DataConfig(train=["x"], resolution=64, num_workers=0), 3, None) == 1
@@ -88,9 +91,21 @@ def test_augmentation_keeps_shapes_and_ranges(face_shards):
     batch = next(iter(loader))
     assert batch.image.shape == (4, 1, 32, 32) and batch.image.dtype == torch.float32
     assert batch.image.min() >= -1.0 and batch.image.max() <= 1.0
-    plain = transforms.eval_transform(32, 1, "half")
+    plain = transforms.eval_resize(32)
     raw = transforms.decode(open_first_png(face_shards), 1)
-    assert not torch.equal(transforms.TrainAugment(32, 1, "half", always)(raw), plain(raw))
+    assert not torch.equal(transforms.TrainAugment(32, always)(raw), plain(raw))
+
+
+def test_workers_hand_over_uint8_and_the_loader_normalizes_on_its_device(face_shards):
+    cfg = _data([face_shards], normalize="half")
+    loader, stream = train_loader(cfg, 1, 0, 1, seed=0, device=torch.device("cpu"))
+    handed = next(iter(stream))  # what a worker hands over
+    assert handed.image.dtype == torch.uint8
+    batch = next(iter(loader))
+    assert batch.image.dtype == torch.float32 and batch.image.device == torch.device("cpu")
+    assert torch.equal(batch.image, (handed.image.float() / 255 - 0.5) / 0.5)
+    with pytest.raises(TypeError, match="uint8"):
+        transforms.Normalize(1, "half")(batch.image)
 
 
 def test_separable_blur_matches_torchvisions_square_kernel():
@@ -128,3 +143,16 @@ def test_channels_follow_the_manifests(face_shards, tmp_path):
     manifest = json.loads((face_shards / "manifest.json").read_text())
     assert manifest["channels"] == 1  # a grey folder stays grey end to end
     assert resolve_channels(_data([face_shards], channels=3), [str(face_shards)]) == 3
+
+
+def test_the_shuffle_buffer_reads_no_more_than_the_epoch_needs():
+    read = []
+    source = (read.append(i) or i for i in itertools.count())
+    taken: list[int] = []
+    for sample in _shuffled(source, 100, random.Random(0), lambda: 250 - len(taken)):
+        if not taken:
+            assert len(read) == 50  # half the buffer before the first draw, as wds.shuffle
+        taken.append(sample)
+    assert len(taken) == 250 and sorted(taken) == read == list(range(250))  # nothing read and dropped
+    assert taken != sorted(taken)
+    assert taken[0] < 50  # drawn from what the buffer held

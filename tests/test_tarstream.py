@@ -91,3 +91,11 @@ def test_duplicate_member_is_an_error(tmp_path):
     _write(path, [("k.png", b"1"), ("k.png", b"2")])
     with pytest.raises(ValueError, match="k.png: duplicate file name"):
         list(tar_samples(path))
+
+
+def test_members_that_cross_read_chunks_read_the_same(face_shards):
+    shard = sorted(face_shards.glob("*.tar"))[0]
+    whole = list(tar_members(shard))
+    assert list(tar_members(shard, chunk=700)) == whole == list(tar_members(shard, chunk=1))
+    with tarfile.open(shard) as tar:
+        assert [name for name, _ in whole] == tar.getnames()

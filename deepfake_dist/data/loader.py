@@ -19,6 +19,10 @@ evaluation always, stop with a one-line ``UserError``.
 A sample is one image (C, H, W) or, in a clip set (manifest ``frames``: K), a clip (K, C, H, W)
 from its members ``f000.<fmt>``, ``f001.<fmt>``, ... in order. The transforms act on the whole
 clip tensor, so every frame of a clip gets the same random crop, flip, jitter, JPEG and blur.
+
+Workers hand over uint8 images; ``ShardLoader`` moves each batch to its device and scales and
+normalises it there in one operation (``transforms.Normalize``). Handing over float32 cost
+a worker a tenth of its time in page faults on the shared memory (BENCHMARKS.md, loader).
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from rich.console import Console
 from rich.markup import escape
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
@@ -70,7 +73,7 @@ class ReadProblem:
 
 @dataclass
 class Batch:
-    image: torch.Tensor
+    image: torch.Tensor  # uint8 from a worker; float32, normalised, from ShardLoader
     label: torch.Tensor
     key: list[str]
     meta: list[dict]
@@ -145,11 +148,13 @@ class ShardLoader(torch.utils.data.DataLoader):
     each batch: ``skip`` warns once per problem on this rank's console, ``raise`` stops with a
     UserError (``hint`` says what to do; ``{set}`` in it becomes the shard's set). Batches that
     only carry problems are not yielded. With ``batch_size`` the workers' hand-offs (groups of
-    batches, as WebDataset's re-batching in the main process) are split into batches of that size."""
+    batches, as WebDataset's re-batching in the main process) are split into batches of that
+    size; each batch is then moved to ``device`` (None: it stays on the CPU) and normalised there."""
 
-    def __init__(self, dataset, on_error: str, hint: str, rank: int, world: int, batch_size: int | None = None,
-                 **kwargs):
+    def __init__(self, dataset, normalize: transforms.Normalize, on_error: str, hint: str, rank: int, world: int,
+                 batch_size: int | None = None, device: torch.device | None = None, **kwargs):
         super().__init__(dataset, batch_size=None, **kwargs)
+        self.normalize, self.device = normalize, device
         self.on_error, self.hint, self.split_size = on_error, hint, batch_size
         self.prefix = f"rank {rank}: " if world > 1 else ""
         self.warned: set[ReadProblem] = set()
@@ -163,8 +168,11 @@ class ShardLoader(torch.utils.data.DataLoader):
                     self.warned.add(problem)
                     _console.print(f"{self.prefix}[yellow]warning:[/yellow] {escape(str(problem))}; skipped "
                                    "(data.on_error: skip)")
-            if len(batch):
-                yield from batch.split(self.split_size) if self.split_size else [batch]
+            for part in batch.split(self.split_size) if self.split_size else [batch] if len(batch) else []:
+                if self.device is not None:
+                    part = part.to(self.device)
+                part.image = self.normalize(part.image)  # per batch: its float copy is the one training holds
+                yield part
 
 
 def resolve_channels(cfg: DataConfig, sets: list[str]) -> int:
@@ -231,7 +239,7 @@ class TrainStream(IterableDataset):
         self.expected = expected or {}  # url -> samples the manifest lists (to notice a truncated shard)
         self.missing: list[str] = []  # listed shards that were not there at the start (skipped)
         self.batches_per_worker, self.per_transfer = batches_per_worker, per_transfer
-        self.transform = transforms.TrainAugment(cfg.resolution, channels, cfg.normalize, cfg.augment)
+        self.transform = transforms.TrainAugment(cfg.resolution, cfg.augment)
         self._epoch = multiprocessing.Value("i", 0)  # shared with persistent workers
 
     def set_epoch(self, epoch: int) -> None:
@@ -255,11 +263,11 @@ class TrainStream(IterableDataset):
         rng = random.Random(_seed(self.seed, epoch, self.rank, worker))
         problems: list[ReadProblem] = []
         shards = (rng.choice(self.urls) for _ in iter(int, 1))
-        samples = _read_shards(shards, self.expected, problems)
-        samples = wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer // 2, rng=rng)(samples)
         size = self.cfg.batch_size
         group: list[tuple] = []
         left = self.batches_per_worker
+        samples = _shuffled(_read_shards(shards, self.expected, problems), self.cfg.shuffle_buffer, rng,
+                            lambda: left * size - len(group))
         for sample in samples:
             item = _decode_or_report(sample, self.channels, problems)
             if problems and self.cfg.on_error == "raise":
@@ -277,19 +285,37 @@ class TrainStream(IterableDataset):
                     return
 
 
+def _shuffled(samples, buffer: int, rng: random.Random, wanted):
+    """WebDataset's shuffle buffer (``wds.shuffle``: filled to half before the first draw, two
+    reads per draw until full, then one), except that it stops reading once it holds as many
+    samples as ``wanted()`` (the epoch's remaining need): ``wds.shuffle`` reads on, and each
+    rank's every worker then read a buffer at each epoch's end that was never used."""
+    held: list = []
+    while wanted() > 0:
+        if len(held) < wanted():
+            held.append(next(samples))
+            if len(held) < min(buffer, wanted()):
+                held.append(next(samples))
+            if len(held) < buffer // 2 and len(held) < wanted():
+                continue
+        pick = rng.randrange(len(held))
+        held[pick], held[-1] = held[-1], held[pick]
+        yield held.pop()
+
+
 def batches_per_transfer(cfg: DataConfig, channels: int, frames: int | None) -> int:
-    """Batches a worker hands over at once: about ``data.transfer_mib`` of float32 images, at
+    """Batches a worker hands over at once: about ``data.transfer_mib`` of uint8 images, at
     least one; one without workers (nothing is handed over)."""
     if cfg.num_workers == 0:
         return 1
-    batch_bytes = cfg.batch_size * (frames or 1) * channels * cfg.resolution**2 * 4
+    batch_bytes = cfg.batch_size * (frames or 1) * channels * cfg.resolution**2
     return max(int(cfg.transfer_mib * 2**20 // batch_bytes), 1)
 
 
-def train_loader(cfg: DataConfig, channels: int, rank: int, world: int,
-                 seed: int) -> tuple[torch.utils.data.DataLoader, TrainStream]:
-    """A missing shard is an error under ``data.on_error: raise``; under ``skip`` the others are
-    used (with a warning) and the epoch shrinks by its samples."""
+def train_loader(cfg: DataConfig, channels: int, rank: int, world: int, seed: int,
+                 device: torch.device | None = None) -> tuple[torch.utils.data.DataLoader, TrainStream]:
+    """Batches on ``device`` (None: the CPU). A missing shard is an error under ``data.on_error:
+    raise``; under ``skip`` the others are used (with a warning) and the epoch shrinks by its samples."""
     listed = [shard for s in cfg.train for shard in listed_shards(s, cfg.train_split)]
     if not listed:
         raise UserError(f"no '{cfg.train_split}' shards in {cfg.train}; check data.train and data.train_split")
@@ -314,7 +340,7 @@ def train_loader(cfg: DataConfig, channels: int, rank: int, world: int,
     hint = ("data.on_error is raise; set it to skip to train on without it, or find what is wrong with "
             "deepfake-dist shards verify {set} and re-create the set")
     loader = ShardLoader(
-        stream, cfg.on_error, hint, rank, world, cfg.batch_size,
+        stream, transforms.Normalize(channels, cfg.normalize), cfg.on_error, hint, rank, world, cfg.batch_size, device,
         num_workers=cfg.num_workers,
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
@@ -329,7 +355,7 @@ class EvalStream(IterableDataset):
                  frames: int | None = None, expected: dict[str, int] | None = None):
         self.urls, self.cfg, self.channels, self.rank, self.world = urls, cfg, channels, rank, world
         self.expected = expected or {}
-        self.transform = transforms.eval_transform(cfg.resolution, channels, cfg.normalize, perturb)
+        self.transform = transforms.eval_resize(cfg.resolution, perturb)
         self.sample_shape = (*([frames] if frames else []), channels, cfg.resolution, cfg.resolution)
 
     def __iter__(self):
@@ -354,7 +380,7 @@ class EvalStream(IterableDataset):
 
 
 def eval_loader(cfg: DataConfig, sets: list[str], split: str, channels: int, rank: int, world: int, perturb=None):
-    """``perturb``: a picklable transform of the decoded uint8 image (see ``transforms.eval_transform``)."""
+    """``perturb``: a picklable transform of the decoded uint8 image (see ``transforms.eval_resize``)."""
     urls = [u for s in sets for u in shard_urls(s, split)]  # a missing shard is an error here
     if not urls:
         raise UserError(f"no '{split}' shards in {sets}; prepare the sets with a {split} split")
@@ -363,4 +389,5 @@ def eval_loader(cfg: DataConfig, sets: list[str], split: str, channels: int, ran
     workers = min(cfg.num_workers, max(len(urls) // world, 1))
     hint = ("evaluation reads every sample, so it stops; find what is wrong with deepfake-dist shards verify {set} "
             "and re-create the set")
-    return ShardLoader(stream, "raise", hint, rank, world, num_workers=workers)
+    return ShardLoader(stream, transforms.Normalize(channels, cfg.normalize), "raise", hint, rank, world,
+                       num_workers=workers)

@@ -27,41 +27,54 @@ def decode(data: bytes, channels: int) -> torch.Tensor:
     return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
 
 
-def normalize(channels: int, kind: str) -> v2.Normalize:
-    mean, std = MEANS[kind], STDS[kind]
-    if channels == 1:  # one grey plane: the mean of the per-channel statistics
-        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-    return v2.Normalize(mean, std)
-
-
 def plane_stats(channels: int, kind: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``normalize``'s mean and std as (C, 1, 1) tensors, for arithmetic on images directly."""
-    n = normalize(channels, kind)
-    return torch.tensor(n.mean, device=device).view(-1, 1, 1), torch.tensor(n.std, device=device).view(-1, 1, 1)
+    """The ``kind`` mean and std as (C, 1, 1) tensors; one grey plane gets the mean of the
+    per-channel statistics."""
+    mean, std = MEANS[kind], STDS[kind]
+    if channels == 1:
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    return torch.tensor(mean, device=device).view(-1, 1, 1), torch.tensor(std, device=device).view(-1, 1, 1)
+
+
+class Normalize:
+    """uint8 images (..., C, H, W) -> float32 scaled to [0, 1] and normalised per plane, on the
+    images' device. The loaders hand over uint8 and apply this to whole batches, after the move
+    to the device (as timm's PrefetchLoader): a quarter of float32's shared memory and
+    host-to-device traffic, and no per-sample work (BENCHMARKS.md, loader)."""
+
+    def __init__(self, channels: int, kind: str):
+        self.channels, self.kind = channels, kind
+        self.stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"Normalize expects uint8 images, got {images.dtype}")
+        if images.device not in self.stats:
+            self.stats[images.device] = plane_stats(self.channels, self.kind, images.device)
+        mean, std = self.stats[images.device]
+        return images.float().div_(255).sub_(mean).div_(std)
+
+
+def eval_resize(resolution: int, perturb=None) -> v2.Compose:
+    """What evaluation does to a decoded uint8 image before ``Normalize``: ``perturb`` (a
+    robustness test: JPEG, blur, downscale) first, then the resize to the model's resolution."""
+    return v2.Compose([*([perturb] if perturb is not None else []), v2.Resize((resolution, resolution), antialias=True)])
 
 
 def eval_transform(resolution: int, channels: int, norm: str, perturb=None) -> v2.Compose:
-    """``perturb`` (a robustness test: JPEG, blur, downscale) acts on the decoded uint8 image first."""
-    return v2.Compose(
-        [
-            *([perturb] if perturb is not None else []),
-            v2.Resize((resolution, resolution), antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-            normalize(channels, norm),
-        ]
-    )
+    """One decoded uint8 image -> the model's float input (single-image inference)."""
+    return v2.Compose([eval_resize(resolution, perturb), Normalize(channels, norm)])
 
 
 class TrainAugment:
     """Resize, then flip / random resized crop / brightness + contrast jitter / JPEG / blur, each
-    with its probability, then scale to float and normalise. The random draws come from torch's
+    with its probability, on a uint8 image (``Normalize`` follows, per batch). The random draws come from torch's
     default CPU generator (the loader seeds it per sample) and the work from torchvision's
     functional kernels: at 64 px, composing ``v2`` transform objects cost as much as the image
     work itself (BENCHMARKS.md, loader). A clip (T, C, H, W) gets one draw for all its frames."""
 
-    def __init__(self, resolution: int, channels: int, norm: str, aug: AugmentConfig):
+    def __init__(self, resolution: int, aug: AugmentConfig):
         self.size, self.aug = resolution, aug
-        self.mean, self.std = plane_stats(channels, norm)  # v2.Normalize's dispatch costs 20 us a sample
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         aug, size = self.aug, self.size
@@ -84,7 +97,7 @@ class TrainAugment:
             image = TF.jpeg(image, min(high, low + int(u[10] * (high - low + 1))))
         if u[11] < aug.blur:
             image = gaussian_blur(image, aug.blur_sigma[0] + u[12] * (aug.blur_sigma[1] - aug.blur_sigma[0]))
-        return image.float().div_(255).sub_(self.mean).div_(self.std)
+        return image
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -102,6 +115,6 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def denormalize(x: torch.Tensor, norm: str) -> torch.Tensor:
-    """Back to [0, 1] for pictures (inverse of ``normalize``)."""
+    """Back to [0, 1] for pictures (the inverse of ``Normalize``)."""
     mean, std = plane_stats(x.shape[-3], norm, x.device)
     return (x * std + mean).clamp(0, 1)

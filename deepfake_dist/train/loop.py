@@ -106,7 +106,8 @@ def _train(cfg: Config) -> dict:
     task = make_task(cfg, accelerator, channels)
     replicas = list(task.replicated_modules().values())
     cast_inputs_for_deepspeed(accelerator, replicas)
-    loader, stream = train_loader(cfg.data, channels, accelerator.process_index, accelerator.num_processes, cfg.seed)
+    loader, stream = train_loader(cfg.data, channels, accelerator.process_index, accelerator.num_processes, cfg.seed,
+                                  accelerator.device)
     for shard_set in cfg.data.val or cfg.data.train:  # validation refuses a missing shard: now, not after an epoch
         shard_urls(shard_set, cfg.data.val_split)
     if accelerator.is_main_process:  # the run folder only once nothing more can be refused up front
@@ -161,7 +162,6 @@ def _train(cfg: Config) -> dict:
                 tick = time.perf_counter()
                 continue
             faults.add(batch.problems)
-            batch = batch.to(accelerator.device)
             started = time.perf_counter()
             wait += started - tick
             logs = task.train_step(batch)
