@@ -202,14 +202,15 @@ def platform_vs_bare(args, model: str, channels_last: bool, device, set_dir) -> 
 
 def loader_vs_model(args, model: str, workers: int, device, set_dir) -> dict:
     """For 64-px faces: the loader alone, a detector's step alone (bf16, channels_last), and the
-    two together as the training loop runs them (batches moved to the GPU, data wait measured)."""
+    two together as the training loop runs them (the loader moves each uint8 batch to the GPU and
+    normalises it there; data wait measured)."""
     from deepfake_dist.config import DataConfig
     from deepfake_dist.data.loader import train_loader
     from deepfake_dist.models import create_model
 
     batch = args.loader_batch_size
     cfg = DataConfig(train=[str(set_dir)], resolution=64, batch_size=batch, num_workers=workers)
-    loader, stream = train_loader(cfg, 3, 0, 1, seed=0)
+    loader, stream = train_loader(cfg, 3, 0, 1, seed=0, device=device)
     torch.backends.cudnn.benchmark = False  # the platform's setting
     net = create_model(model, in_channels=3).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-4)
@@ -235,7 +236,6 @@ def loader_vs_model(args, model: str, workers: int, device, set_dir) -> dict:
     seen, wait, start = 0, 0.0, time.perf_counter()
     tick = start
     for b in loader:
-        b = b.to(device)
         _sync(device)
         wait += time.perf_counter() - tick
         step(b.image.to(memory_format=torch.channels_last), b.label.float())

@@ -103,7 +103,7 @@ def test_workers_hand_over_uint8_and_the_loader_normalizes_on_its_device(face_sh
     assert handed.image.dtype == torch.uint8
     batch = next(iter(loader))
     assert batch.image.dtype == torch.float32 and batch.image.device == torch.device("cpu")
-    assert torch.equal(batch.image, (handed.image.float() / 255 - 0.5) / 0.5)
+    torch.testing.assert_close(batch.image, (handed.image.float() / 255 - 0.5) / 0.5)
     with pytest.raises(TypeError, match="uint8"):
         transforms.Normalize(1, "half")(batch.image)
 

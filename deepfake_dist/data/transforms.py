@@ -43,16 +43,17 @@ class Normalize:
     host-to-device traffic, and no per-sample work (BENCHMARKS.md, loader)."""
 
     def __init__(self, channels: int, kind: str):
-        self.channels, self.kind = channels, kind
-        self.stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        mean, std = plane_stats(channels, kind)
+        self.scale, self.shift = 1 / (255 * std), -mean / std  # (x / 255 - mean) / std in two operations
+        self.on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"Normalize expects uint8 images, got {images.dtype}")
-        if images.device not in self.stats:
-            self.stats[images.device] = plane_stats(self.channels, self.kind, images.device)
-        mean, std = self.stats[images.device]
-        return images.float().div_(255).sub_(mean).div_(std)
+        if images.device not in self.on_device:
+            self.on_device[images.device] = self.scale.to(images.device), self.shift.to(images.device)
+        scale, shift = self.on_device[images.device]
+        return images.float().mul_(scale).add_(shift)
 
 
 def eval_resize(resolution: int, perturb=None) -> v2.Compose:
