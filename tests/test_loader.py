@@ -1,6 +1,7 @@
 """The WebDataset loaders: equal batches per rank over uneven shards, deterministic streams,
 augmentation that keeps shapes and ranges, and evaluation that reads every sample once."""
 
+import gc
 import itertools
 import json
 import math
@@ -156,3 +157,14 @@ def test_the_shuffle_buffer_reads_no_more_than_the_epoch_needs():
     assert len(taken) == 250 and sorted(taken) == read == list(range(250))  # nothing read and dropped
     assert taken != sorted(taken)
     assert taken[0] < 50  # drawn from what the buffer held
+
+
+def test_the_heap_is_frozen_before_workers_fork_and_persistent_workers_fork_once(face_shards):
+    loader, stream = train_loader(_data([face_shards], num_workers=1, persistent_workers=True), 1, 0, 1, seed=0)
+    before = gc.get_freeze_count()
+    assert len(list(loader)) > 0
+    frozen = gc.get_freeze_count()
+    assert frozen > before  # what the training process holds is out of the collector's reach
+    stream.set_epoch(1)
+    assert len(list(loader)) > 0
+    assert gc.get_freeze_count() == frozen

@@ -28,6 +28,7 @@ a worker a tenth of its time in page faults on the shared memory (BENCHMARKS.md,
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import math
 import multiprocessing
@@ -158,8 +159,12 @@ class ShardLoader(torch.utils.data.DataLoader):
         self.on_error, self.hint, self.split_size = on_error, hint, batch_size
         self.prefix = f"rank {rank}: " if world > 1 else ""
         self.warned: set[ReadProblem] = set()
+        self.forked = False
 
     def __iter__(self):
+        if self.num_workers and not (self.persistent_workers and self.forked):  # workers start now
+            _freeze_before_fork()
+            self.forked = True
         for batch in super().__iter__():
             for problem in batch.problems:
                 if self.on_error == "raise":
@@ -173,6 +178,17 @@ class ShardLoader(torch.utils.data.DataLoader):
                     part = part.to(self.device)
                 part.image = self.normalize(part.image)  # per batch: its float copy is the one training holds
                 yield part
+
+
+def _freeze_before_fork() -> None:
+    """Python's ``gc.freeze`` recipe for processes that fork: collect, then move every object
+    still alive out of the garbage collector's reach. Otherwise the first full collection in the
+    training process (or a worker) writes to the header of every object the two share, which
+    copies its page: each worker came to hold ~90 MiB of private copies of the training
+    process's objects (BENCHMARKS.md, loader). Frozen objects are still freed when their count
+    drops to zero; only reference cycles among them are never collected."""
+    gc.collect()
+    gc.freeze()
 
 
 def resolve_channels(cfg: DataConfig, sets: list[str]) -> int:
