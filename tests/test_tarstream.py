@@ -4,12 +4,13 @@ tar dialect included) and fails loudly on damaged tars."""
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 
 import pytest
 import webdataset as wds
 
-from deepfake_dist.data.tarstream import tar_members, tar_samples
+from deepfake_dist.data.tarstream import _byte_sum, tar_members, tar_samples
 
 
 def _webdataset(path) -> list[dict]:
@@ -99,3 +100,8 @@ def test_members_that_cross_read_chunks_read_the_same(face_shards):
     assert list(tar_members(shard, chunk=700)) == whole == list(tar_members(shard, chunk=1))
     with tarfile.open(shard) as tar:
         assert [name for name, _ in whole] == tar.getnames()
+
+
+def test_the_header_byte_sum_is_exact_up_to_all_ones():
+    for block in (bytes(512), b"\xff" * 512, os.urandom(512), b"\xff" * 256 + bytes(256)):
+        assert _byte_sum(block) == sum(block)

@@ -69,10 +69,11 @@ def eval_transform(resolution: int, channels: int, norm: str, perturb=None) -> v
 
 class TrainAugment:
     """Resize, then flip / random resized crop / brightness + contrast jitter / JPEG / blur, each
-    with its probability, on a uint8 image (``Normalize`` follows, per batch). The random draws come from torch's
-    default CPU generator (the loader seeds it per sample) and the work from torchvision's
-    functional kernels: at 64 px, composing ``v2`` transform objects cost as much as the image
-    work itself (BENCHMARKS.md, loader). A clip (T, C, H, W) gets one draw for all its frames."""
+    with its probability, uint8 in and out (``Normalize`` follows, per batch). The random draws
+    come from torch's default CPU generator (the loader seeds it per sample) and the work from
+    torchvision's functional kernels: at 64 px, composing ``v2`` transform objects cost as much
+    as the image work itself (BENCHMARKS.md, loader). A clip (T, C, H, W) gets one draw for all
+    its frames."""
 
     def __init__(self, resolution: int, aug: AugmentConfig):
         self.size, self.aug = resolution, aug
