@@ -15,6 +15,7 @@ streams.
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -90,19 +91,24 @@ def limit_case(set_dir, batch_size: int, epochs: int, cores: int):
     return lambda: measure(total, lambda: pool.starmap(_limit_run, [(p, cores, epochs) for p in range(cores)]))
 
 
-def _epochs(loader, epochs: int, set_epoch=None) -> int:
+def _epochs(loader, epochs, set_epoch=None) -> int:
+    """Iterate ``epochs`` (epoch numbers) of ``loader``; the sample count."""
     seen = 0
-    for epoch in range(epochs):
+    for epoch in epochs:
         if set_epoch:
-            set_epoch(epoch + 1)
+            set_epoch(epoch)
         for batch in loader:
             seen += len(batch)
     return seen
 
 
 def _loader_case(loader, epochs: int, set_epoch=None):
-    per_round = _epochs(loader, 1) * epochs  # an untimed warm-up epoch (workers start)
-    return lambda: measure(per_round, lambda: _epochs(loader, epochs, set_epoch))
+    """Each round times new epochs: the stream's augmentation draws are a function of the epoch, so
+    timing the same epoch every round would weigh one fixed draw (2-3% from one epoch to the next in
+    blur and JPEG work) against the limit's, which vary from round to round."""
+    fresh = itertools.count(1)
+    per_round = _epochs(loader, [0]) * epochs  # an untimed warm-up epoch (workers start)
+    return lambda: measure(per_round, lambda: _epochs(loader, [next(fresh) for _ in range(epochs)], set_epoch))
 
 
 def webdataset_case(cfg: DataConfig, epochs: int):

@@ -6,15 +6,17 @@ import itertools
 import json
 import math
 import random
+import time
 
 import pytest
 import torch
 
 from deepfake_dist.config import AugmentConfig, DataConfig
 from deepfake_dist.data import transforms
-from deepfake_dist.data.loader import _shuffled, batches_per_transfer, eval_loader, resolve_channels, train_loader
+from deepfake_dist.data.loader import _seed, _shuffled, batches_per_transfer, eval_loader, resolve_channels, train_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.data.prepare import prepare
+from deepfake_dist.data.tarstream import tar_samples
 
 
 def _data(sets, **kw) -> DataConfig:
@@ -66,7 +68,7 @@ def test_workers_hand_over_groups_of_batches_that_train_as_the_same_batches(face
     def batches(cfg):
         loader, stream = train_loader(cfg, 1, 0, 1, seed=0)
         assert stream.per_transfer == batches_per_transfer(cfg, 1, None)
-        handed = [len(b) for b in torch.utils.data.DataLoader.__iter__(loader)]  # what the workers send
+        handed = [len(b) for b in stream]  # what a worker sends (here in this process)
         assert max(handed) == 4 * stream.per_transfer
         out = [(tuple(b.key), b.image.sum().item(), tuple(b.label.tolist())) for b in loader]
         assert len(out) == stream.batches_per_worker * 2
@@ -168,3 +170,47 @@ def test_the_heap_is_frozen_before_workers_fork_and_persistent_workers_fork_once
     stream.set_epoch(1)
     assert len(list(loader)) > 0
     assert gc.get_freeze_count() == frozen
+
+
+def _expected_batch(images: dict, keys, epoch: int, cfg) -> torch.Tensor:
+    """What the loader must deliver for ``keys``: each sample's bytes decoded, augmented with the
+    generator seeded from (seed 0, epoch, key), and normalised."""
+    augment, normalize = transforms.TrainAugment(cfg.resolution, cfg.augment), transforms.Normalize(1, cfg.normalize)
+    out = []
+    for key in keys:
+        torch.default_generator.manual_seed(_seed(0, epoch, key))
+        out.append(augment(transforms.decode(images[key], 1)))
+    return normalize(torch.stack(out))
+
+
+def test_workers_reuse_their_hand_off_buffers_and_every_batch_holds_its_samples(face_shards):
+    cfg = _data([face_shards], num_workers=2, persistent_workers=True, transfer_mib=0)  # a hand-off per batch
+    images = {f"{face_shards.name}/{s['__key__']}": s["png"]
+              for shard in sorted(face_shards.glob("train-*.tar")) for s in tar_samples(str(shard))}
+    loader, stream = train_loader(cfg, 1, 0, 1, seed=0)
+    assert stream.batches_per_worker > stream.ring.slots  # each worker goes round its ring
+    mapped = None
+    for epoch in range(2):
+        stream.set_epoch(epoch)
+        with torch.random.fork_rng(devices=[]):
+            for batch in loader:
+                torch.testing.assert_close(batch.image, _expected_batch(images, batch.key, epoch, cfg))
+        # the training process holds each worker's buffers mapped, the same ones every epoch
+        now = {slot: t.untyped_storage().data_ptr() for slot, t in stream.ring.mapped.items()}
+        assert len(now) == 2 * stream.ring.slots
+        assert mapped is None or now == mapped
+        mapped = now
+
+
+def test_a_worker_waits_for_the_training_process_to_free_a_hand_off_slot(face_shards):
+    loader, stream = train_loader(_data([face_shards], num_workers=1, transfer_mib=0), 1, 0, 1, seed=0)
+    handed = torch.utils.data.DataLoader.__iter__(loader)  # as the worker sends them; nothing is freed
+    held = [next(handed) for _ in range(stream.ring.slots)]
+    assert sorted(h.slot for h in held) == [(0, s) for s in range(stream.ring.slots)]
+    first = held[0].image.clone()
+    time.sleep(1)  # the worker has its next request: its next slot is held[0]'s, and busy
+    assert torch.equal(held[0].image, first)
+    stream.ring.done(held[0])
+    after = next(handed)
+    assert after.slot == held[0].slot and after.image.data_ptr() == held[0].image.data_ptr()
+    assert not torch.equal(held[0].image, first)  # now refilled, as it may be

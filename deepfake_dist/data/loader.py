@@ -20,9 +20,10 @@ A sample is one image (C, H, W) or, in a clip set (manifest ``frames``: K), a cl
 from its members ``f000.<fmt>``, ``f001.<fmt>``, ... in order. The transforms act on the whole
 clip tensor, so every frame of a clip gets the same random crop, flip, jitter, JPEG and blur.
 
-Workers hand over uint8 images; ``ShardLoader`` moves each batch to its device and scales and
-normalises it there (``transforms.Normalize``). Handing over float32 cost a worker ~8% of its
-time in page faults on the fresh shared memory of each hand-off (BENCHMARKS.md, loader).
+Workers hand over uint8 images, stacked into shared-memory buffers they reuse
+(``handoff.HandOffRing``); ``ShardLoader`` moves each batch to its device and scales and
+normalises it there (``transforms.Normalize``). Handing over float32, in new shared memory each
+time, cost a worker ~8% of its time in page faults (BENCHMARKS.md, loader).
 """
 
 from __future__ import annotations
@@ -37,16 +38,17 @@ import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.markup import escape
-from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from deepfake_dist.config import DataConfig
 from deepfake_dist.data import transforms
+from deepfake_dist.data.handoff import HandOffRing
 from deepfake_dist.data.manifest import listed_shards, load_manifest, missing_shard_error, shard_urls, split_count
 from deepfake_dist.data.tarstream import tar_samples
 from deepfake_dist.errors import UserError
@@ -71,42 +73,6 @@ class ReadProblem:
             return f"shard {self.shard}: sample {self.key} is unreadable ({self.reason})"
         where = f"after sample {self.key}" if self.key else "from its start"
         return f"shard {self.shard} is unreadable {where} ({self.reason})"
-
-
-@dataclass
-class Batch:
-    image: torch.Tensor  # uint8 from a worker; float32, normalised, from ShardLoader
-    label: torch.Tensor
-    key: list[str]
-    meta: list[dict]
-    problems: list[ReadProblem] = field(default_factory=list)  # met by the worker since its last batch
-
-    def to(self, device) -> Batch:
-        return Batch(self.image.to(device, non_blocking=True), self.label.to(device, non_blocking=True), self.key,
-                     self.meta, self.problems)
-
-    def pin_memory(self) -> Batch:
-        """Called by the DataLoader's pin-memory thread (``data.pin_memory`` on a GPU): without it
-        a Batch stays in pageable memory and ``to(device, non_blocking=True)`` copies synchronously."""
-        return Batch(self.image.pin_memory(), self.label.pin_memory(), self.key, self.meta, self.problems)
-
-    def __len__(self) -> int:
-        return len(self.key)
-
-    def split(self, size: int) -> list[Batch]:
-        """Batches of ``size`` (views of this one's tensors); the problems go with the first."""
-        return [Batch(self.image[i:i + size], self.label[i:i + size], self.key[i:i + size], self.meta[i:i + size],
-                      self.problems if i == 0 else []) for i in range(0, len(self), size)]
-
-
-def collate(samples: list[tuple], problems: list[ReadProblem] = ()) -> Batch:
-    """``default_collate`` stacks the images: in a worker it writes them straight into shared
-    memory, which saves the copy sending the batch to the main process would otherwise make."""
-    if not samples:  # only problems to report (the stream stops at the first under on_error: raise)
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), [], [], list(problems))
-    images, labels, keys, metas = zip(*samples)
-    return Batch(default_collate(images), torch.tensor(labels, dtype=torch.long), list(keys), list(metas),
-                 list(problems))
 
 
 def _reason(err: BaseException) -> str:
@@ -165,22 +131,30 @@ class ShardLoader(torch.utils.data.DataLoader):
     def __iter__(self):
         if self.num_workers and not (self.persistent_workers and self.forked):  # workers start now
             _freeze_before_fork()
+            self.dataset.ring.workers_started()
             self.forked = True
-        for batch in super().__iter__():
-            for problem in batch.problems:
-                if self.on_error == "raise":
-                    raise UserError(f"{problem}; {self.hint.format(set=Path(problem.shard).parent)}")
-                if problem not in self.warned:
-                    self.warned.add(problem)
-                    _console.print(f"{self.prefix}[yellow]warning:[/yellow] {escape(str(problem))}; skipped "
-                                   "(data.on_error: skip)")
-            if not len(batch):
+        for handed in super().__iter__():
+            try:
+                yield from self._batches(handed)
+            finally:  # also when the consumer stops early: the worker may refill the slot
+                self.dataset.ring.done(handed)
+
+    def _batches(self, handed):
+        """The ``on_error`` policy for the hand-off's problems, then its batches on the device, normalised."""
+        for problem in handed.problems:
+            if self.on_error == "raise":
+                raise UserError(f"{problem}; {self.hint.format(set=Path(problem.shard).parent)}")
+            if problem not in self.warned:
+                self.warned.add(problem)
+                _console.print(f"{self.prefix}[yellow]warning:[/yellow] {escape(str(problem))}; skipped "
+                               "(data.on_error: skip)")
+        for part in handed.split(self.split_size) if self.split_size else [handed]:
+            if not len(part):
                 continue
-            for part in batch.split(self.split_size) if self.split_size else [batch]:
-                if self.device is not None:
-                    part = part.to(self.device)
-                part.image = self.normalize(part.image)  # per batch: its float copy is the one training holds
-                yield part
+            if self.device is not None:
+                part = part.to(self.device)
+            part.image = self.normalize(part.image)  # per batch: its float copy is the one training holds
+            yield part
 
 
 def _freeze_before_fork() -> None:
@@ -259,6 +233,7 @@ class TrainStream(IterableDataset):
         self.missing: list[str] = []  # listed shards that were not there at the start (skipped)
         self.batches_per_worker, self.per_transfer = batches_per_worker, per_transfer
         self.transform = transforms.TrainAugment(cfg.resolution, cfg.augment)
+        self.ring = HandOffRing(cfg.num_workers)
         self._epoch = multiprocessing.Value("i", 0)  # shared with persistent workers
 
     def set_epoch(self, epoch: int) -> None:
@@ -277,6 +252,7 @@ class TrainStream(IterableDataset):
         return augmented
 
     def __iter__(self):
+        self.ring.start_pass()
         epoch = self._epoch.value
         worker, _ = _worker()
         rng = random.Random(_seed(self.seed, epoch, self.rank, worker))
@@ -290,13 +266,13 @@ class TrainStream(IterableDataset):
         for sample in samples:
             item = _decode_or_report(sample, self.channels, problems)
             if problems and self.cfg.on_error == "raise":
-                yield collate([], problems)
+                yield self.ring.collate([], problems)
                 return
             if item is None:
                 continue
             group.append(item)
             if len(group) == min(self.per_transfer, left) * size:
-                yield collate(self._augment(group, epoch), problems)
+                yield self.ring.collate(self._augment(group, epoch), problems)
                 problems.clear()
                 left -= len(group) // size
                 group = []
@@ -376,8 +352,10 @@ class EvalStream(IterableDataset):
         self.expected = expected or {}
         self.transform = transforms.eval_resize(cfg.resolution, perturb)
         self.sample_shape = (*([frames] if frames else []), channels, cfg.resolution, cfg.resolution)
+        self.ring = HandOffRing(cfg.num_workers)
 
     def __iter__(self):
+        self.ring.start_pass()
         worker, workers = _worker()
         mine = self.urls[self.rank :: self.world][worker::workers]
         problems: list[ReadProblem] = []
@@ -385,17 +363,17 @@ class EvalStream(IterableDataset):
         for sample in _read_shards(mine, self.expected, problems):
             item = _decode_or_report(sample, self.channels, problems)
             if problems:  # every sample counts: stop at the first problem (the loader raises)
-                yield collate([], problems)
+                yield self.ring.collate([], problems)
                 return
             image, label, key, meta = item
             batch.append((self.transform(image), label, key, meta))
             if len(batch) == self.cfg.batch_size:
-                yield collate(batch)
+                yield self.ring.collate(batch)
                 batch = []
         if problems:  # the last shard ended short
-            yield collate([], problems)
+            yield self.ring.collate([], problems)
         elif batch:
-            yield collate(batch)
+            yield self.ring.collate(batch)
 
 
 def eval_loader(cfg: DataConfig, sets: list[str], split: str, channels: int, rank: int, world: int, perturb=None):
