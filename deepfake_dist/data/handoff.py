@@ -63,20 +63,21 @@ def collate(samples: list[tuple], problems: list[ReadProblem] = (), out: torch.T
 
 
 class HandOffRing:
-    """Per worker, ``prefetch_factor + 2`` shared-memory buffers that its hand-offs are stacked
+    """Per worker, ``prefetch_factor + 1`` shared-memory buffers that its hand-offs are stacked
     into in turn (each as large as the largest hand-off it has held). A worker marks a slot busy
     as it fills it; ``ShardLoader`` frees it (``done``) once it has split and normalised the
     hand-off, and keeps the buffer mapped, so the next hand-off in it arrives without a new
     mapping (torch's sharing code finds the mapping by the file's inode). The DataLoader asks a
-    worker for at most ``prefetch_factor`` hand-offs ahead and the training process holds one,
-    so with two slots more a worker does not wait; the flags make sure it never overwrites a
+    worker for at most ``prefetch_factor`` hand-offs ahead (counting those received but not yet
+    passed on) and the training process frees the one it holds before it takes the next, so
+    with one slot more a worker does not wait; the flags make sure it never overwrites a
     hand-off still in use, whatever the request order. Outside a worker (``num_workers: 0``)
     nothing is handed over and ``collate`` is plain."""
 
     WAIT_WARNING_S = 60
 
     def __init__(self, workers: int, prefetch_factor: int = 2):
-        self.slots = prefetch_factor + 2
+        self.slots = prefetch_factor + 1
         self.busy = torch.zeros(max(workers, 1), self.slots, dtype=torch.bool).share_memory_()
         self.parent = os.getpid()
         self.buffers: dict[int, torch.Tensor] = {}  # in a worker: its slots' buffers, made on first use
