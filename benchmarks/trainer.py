@@ -30,7 +30,7 @@ from benchmarks.common import (
 )
 from deepfake_dist.config import Config, load_config
 from deepfake_dist.data import transforms
-from deepfake_dist.data.loader import Batch
+from deepfake_dist.data.handoff import Batch
 from deepfake_dist.models import create_model, model_kind
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
