@@ -214,3 +214,5 @@ def test_a_worker_waits_for_the_training_process_to_free_a_hand_off_slot(face_sh
     after = next(handed)
     assert after.slot == held[0].slot and after.image.data_ptr() == held[0].image.data_ptr()
     assert not torch.equal(held[0].image, first)  # now refilled, as it may be
+    for hand_off in held[1:]:  # so that the worker is not left waiting when the loader shuts down
+        stream.ring.done(hand_off)
