@@ -22,7 +22,7 @@ from torch.utils.data import default_collate, get_worker_info
 if TYPE_CHECKING:
     from deepfake_dist.data.loader import ReadProblem
 
-_console = Console(stderr=True, highlight=False, soft_wrap=True)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # the data path's warnings, on every rank
 
 
 @dataclass
@@ -117,9 +117,9 @@ class HandOffRing:
             time.sleep(0.001)
             if not warned and time.monotonic() - start > self.WAIT_WARNING_S:
                 warned = True
-                _console.print(f"[yellow]warning:[/yellow] loader worker {worker} has waited {self.WAIT_WARNING_S} s "
-                               f"for the training process to free hand-off slot {slot}; batches must be read "
-                               "through the ShardLoader, which frees them")
+                console.print(f"[yellow]warning:[/yellow] loader worker {worker} has waited {self.WAIT_WARNING_S} s "
+                              f"for the training process to free hand-off slot {slot}; batches must be read "
+                              "through the ShardLoader, which frees them")
 
     def done(self, batch: Batch) -> None:
         """In the training process, once ``batch`` (as a worker handed it over) is no longer read."""

@@ -42,20 +42,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.markup import escape
 from torch.utils.data import IterableDataset, get_worker_info
 
 from deepfake_dist.config import DataConfig
 from deepfake_dist.data import transforms
 from deepfake_dist.data.handoff import HandOffRing
+from deepfake_dist.data.handoff import console as _console  # one console for the data path's warnings
 from deepfake_dist.data.manifest import listed_shards, load_manifest, missing_shard_error, shard_urls, split_count
 from deepfake_dist.data.tarstream import tar_samples
 from deepfake_dist.errors import UserError
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
 FRAME_KEY = re.compile(r"^f\d{3}\.(jpg|png|jpeg|webp)$")  # a clip's frames: f000.png, f001.png, ...
-_console = Console(stderr=True, highlight=False, soft_wrap=True)  # warnings, on every rank
 
 
 @dataclass(frozen=True)
