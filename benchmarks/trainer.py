@@ -54,7 +54,7 @@ def memory_batch(cfg: Config, set_dir, channels: int) -> Batch:
     transform = transforms.eval_transform(cfg.data.resolution, channels, cfg.data.normalize)
     images = torch.stack([transform(transforms.decode(data, channels)) for _, _, data in samples])
     labels = torch.tensor([label for _, label, _ in samples])
-    return Batch(images, labels, [key for key, _, _ in samples], [{} for _ in samples])
+    return Batch(images, labels, [key for key, _, _ in samples], [b"{}" for _ in samples])
 
 
 def _sync(device) -> None:

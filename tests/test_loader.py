@@ -13,10 +13,12 @@ import torch
 
 from deepfake_dist.config import AugmentConfig, DataConfig
 from deepfake_dist.data import transforms
+from deepfake_dist.data.handoff import Batch
 from deepfake_dist.data.loader import _seed, _shuffled, batches_per_transfer, eval_loader, resolve_channels, train_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.data.prepare import prepare
 from deepfake_dist.data.tarstream import tar_samples
+from deepfake_dist.errors import UserError
 
 
 def _data(sets, **kw) -> DataConfig:
@@ -216,3 +218,30 @@ def test_a_worker_waits_for_the_training_process_to_free_a_hand_off_slot(face_sh
     assert not torch.equal(held[0].image, first)  # now refilled, as it may be
     for hand_off in held[1:]:  # so that the worker is not left waiting when the loader shuts down
         stream.ring.done(hand_off)
+
+
+def test_a_buffer_crosses_to_the_training_process_once_then_hand_offs_name_its_slot(face_shards):
+    cfg = _data([face_shards], num_workers=1, persistent_workers=True, transfer_mib=0)
+    loader, stream = train_loader(cfg, 1, 0, 1, seed=0)
+    sent, receive = [], stream.ring.received
+
+    def received(slot, size, buffer, *rest):  # the training process's side of each hand-off, recorded
+        sent.append(buffer is not None)
+        return receive(slot, size, buffer, *rest)
+
+    stream.ring.received = received
+    for epoch in range(2):
+        stream.set_epoch(epoch)
+        assert sum(len(batch) for batch in loader) == stream.batches_per_worker * cfg.batch_size
+    assert len(sent) == 2 * stream.batches_per_worker > stream.ring.slots
+    assert sent[:stream.ring.slots] == [True] * stream.ring.slots and not any(sent[stream.ring.slots:])
+    assert stream.ring.held.all()
+
+
+def test_sample_json_is_parsed_when_read_and_bad_json_names_the_sample():
+    batch = Batch(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long), ["set/a", "set/b"], [b'{"source": "x"}', b"{}"])
+    assert batch.meta == [{"source": "x"}, {}]
+    assert [part.meta for part in batch.split(1)] == [[{"source": "x"}], [{}]]
+    batch.meta_json[1] = b'{"source": '
+    with pytest.raises(UserError, match="sample set/b: its json member is not valid JSON"):
+        batch.meta

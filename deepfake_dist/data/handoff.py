@@ -5,19 +5,27 @@ one of the worker's reusable shared-memory buffers (``HandOffRing``).
 then takes a page fault for every 4 KiB it writes (the kernel finds and zeroes a page) and the
 training process one for every 4 KiB it reads, and both map and unmap the file, ~3 us a fault on
 the benchmark VM, 4% of the 2-worker loader's time (BENCHMARKS.md, loader). A ring of buffers
-mapped once by both sides pays that once per buffer.
+mapped once by both sides pays that once per buffer. And every tensor that crosses the queue
+costs each side a file-descriptor hand-shake (~0.3 ms), so a hand-off (``HandOff``) carries its
+labels as a list and its images as a slot of the ring, the buffer itself only until the training
+process holds it.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from rich.console import Console
 from torch.utils.data import default_collate, get_worker_info
+
+from deepfake_dist.errors import UserError
 
 if TYPE_CHECKING:
     from deepfake_dist.data.loader import ReadProblem
@@ -30,46 +38,87 @@ class Batch:
     image: torch.Tensor  # uint8 from a worker; float32, normalised, from ShardLoader
     label: torch.Tensor
     key: list[str]
-    meta: list[dict]
+    meta_json: list[bytes]  # each sample's json member, as read (b"{}" if it has none): see ``meta``
     problems: list[ReadProblem] = field(default_factory=list)  # met by the worker since its last batch
     slot: tuple[int, int] | None = None  # (worker, ring slot) the images are in, to free when done
 
+    @property
+    def meta(self) -> list[dict]:
+        """Each sample's json, parsed here: only evaluation and conditional GANs read it, and
+        parsing every sample in the workers cost the loader ~2 us a sample (BENCHMARKS.md, loader)."""
+        parsed = []
+        for key, raw in zip(self.key, self.meta_json):
+            try:
+                parsed.append(json.loads(raw))
+            except ValueError as err:
+                raise UserError(f"sample {key}: its json member is not valid JSON ({err}); find the shard with "
+                                "deepfake-dist shards verify and re-create the set") from None
+        return parsed
+
     def to(self, device) -> Batch:
         return Batch(self.image.to(device, non_blocking=True), self.label.to(device, non_blocking=True), self.key,
-                     self.meta, self.problems)
+                     self.meta_json, self.problems)
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pin-memory thread (``data.pin_memory`` on a GPU): without it
         a Batch stays in pageable memory and ``to(device, non_blocking=True)`` copies synchronously."""
-        return Batch(self.image.pin_memory(), self.label.pin_memory(), self.key, self.meta, self.problems, self.slot)
+        return Batch(self.image.pin_memory(), self.label.pin_memory(), self.key, self.meta_json, self.problems,
+                     self.slot)
 
     def __len__(self) -> int:
         return len(self.key)
 
     def split(self, size: int) -> list[Batch]:
         """Batches of ``size`` (views of this one's tensors); the problems go with the first."""
-        return [Batch(self.image[i:i + size], self.label[i:i + size], self.key[i:i + size], self.meta[i:i + size],
-                      self.problems if i == 0 else []) for i in range(0, len(self), size)]
+        return [Batch(self.image[i:i + size], self.label[i:i + size], self.key[i:i + size],
+                      self.meta_json[i:i + size], self.problems if i == 0 else []) for i in range(0, len(self), size)]
 
 
-def collate(samples: list[tuple], problems: list[ReadProblem] = (), out: torch.Tensor | None = None) -> Batch:
-    """Stack ``(image, label, key, meta)`` samples into a Batch, the images into ``out`` if given
-    (``default_collate`` otherwise, which in a worker stacks them into new shared memory)."""
+def collate(samples: list[tuple], problems: list[ReadProblem] = ()) -> Batch:
+    """Stack ``(image, label, key, meta_json)`` samples into a Batch (in a worker
+    ``default_collate`` stacks the images into new shared memory)."""
     if not samples:  # only problems to report (the stream stops at the first under on_error: raise)
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), [], [], list(problems))
     images, labels, keys, metas = zip(*samples)
-    stacked = torch.stack(images, out=out[:len(images)]) if out is not None else default_collate(images)
-    return Batch(stacked, torch.tensor(labels, dtype=torch.long), list(keys), list(metas), list(problems))
+    return Batch(default_collate(images), torch.tensor(labels, dtype=torch.long), list(keys), list(metas),
+                 list(problems))
+
+
+_RINGS: weakref.WeakValueDictionary[int, HandOffRing] = weakref.WeakValueDictionary()  # by id, to unpickle to
+_ring_ids = itertools.count()
+
+
+@dataclass
+class HandOff:
+    """A Batch on its way from a worker to the training process: pickled onto the DataLoader's
+    queue, unpickled there as the Batch it stands for (``HandOffRing.received``)."""
+
+    ring: int
+    slot: tuple[int, int]
+    size: int
+    buffer: torch.Tensor | None  # the slot's buffer, only while the training process does not hold it
+    labels: list[int]
+    keys: list[str]
+    meta_json: list[bytes]
+    problems: list[ReadProblem]
+
+    def __reduce__(self):
+        return _received, (self.ring, self.slot, self.size, self.buffer, self.labels, self.keys, self.meta_json,
+                           self.problems)
+
+
+def _received(ring: int, *hand_off) -> Batch:
+    return _RINGS[ring].received(*hand_off)
 
 
 class HandOffRing:
     """Per worker, ``prefetch_factor + 1`` shared-memory buffers that its hand-offs are stacked
     into in turn (each as large as the largest hand-off it has held). A worker marks a slot busy
     as it fills it; ``ShardLoader`` frees it (``done``) once it has split and normalised the
-    hand-off, and keeps the buffer mapped, so the next hand-off in it arrives without a new
-    mapping (torch's sharing code finds the mapping by the file's inode). The DataLoader asks a
-    worker for at most ``prefetch_factor`` hand-offs ahead (counting those received but not yet
-    passed on) and the training process frees the one it holds before it takes the next, so
+    hand-off. The training process keeps each buffer it receives (``held``), so the next
+    hand-off in that slot names the slot instead of sending the buffer again. The DataLoader asks
+    a worker for at most ``prefetch_factor`` hand-offs ahead (counting those received but not
+    yet passed on) and the training process frees the one it holds before it takes the next, so
     with one slot more a worker does not wait; the flags make sure it never overwrites a
     hand-off still in use, whatever the request order. Outside a worker (``num_workers: 0``)
     nothing is handed over and ``collate`` is plain."""
@@ -79,10 +128,13 @@ class HandOffRing:
     def __init__(self, workers: int, prefetch_factor: int = 2):
         self.slots = prefetch_factor + 1
         self.busy = torch.zeros(max(workers, 1), self.slots, dtype=torch.bool).share_memory_()
+        self.held = torch.zeros_like(self.busy).share_memory_()  # the training process holds the slot's buffer
         self.parent = os.getpid()
+        self.id = next(_ring_ids)
+        _RINGS[self.id] = self
         self.buffers: dict[int, torch.Tensor] = {}  # in a worker: its slots' buffers, made on first use
         self.turn = 0
-        self.mapped: dict[tuple[int, int], torch.Tensor] = {}  # in the training process: buffers kept mapped
+        self.mapped: dict[tuple[int, int], torch.Tensor] = {}  # in the training process: the buffers it holds
 
     def start_pass(self) -> None:
         """Called by a worker as it starts a pass over its stream: what it handed over before was
@@ -92,22 +144,32 @@ class HandOffRing:
             self.busy[info.id] = False
             self.turn = 0
 
-    def collate(self, samples: list[tuple], problems: list[ReadProblem] = ()) -> Batch:
+    def collate(self, samples: list[tuple], problems: list[ReadProblem] = ()) -> Batch | HandOff:
         info = get_worker_info()
         if info is None or not samples:
             return collate(samples, problems)
         slot = self.turn
         self.turn = (self.turn + 1) % self.slots
         self._wait_until_free(info.id, slot)
-        image = samples[0][0]
+        images, labels, keys, metas = zip(*samples)
         buffer = self.buffers.get(slot)
-        if buffer is None or len(buffer) < len(samples) or buffer.shape[1:] != image.shape:
-            buffer = torch.empty((len(samples), *image.shape), dtype=image.dtype).share_memory_()
+        if buffer is None or len(buffer) < len(images) or buffer.shape[1:] != images[0].shape:
+            buffer = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype).share_memory_()
             self.buffers[slot] = buffer
+            self.held[info.id, slot] = False
         self.busy[info.id, slot] = True
-        batch = collate(samples, problems, out=buffer)
-        batch.slot = (info.id, slot)
-        return batch
+        torch.stack(images, out=buffer[:len(images)])
+        return HandOff(self.id, (info.id, slot), len(images), None if self.held[info.id, slot] else buffer,
+                       list(labels), list(keys), list(metas), list(problems))
+
+    def received(self, slot: tuple[int, int], size: int, buffer: torch.Tensor | None, labels: list[int],
+                 keys: list[str], meta_json: list[bytes], problems: list[ReadProblem]) -> Batch:
+        """In the training process (as the DataLoader unpickles a HandOff): the Batch."""
+        if buffer is not None:
+            self.mapped[slot] = buffer
+            self.held[slot] = True
+        return Batch(self.mapped[slot][:size], torch.tensor(labels, dtype=torch.long), keys, meta_json, problems,
+                     slot)
 
     def _wait_until_free(self, worker: int, slot: int) -> None:
         start, warned = time.monotonic(), False
@@ -123,12 +185,10 @@ class HandOffRing:
 
     def done(self, batch: Batch) -> None:
         """In the training process, once ``batch`` (as a worker handed it over) is no longer read."""
-        if batch.slot is None:
-            return
-        if batch.image.is_shared():  # not a pinned copy: keep the worker's buffer mapped
-            self.mapped[batch.slot] = batch.image
-        self.busy[batch.slot] = False
+        if batch.slot is not None:
+            self.busy[batch.slot] = False
 
     def workers_started(self) -> None:
-        """New worker processes make new buffers: forget the old ones' mappings."""
+        """New worker processes make new buffers: forget the old ones."""
         self.mapped.clear()
+        self.held.zero_()

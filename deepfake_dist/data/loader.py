@@ -20,17 +20,16 @@ A sample is one image (C, H, W) or, in a clip set (manifest ``frames``: K), a cl
 from its members ``f000.<fmt>``, ``f001.<fmt>``, ... in order. The transforms act on the whole
 clip tensor, so every frame of a clip gets the same random crop, flip, jitter, JPEG and blur.
 
-Workers hand over uint8 images, stacked into shared-memory buffers they reuse
-(``handoff.HandOffRing``); ``ShardLoader`` moves each batch to its device and scales and
-normalises it there (``transforms.Normalize``). Handing over float32, in new shared memory each
-time, cost a worker ~8% of its time in page faults (BENCHMARKS.md, loader).
+Workers hand over uint8 images, stacked into shared-memory buffers they reuse and the training
+process keeps (``handoff.HandOffRing``); ``ShardLoader`` moves each batch to its device and
+scales and normalises it there (``transforms.Normalize``). Handing over float32, in new shared
+memory each time, cost a worker ~8% of its time in page faults (BENCHMARKS.md, loader).
 """
 
 from __future__ import annotations
 
 import functools
 import gc
-import json
 import math
 import multiprocessing
 import random
@@ -201,9 +200,9 @@ def _decode_sample(sample: dict, channels: int) -> tuple:
     if "cls" not in sample:
         raise ValueError("it has no cls (label) member")
     label = int(sample["cls"])
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    # keys are unique within a set; the set's folder name makes them unique across sets
-    return image, label, f"{_set_name(sample['__url__'])}/{sample['__key__']}", meta
+    # keys are unique within a set; the set's folder name makes them unique across sets. The json
+    # member stays bytes until something reads it (``Batch.meta``).
+    return image, label, f"{_set_name(sample['__url__'])}/{sample['__key__']}", sample.get("json", b"{}")
 
 
 @functools.lru_cache(maxsize=4096)
