@@ -127,8 +127,11 @@ class HandOffRing:
 
     def __init__(self, workers: int, prefetch_factor: int = 2):
         self.slots = prefetch_factor + 1
-        self.busy = torch.zeros(max(workers, 1), self.slots, dtype=torch.bool).share_memory_()
-        self.held = torch.zeros_like(self.busy).share_memory_()  # the training process holds the slot's buffer
+        self.busy = torch.zeros(max(workers, 1), self.slots, dtype=torch.bool)
+        self.held = torch.zeros_like(self.busy)  # the training process holds the slot's buffer
+        if workers:  # the worker processes read and write them
+            self.busy.share_memory_()
+            self.held.share_memory_()
         self.parent = os.getpid()
         self.id = next(_ring_ids)
         _RINGS[self.id] = self
