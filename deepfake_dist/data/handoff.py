@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from rich.console import Console
-from torch.utils.data import default_collate, get_worker_info
+from torch.utils.data import get_worker_info
 
 from deepfake_dist.errors import UserError
 
@@ -75,12 +75,12 @@ class Batch:
 
 
 def collate(samples: list[tuple], problems: list[ReadProblem] = ()) -> Batch:
-    """Stack ``(image, label, key, meta_json)`` samples into a Batch (in a worker
-    ``default_collate`` stacks the images into new shared memory)."""
+    """Stack ``(image, label, key, meta_json)`` samples into a Batch: what a stream yields without
+    workers, or a worker with only problems to report (otherwise ``HandOffRing.collate``)."""
     if not samples:  # only problems to report (the stream stops at the first under on_error: raise)
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), [], [], list(problems))
     images, labels, keys, metas = zip(*samples)
-    return Batch(default_collate(images), torch.tensor(labels, dtype=torch.long), list(keys), list(metas),
+    return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.long), list(keys), list(metas),
                  list(problems))
 
 
