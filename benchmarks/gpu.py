@@ -20,7 +20,6 @@ matmul precision set to "high" as well, so their peak is the TF32 one).
 
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 import tempfile
@@ -30,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
-    alternating,
     console,
     face_set,
     machine,
@@ -75,10 +73,12 @@ def peak_tflops(device_name: str, precision: str, override: float | None = None)
 
 
 class Setup:
-    """One model's training step in one configuration, on in-memory tensors."""
+    """One model's training step in one configuration, on in-memory tensors. Detectors step a
+    fused AdamW by default, as the platform's detector task does (``fused=False``: torch's
+    default, foreach); the GAN torch's default Adam, as its task does."""
 
     def __init__(self, model: str, batch: int, resolution: int, precision: str, channels_last: bool, compile_: bool,
-                 device, cudnn_benchmark: bool = False):
+                 device, cudnn_benchmark: bool = False, fused: bool = True):
         from deepfake_dist.models import create_model
 
         torch.backends.cudnn.benchmark = cudnn_benchmark  # autotunes each conv at its first call
@@ -98,7 +98,7 @@ class Setup:
             self.modules = [net]
             self.x = torch.randn(batch, 3, resolution, resolution, device=device).to(memory_format=fmt)
             self.y = (torch.arange(batch, device=device) % 2).float()
-            self.opts = [torch.optim.AdamW(net.parameters(), lr=3e-4, weight_decay=0.05)]
+            self.opts = [torch.optim.AdamW(net.parameters(), lr=3e-4, weight_decay=0.05, fused=fused or None)]
             self.run = self._detector_step
         self.calls = [torch.compile(m) if compile_ else m for m in self.modules]
 
@@ -174,46 +174,93 @@ def grid(args) -> list[dict]:
     for model in args.models:
         for precision in args.precisions:
             for cl in [layout == "channels_last" for layout in args.layouts]:
-                config = {"model": model, "precision": precision, "channels_last": cl}
-                eager += [{**config, "compile": False, "cudnn_benchmark": tune == "on"} for tune in args.cudnn_benchmark]
-                if args.compile:
-                    compiled.append({**config, "compile": True, "cudnn_benchmark": False})
+                for batch in [args.gan_batch_size] if model == "dcgan" else args.batch_size:
+                    config = {"model": model, "batch_size": batch, "precision": precision, "channels_last": cl}
+                    eager += [{**config, "compile": False, "cudnn_benchmark": tune == "on"}
+                              for tune in args.cudnn_benchmark]
+                    if args.compile:
+                        compiled.append({**config, "compile": True, "cudnn_benchmark": False})
     rank = {"bf16": 0, "fp16": 1, "fp32": 2, "fp32-ieee": 3}  # the settings one would train with come first
     compiled.sort(key=lambda c: (not c["channels_last"], rank[c["precision"]], args.models.index(c["model"])))
     return eager + compiled
 
 
+def in_turn(cases: dict, items: int, steps: int, rounds: int, device) -> dict[str, list[dict]]:
+    """Rounds of ``steps`` calls of each case back to back, waiting for the GPU only at the end
+    of each (as training runs: a wait per call would hide the waits a step makes itself); the
+    cases take turns round by round, the order reversed every other round. Per round and case:
+    ``per_s`` of ``items`` per call."""
+    runs: dict[str, list[dict]] = {name: [] for name in cases}
+    for r in range(rounds):
+        for name in list(cases) if r % 2 == 0 else list(cases)[::-1]:
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                cases[name]()
+            _sync(device)
+            runs[name].append({"per_s": items * steps / (time.perf_counter() - start)})
+    return runs
+
+
+def host_waits(step, device, calls: int = 5) -> float | None:
+    """How many times per call ``step`` makes the host wait for the GPU (CUDA's sync debug mode
+    warns at each; None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    _sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(calls):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught) / calls
+
+
 def platform_vs_bare(args, model: str, channels_last: bool, device, set_dir) -> dict:
     """The platform's step (DetectorTask through Accelerate at bf16, ``train.channels_last`` as
-    given) against the bare bf16 step in the same layout, taking turns step by step."""
+    given) against the bare bf16 step in the same layout, with torch's default optimizer and with
+    the fused one the platform uses, taking turns (``in_turn``); and the host's waits per step."""
     from benchmarks.trainer import bench_config, memory_batch, platform_step, warm
 
+    batch = args.batch_size[0]
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = bench_config(model, set_dir, run_dir, args.batch_size, args.resolution,
+        cfg = bench_config(model, set_dir, run_dir, batch, args.resolution,
                            ["train.mixed_precision=bf16", f"train.channels_last={str(channels_last).lower()}"])
         ours, _ = platform_step(cfg, memory_batch(cfg, set_dir, 3), 3)
-        bare = Setup(model, args.batch_size, args.resolution, "bf16", channels_last, False, device)
-        runs = alternating({"platform": warm(ours, args.warmup, device), "bare": warm(bare.run, args.warmup, device)},
-                           args.batch_size, args.steps, args.windows, sync=functools.partial(_sync, device), show=False)
-    return {"model": model, "resolution": args.resolution, "precision": "bf16", "channels_last": channels_last,
-            "platform_images_per_s": median_of(runs["platform"], "per_s"),
-            "bare_images_per_s": median_of(runs["bare"], "per_s"), "platform_vs_bare": paired_ratio(runs, "platform", "bare")}
+        cases = {"platform": ours}
+        for name, fused in (("bare", False), ("bare_fused", True)):
+            cases[name] = Setup(model, batch, args.resolution, "bf16", channels_last, False, device, fused=fused).run
+        runs = in_turn({name: warm(step, args.warmup, device) for name, step in cases.items()}, batch, args.steps,
+                       args.windows * 3, device)
+        waits = {f"{name}_host_waits_per_step": host_waits(step, device) for name, step in cases.items()}
+    return {"model": model, "resolution": args.resolution, "batch_size": batch, "precision": "bf16",
+            "channels_last": channels_last, **{f"{n}_images_per_s": median_of(runs[n], "per_s") for n in runs},
+            "platform_vs_bare": paired_ratio(runs, "platform", "bare"),
+            "platform_vs_bare_fused": paired_ratio(runs, "platform", "bare_fused"), **waits}
 
 
-def loader_vs_model(args, model: str, workers: int, device, set_dir) -> dict:
+def loader_vs_model(args, model: str, workers: int, augment: bool, device, set_dir) -> dict:
     """For 64-px faces: the loader alone, a detector's step alone (bf16, channels_last), and the
     two together as the training loop runs them (the loader moves each uint8 batch to the GPU and
-    normalises it there; data wait measured)."""
-    from deepfake_dist.config import DataConfig
+    normalises it there; data wait measured), over ``--loader-epochs`` epochs each. Without
+    ``augment`` the workers only decode: what the loader would give with its augmentation moved
+    off the CPU."""
+    from deepfake_dist.config import AugmentConfig, DataConfig
     from deepfake_dist.data.loader import train_loader
     from deepfake_dist.models import create_model
 
     batch = args.loader_batch_size
-    cfg = DataConfig(train=[str(set_dir)], resolution=64, batch_size=batch, num_workers=workers)
+    aug = AugmentConfig() if augment else AugmentConfig(hflip=0, crop=0, jitter=0, jpeg=0, blur=0)
+    cfg = DataConfig(train=[str(set_dir)], resolution=64, batch_size=batch, num_workers=workers, augment=aug)
     loader, stream = train_loader(cfg, 3, 0, 1, seed=0, device=device)
     torch.backends.cudnn.benchmark = False  # the platform's setting
     net = create_model(model, in_channels=3).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-4)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-4, fused=device.type == "cuda" or None)
 
     def step(x, y):
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -227,24 +274,28 @@ def loader_vs_model(args, model: str, workers: int, device, set_dir) -> dict:
     model_rate = time_steps(lambda: step(x, y), device, args.warmup, args.steps, args.windows) * batch
     for _ in loader:  # warm-up epoch: workers start
         pass
-    stream.set_epoch(1)
+    epochs = range(1, 1 + args.loader_epochs)
     seen, start = 0, time.perf_counter()
-    for b in loader:
-        seen += len(b)
+    for epoch in epochs:
+        stream.set_epoch(epoch)
+        for b in loader:
+            seen += len(b)
     loader_rate = seen / (time.perf_counter() - start)
-    stream.set_epoch(2)
     seen, wait, start = 0, 0.0, time.perf_counter()
-    tick = start
-    for b in loader:
-        _sync(device)
-        wait += time.perf_counter() - tick
-        step(b.image.to(memory_format=torch.channels_last), b.label.float())
-        _sync(device)
+    for epoch in epochs:
+        stream.set_epoch(len(epochs) + epoch)
         tick = time.perf_counter()
-        seen += len(b)
+        for b in loader:
+            _sync(device)
+            wait += time.perf_counter() - tick
+            step(b.image.to(memory_format=torch.channels_last), b.label.float())
+            _sync(device)
+            tick = time.perf_counter()
+            seen += len(b)
     total = time.perf_counter() - start
-    return {"model": model, "batch_size": batch, "workers": workers, "loader_images_per_s": loader_rate,
-            "model_images_per_s": model_rate, "together_images_per_s": seen / total, "data_wait_frac": wait / total,
+    return {"model": model, "batch_size": batch, "workers": workers, "augment": augment,
+            "loader_images_per_s": loader_rate, "model_images_per_s": model_rate,
+            "together_images_per_s": seen / total, "data_wait_frac": wait / total,
             "bound_by": "loader" if loader_rate < model_rate else "model"}
 
 
@@ -259,7 +310,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile configurations")
     p.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", nargs="+", default=["off", "on"], choices=["off", "on"],
                    help="cuDNN autotuner settings to measure the eager configurations with")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=128, help="of the detectors")
+    p.add_argument("--batch-size", dest="batch_size", type=int, nargs="+", default=[128],
+                   help="of the detectors (the first for the platform check)")
     p.add_argument("--resolution", type=int, default=224, help="of the detectors")
     p.add_argument("--gan-batch-size", dest="gan_batch_size", type=int, default=256)
     p.add_argument("--gan-resolution", dest="gan_resolution", type=int, default=64)
@@ -270,6 +322,9 @@ def main(argv=None) -> dict:
                    default=[min(8, os.cpu_count() or 1)], help="worker counts to feed the model with")
     p.add_argument("--loader-batch-size", dest="loader_batch_size", type=int, default=256)
     p.add_argument("--loader-samples", dest="loader_samples", type=int, default=4096)
+    p.add_argument("--loader-epochs", dest="loader_epochs", type=int, default=3, help="timed epochs per loader case")
+    p.add_argument("--loader-augment", dest="loader_augment", nargs="+", default=["on"], choices=["on", "off"],
+                   help="loader cases with the training augmentation, and without (decode only)")
     p.add_argument("--peak-tflops", dest="peak_tflops", type=float, help="the card's dense peak, if not in the table")
     args = p.parse_args(argv)
     deadline = time.perf_counter() + args.budget_s
@@ -281,21 +336,23 @@ def main(argv=None) -> dict:
     torch.set_float32_matmul_precision("high")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     console.print(f"gpu: {name}, budget {args.budget_s:.0f} s")
-    batch_of = {m: args.gan_batch_size if m == "dcgan" else args.batch_size for m in args.models}
     size_of = {m: args.gan_resolution if m == "dcgan" else args.resolution for m in args.models}
     detector = next((m for m in args.models if m != "dcgan"), "resnet18")
-    flops = {m: step_flops(m, batch_of[m], size_of[m], device) for m in args.models}
-    results = {"device": name, "flops_per_step": flops, "batch_size": batch_of, "configs": [], "skipped": []}
+    configs = grid(args)
+    flops = {(c["model"], c["batch_size"]): None for c in configs}
+    flops = {key: step_flops(key[0], key[1], size_of[key[0]], device) for key in flops}
+    results = {"device": name, "flops_per_step": {f"{m}@{b}": f for (m, b), f in flops.items()}, "configs": [],
+               "skipped": []}
 
     def run_config(config: dict) -> None:
-        model = config["model"]
-        row = {**config, "batch_size": batch_of[model], "resolution": size_of[model]}
+        model, batch = config["model"], config["batch_size"]
+        row = {**config, "resolution": size_of[model]}
         try:
-            setup = Setup(model, batch_of[model], size_of[model], config["precision"], config["channels_last"],
+            setup = Setup(model, batch, size_of[model], config["precision"], config["channels_last"],
                           config["compile"], device, config["cudnn_benchmark"])
             steps_per_s = time_steps(setup.run, device, args.warmup, args.steps, args.windows)
             peak = peak_tflops(name, config["precision"], args.peak_tflops)
-            row |= {"images_per_s": steps_per_s * batch_of[model], "tflops": steps_per_s * flops[model] / 1e12}
+            row |= {"images_per_s": steps_per_s * batch, "tflops": steps_per_s * flops[model, batch] / 1e12}
             row["mfu"] = row["tflops"] / peak if peak else None
         except Exception as err:  # noqa: BLE001 - one configuration failing (e.g. no bf16 on the card) is recorded
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -311,9 +368,10 @@ def main(argv=None) -> dict:
         set_dir = face_set(args.data, args.loader_samples, workers=max(*args.loader_workers, 1))
         results["platform_vs_bare"] = [platform_vs_bare(args, detector, cl == "channels_last", device, set_dir)
                                        for cl in args.layouts]
-        results["loader_vs_model"] = [loader_vs_model(args, detector, w, device, set_dir) for w in args.loader_workers]
+        results["loader_vs_model"] = [loader_vs_model(args, detector, w, augment == "on", device, set_dir)
+                                      for augment in args.loader_augment for w in args.loader_workers]
 
-    for config in grid(args):
+    for config in configs:
         if config["compile"] and "loader_vs_model" not in results:
             check_loader()  # before the compiled configurations, which may not all fit
         reserve = 90 if config["compile"] else 10  # a compile takes tens of seconds and cannot be cut short
@@ -325,19 +383,25 @@ def main(argv=None) -> dict:
         check_loader()
 
     yes = {True: "yes", False: ""}
-    rows = [[c["model"], c["precision"], yes[c["channels_last"]], yes[c["compile"]], yes[c["cudnn_benchmark"]],
-             c.get("images_per_s"), c.get("tflops"), c.get("mfu"), c.get("error", "")] for c in results["configs"]]
+    rows = [[c["model"], c["batch_size"], c["precision"], yes[c["channels_last"]], yes[c["compile"]],
+             yes[c["cudnn_benchmark"]], c.get("images_per_s"), c.get("tflops"), c.get("mfu"), c.get("error", "")]
+            for c in results["configs"]]
     print_table(f"gpu: {name}, training step (median of {args.windows} windows)",
-                ["model", "dtype", "channels_last", "compile", "cudnn autotune", "images/s", "TFLOP/s", "MFU", "error"],
-                rows)
+                ["model", "batch", "dtype", "channels_last", "compile", "cudnn autotune", "images/s", "TFLOP/s", "MFU",
+                 "error"], rows)
     if "loader_vs_model" in results:
         print_table(f"gpu: 64-px faces, loader against model ({detector}, bf16, channels_last)",
-                    ["workers", "loader images/s", "model images/s", "together images/s", "data wait", "bound by"],
-                    [[lm["workers"], lm["loader_images_per_s"], lm["model_images_per_s"], lm["together_images_per_s"],
-                      lm["data_wait_frac"], lm["bound_by"]] for lm in results["loader_vs_model"]])
+                    ["workers", "augment", "loader images/s", "model images/s", "together images/s", "data wait",
+                     "bound by"],
+                    [[lm["workers"], yes[lm["augment"]], lm["loader_images_per_s"], lm["model_images_per_s"],
+                      lm["together_images_per_s"], lm["data_wait_frac"], lm["bound_by"]]
+                     for lm in results["loader_vs_model"]])
     for pb in results.get("platform_vs_bare", []):
-        console.print(f"platform step / bare step ({pb['model']}, {pb['resolution']} px, bf16, "
-                      f"{'channels_last' if pb['channels_last'] else 'contiguous'}): {pb['platform_vs_bare']:.3f}")
+        console.print(f"platform step / bare step ({pb['model']}, {pb['resolution']} px, batch {pb['batch_size']}, "
+                      f"bf16, {'channels_last' if pb['channels_last'] else 'contiguous'}): "
+                      f"{pb['platform_vs_bare']:.3f} (bare with a fused optimizer: {pb['platform_vs_bare_fused']:.3f}); "
+                      f"host waits per step: platform {pb['platform_host_waits_per_step']}, "
+                      f"bare {pb['bare_host_waits_per_step']}")
     if results["skipped"]:
         console.print(f"skipped for the budget: {len(results['skipped'])} configuration(s)")
     write_result("gpu", args, results, started)

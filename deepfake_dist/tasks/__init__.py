@@ -13,7 +13,7 @@ from accelerate.utils import DistributedType
 from deepfake_dist.registry import Registry
 
 TASKS = Registry("task")
-NONFINITE = "nonfinite"  # a train_step's logs set this to 1.0 when it skipped its batch (see Task.nonfinite)
+NONFINITE = "nonfinite"  # a train_step's logs: 1.0 (or a device flag) when it skipped its batch (Task.nonfinite_flag)
 
 
 class Task:
@@ -40,16 +40,22 @@ class Task:
         deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         return model.to(memory_format=memory_format(self.cfg.train.channels_last, self.accelerator.device, deepspeed))
 
-    def nonfinite(self, *values: torch.Tensor) -> bool:
-        """Whether any of ``values`` (losses, a gradient norm) is NaN/inf on any rank. The step then
-        skips its batch on every rank alike (no optimizer step, gradients zeroed), so
-        DDP replicas stay in step, and returns ``{NONFINITE: 1.0}``: the loop counts these and
-        stops after ``train.max_nonfinite`` in a row. A collective: every rank must call it."""
-        # computed on the device and read once: one wait for the GPU, however many values
+    def nonfinite_flag(self, *values: torch.Tensor) -> torch.Tensor:
+        """1.0 where any of ``values`` (losses, a gradient norm) is NaN/inf on any rank, else 0.0:
+        a 0-dim tensor left on the device, so nothing waits for the GPU to compute it (a fused
+        optimizer takes it as ``found_inf``, the loop reads it at log steps). A collective: every
+        rank must call it."""
         bad = torch.stack([~torch.isfinite(v).all() for v in values]).any().float().reshape(1)
         if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
-        return bool(bad.item() > 0)
+            bad = self.accelerator.reduce(bad, reduction="sum").clamp_(max=1)
+        return bad.reshape(())
+
+    def nonfinite(self, *values: torch.Tensor) -> bool:
+        """``nonfinite_flag`` read now (one wait for the GPU), for steps that must decide on the
+        host. The step then skips its batch on every rank alike (no optimizer step, gradients
+        zeroed), so DDP replicas stay in step, and returns ``{NONFINITE: 1.0}``: the loop counts
+        these and stops after ``train.max_nonfinite`` in a row."""
+        return bool(self.nonfinite_flag(*values).item() > 0)
 
     def after_step(self, step: int, tracker) -> None:
         """Periodic extras after an optimizer step (e.g. a GAN's sample grid)."""

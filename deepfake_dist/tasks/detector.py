@@ -32,9 +32,13 @@ class DetectorTask(Task):
             raise UserError(f"model.name {cfg.model.name}: {hint}")
         self.val_loader()  # a validation split that is empty or lacks a shard is refused now, not after an epoch
         model = self.on_device(self._build_model())
-        opt = build_optimizer(model.parameters(), cfg.optim)
+        # Without a loss scaler or DeepSpeed (whose backward also steps), a fused optimizer skips
+        # a NaN/inf update on the device, as the GradScaler makes it do: no step waits for the GPU.
+        self.skip_on_device = accelerator.scaler is None and accelerator.distributed_type != DistributedType.DEEPSPEED
+        opt = build_optimizer(model.parameters(), cfg.optim, fused=self.skip_on_device)
         self.model, self.opt = accelerator.prepare(model, opt)
         self.sched = None
+        self.window_bad = None  # a NaN/inf met in this accumulation window so far (a device flag)
 
     def _build_model(self) -> torch.nn.Module:
         """The model, checked with one eval-mode forward of a blank sample: settings it refuses
@@ -67,25 +71,23 @@ class DetectorTask(Task):
     def train_step(self, batch) -> dict[str, float | torch.Tensor]:
         self.model.train()
         acc = self.accelerator
-        # A loss scaler (fp16) handles inf gradients itself, and DeepSpeed's backward also steps:
-        # there a NaN/inf loss is caught before backward. Elsewhere the loss is checked together
-        # with the gradient norm after backward: one wait for the GPU per step instead of two
-        # (each wait leaves the GPU idle while Python queues the next kernels).
-        scaled = acc.scaler is not None or acc.distributed_type == DistributedType.DEEPSPEED
         with acc.accumulate(self.model):
             loss, logs = self.loss(batch)
-            if scaled and self.nonfinite(loss):
+            if not self.skip_on_device and self.nonfinite(loss):  # before a backward that would apply it
                 return self._skip()
             acc.backward(loss)
             checks = [loss]
             if acc.sync_gradients and self.cfg.train.grad_clip:
                 norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
                 checks.append(norm)  # inf gradients would reach the weights
-            if not scaled and self.nonfinite(*checks):  # skipped on every rank alike
-                return self._skip()
+            if self.skip_on_device:  # the loss and the gradient norm, on every rank alike, left on the GPU
+                bad = logs[NONFINITE] = self.nonfinite_flag(*checks)
+                self.window_bad = bad if self.window_bad is None else torch.maximum(self.window_bad, bad)
+                self.opt.optimizer.found_inf = self.window_bad  # the update is skipped where it is 1
             self.opt.step()
-            if self.accelerator.sync_gradients:
+            if acc.sync_gradients:
                 self.sched.step()
+                self.window_bad = None
             self.opt.zero_grad(set_to_none=True)
         return {"loss": loss.detach(), **logs, "lr": self.sched.get_last_lr()[0]}
 

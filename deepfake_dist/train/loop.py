@@ -7,7 +7,7 @@ early stopping, and a clean checkpoint-and-exit on SIGTERM / SIGUSR1 (preemption
 And the faults a long run meets: unreadable data the loader skipped (counted over all ranks
 as ``train/skipped_samples`` and ``train/unreadable_shards``), batches whose loss was NaN/inf
 (skipped by the task on every rank, counted as ``train/nonfinite_steps``; ``train.max_nonfinite``
-in a row stop the run with a checkpoint). Everything that can be refused up front (config, data,
+in a row stop the run with a checkpoint at the next log step). Everything that can be refused up front (config, data,
 model) is refused before the run folder is created.
 """
 
@@ -84,6 +84,31 @@ class _FaultCounts:
         self.local = dict.fromkeys(self.KEYS, 0)
 
 
+class _NonfiniteCount:
+    """Batches a task skipped for a NaN/inf loss or gradient: each step's flag is a float or a
+    device tensor (``Task.nonfinite_flag``), added up where it lives, so counting makes no step
+    wait for the GPU; ``sync`` reads the counts (at log steps and checkpoints)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.run, self.total, self.tripped = limit, 0.0, 0.0, False
+        self.last = 0.0  # the latest batch's flag
+
+    def add(self, flag) -> None:
+        self.last = flag
+        if not isinstance(flag, torch.Tensor) and not flag:  # a finite batch on the host's word: no GPU work
+            self.run = 0.0
+            return
+        self.run = (self.run + flag) * flag  # batches in a row, back to 0 at a finite one
+        self.total = self.total + flag
+        self.tripped = self.tripped | (self.run >= self.limit)
+
+    def sync(self, state: dict) -> bool:
+        """Adds the skips since the last sync to ``state``; whether ``limit`` came in a row."""
+        state["nonfinite_steps"] += int(self.total)
+        self.total = 0.0
+        return bool(self.tripped)
+
+
 def _improved(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
@@ -144,10 +169,11 @@ def _train(cfg: Config) -> dict:
     }
 
     faults = _FaultCounts(accelerator)
-    nonfinite_run = 0  # batches in a row skipped for a non-finite loss
+    nonfinite = _NonfiniteCount(cfg.train.max_nonfinite)
 
     def checkpoint():
         faults.sync(state)
+        nonfinite.sync(state)
         return save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep_last, task.state_tensors())
 
     finished = state["step"] >= total_steps
@@ -170,19 +196,20 @@ def _train(cfg: Config) -> dict:
             compute += tick - started
             seen += len(batch)
             state["batch"] = index + 1
-            nonfinite_run = nonfinite_run + 1 if logs.pop(NONFINITE, 0) else 0
-            state["nonfinite_steps"] += bool(nonfinite_run)
-            if nonfinite_run >= cfg.train.max_nonfinite:
-                saved = checkpoint()
-                tracker.close({"stopped at step": state["step"], "nonfinite steps": state["nonfinite_steps"]})
-                raise UserError(
-                    f"stopped: the loss was NaN or inf in {nonfinite_run} batches in a row (each skipped; "
-                    f"train.max_nonfinite is {cfg.train.max_nonfinite}); checkpoint written at {saved}; lower "
-                    "optim.lr, set train.grad_clip or check the data, then rerun to resume")
+            nonfinite.add(logs.pop(NONFINITE, 0.0))
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1
             if state["step"] % cfg.train.log_every == 0 or state["step"] == total_steps:
+                if nonfinite.sync(state):  # read here, not every step: no step waits for the GPU for it
+                    saved = checkpoint()
+                    tracker.close({"stopped at step": state["step"], "nonfinite steps": state["nonfinite_steps"]})
+                    raise UserError(
+                        f"stopped: the loss was NaN or inf in {cfg.train.max_nonfinite} batches in a row (each "
+                        f"skipped; train.max_nonfinite is {cfg.train.max_nonfinite}); checkpoint written at {saved}; "
+                        "lower optim.lr, set train.grad_clip or check the data, then rerun to resume")
+                if float(nonfinite.last):  # a skipped batch has no loss to show
+                    logs = {"lr": logs["lr"]}
                 logs = {k: float(v) for k, v in logs.items()}  # the step's losses, read from the GPU only now
                 rate = seen / max(wait + compute, 1e-9)
                 faults.sync(state)
@@ -229,6 +256,7 @@ def _train(cfg: Config) -> dict:
 
     digests = rank_digests(accelerator, task.replicated_modules())
     faults.sync(state)
+    nonfinite.sync(state)
     summary = {"run": str(run_dir), "epochs": state["epoch"], "steps": state["step"],
                f"best {cfg.train.monitor}": state["best"], "best step": state["best_step"],
                "early stopped": stopped_early, "ranks agree": len(set(digests)) == 1,

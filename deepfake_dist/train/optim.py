@@ -9,11 +9,14 @@ import torch
 from deepfake_dist.config import OptimConfig, SchedConfig
 
 
-def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """``fused``: torch's single-kernel implementation, which can also skip an update on the
+    device (its ``found_inf``; see ``DetectorTask.train_step``)."""
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               fused=fused or None)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, total_steps: int):

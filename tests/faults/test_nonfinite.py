@@ -5,6 +5,7 @@ not a fault; without a scaler they are skipped like a NaN loss."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,9 +18,12 @@ from inject import ROOT, SMOKE
 from safetensors.torch import load_file
 
 from deepfake_dist.config import load_config
+from deepfake_dist.data.loader import eval_loader
 from deepfake_dist.errors import UserError
+from deepfake_dist.tasks import NONFINITE, create_task
 from deepfake_dist.train.checkpoint import STATE_FILE, complete_checkpoints
 from deepfake_dist.train.loop import train
+from deepfake_dist.train.runtime import make_accelerator
 from deepfake_dist.train.tracking import read_jsonl
 
 PROBE = ["model.name=nonfinite_probe", "train.log_every=1"]
@@ -55,6 +59,37 @@ def test_a_run_of_nonfinite_losses_stops_with_a_checkpoint(overrides):
     assert state["nonfinite_steps"] == 3 and state["batch"] == 5  # stopped at the third, batch 5
     assert _optimizer_steps(saved) == 2
     assert all(torch.isfinite(t).all() for t in load_file(str(saved / "model.safetensors")).values())
+
+
+def test_between_log_steps_a_run_of_skips_stops_the_run_at_the_next_one(overrides):
+    """The skip is decided on the device and read at log steps only: the third NaN in a row
+    (batch 5) stops the run at step 8, the next log step, with every skip counted."""
+    cfg = load_config(SMOKE, overrides + PROBE + ["model.nan_at=[3, 4, 5, 6, 7, 8, 9, 10]", "train.max_nonfinite=3",
+                                                  "train.log_every=4"])
+    with pytest.raises(UserError, match="NaN or inf in 3 batches in a row"):
+        train(cfg)
+    saved = complete_checkpoints(cfg.run_dir)[-1]
+    state = json.loads((saved / STATE_FILE).read_text())
+    assert state["batch"] == 8 and state["nonfinite_steps"] == 6
+    assert _optimizer_steps(saved) == 2  # none of the six reached the weights
+
+
+def test_the_detector_step_leaves_its_skip_decision_on_the_device(overrides):
+    """No ``.item()`` per step: the flag goes to the fused optimizer as ``found_inf`` and back to
+    the loop as a tensor; a NaN batch changes no weight and no optimizer step count."""
+    cfg = load_config(SMOKE, overrides)
+    task = create_task(cfg, make_accelerator(cfg), channels=3)
+    task.set_total_steps(4)
+    assert task.opt.optimizer.defaults["fused"]
+    batch = next(iter(eval_loader(cfg.data, cfg.data.train, "train", 3, 0, 1)))
+    weights = lambda: [p.detach().clone() for p in task.model.parameters()]  # noqa: E731
+    before = weights()
+    flag = task.train_step(dataclasses.replace(batch, image=torch.full_like(batch.image, float("nan"))))[NONFINITE]
+    assert isinstance(flag, torch.Tensor) and flag.shape == () and flag.item() == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, weights())), "a NaN batch changed the weights"
+    assert all(int(s["step"]) == 0 for s in task.opt.optimizer.state.values())
+    assert task.train_step(batch)[NONFINITE].item() == 0.0
+    assert not all(torch.equal(a, b) for a, b in zip(before, weights())), "a clean batch did not train"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a GradScaler needs CUDA")
