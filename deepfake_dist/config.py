@@ -51,6 +51,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     pin_memory: bool = True
     persistent_workers: bool = True
+    # loader workers run this much nicer (lower priority) than the training process, so that on
+    # a busy CPU the process launching the GPU's work is not starved by them (BENCHMARKS.md, gpu)
+    worker_nice: int = 10
     # workers hand batches to the training process in groups of about this many MiB (at least
     # one batch): each hand-off costs ~3 ms, a sixth of the work of 32 images at 64 px
     transfer_mib: float = 8.0
@@ -377,6 +380,8 @@ def _check_values(cfg: Config, where: str) -> None:
                        "vae.kl_warmup_steps": cfg.vae.kl_warmup_steps, "vae.kl_weight": cfg.vae.kl_weight}.items():
         if value < 0:
             raise UserError(f"{where}: '{key}' must be >= 0, got {value}")
+    if not 0 <= cfg.data.worker_nice <= 19:
+        raise UserError(f"{where}: 'data.worker_nice' is a niceness increment in 0..19, got {cfg.data.worker_nice}")
     if not 0.0 <= cfg.gan.ema_decay < 1.0:
         raise UserError(f"{where}: 'gan.ema_decay' must be in [0, 1), got {cfg.gan.ema_decay}")
     for key, value in {"train.max_steps": cfg.train.max_steps, "checkpoint.every_steps": cfg.checkpoint.every_steps,

@@ -5,6 +5,8 @@ import gc
 import itertools
 import json
 import math
+import multiprocessing
+import os
 import random
 import time
 
@@ -111,6 +113,23 @@ def test_workers_hand_over_uint8_and_the_loader_normalizes_on_its_device(face_sh
     torch.testing.assert_close(batch.image, (handed.image.float() / 255 - 0.5) / 0.5)
     with pytest.raises(TypeError, match="uint8"):
         transforms.Normalize(1, "half")(batch.image)
+
+
+def test_workers_run_nicer_than_the_training_process(face_shards):
+    """``data.worker_nice``: the training and evaluation workers' niceness is the training
+    process's plus that much (so busy workers cannot starve the process that drives the GPU)."""
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    for nice, make in itertools.product((0, 3), ("train", "eval")):
+        cfg = _data([face_shards], num_workers=2, worker_nice=nice)
+        before = set(multiprocessing.active_children())
+        loader = train_loader(cfg, 1, 0, 1, seed=0)[0] if make == "train" else eval_loader(
+            cfg, cfg.train, "train", 1, 0, 1)
+        batches = iter(loader)
+        next(batches)  # the workers are running
+        workers = set(multiprocessing.active_children()) - before
+        assert len(workers) == 2
+        assert {os.getpriority(os.PRIO_PROCESS, w.pid) for w in workers} == {min(mine + nice, 19)}, (nice, make)
+        del batches, loader
 
 
 def test_separable_blur_matches_torchvisions_square_kernel():

@@ -32,6 +32,7 @@ import functools
 import gc
 import math
 import multiprocessing
+import os
 import random
 import re
 import tarfile
@@ -115,11 +116,13 @@ class ShardLoader(torch.utils.data.DataLoader):
     UserError (``hint`` says what to do; ``{set}`` in it becomes the shard's set). Batches that
     only carry problems are not yielded. With ``batch_size`` the workers' hand-offs (groups of
     batches, as WebDataset's re-batching in the main process) are split into batches of that
-    size; each batch is then moved to ``device`` (None: it stays on the CPU) and normalised there."""
+    size; each batch is then moved to ``device`` (None: it stays on the CPU) and normalised there.
+    Workers lower their scheduling priority by ``worker_nice`` (``data.worker_nice``)."""
 
     def __init__(self, dataset, normalize: transforms.Normalize, on_error: str, hint: str, rank: int, world: int,
-                 batch_size: int | None = None, device: torch.device | None = None, **kwargs):
-        super().__init__(dataset, batch_size=None, **kwargs)
+                 batch_size: int | None = None, device: torch.device | None = None, worker_nice: int = 0, **kwargs):
+        init = functools.partial(_lower_priority, worker_nice) if worker_nice and kwargs.get("num_workers") else None
+        super().__init__(dataset, batch_size=None, worker_init_fn=init, **kwargs)
         self.normalize, self.device = normalize, device
         self.on_error, self.hint, self.split_size = on_error, hint, batch_size
         self.prefix = f"rank {rank}: " if world > 1 else ""
@@ -153,6 +156,13 @@ class ShardLoader(torch.utils.data.DataLoader):
                 part = part.to(self.device)
             part.image = self.normalize(part.image)  # per batch: its float copy is the one training holds
             yield part
+
+
+def _lower_priority(increment: int, worker_id: int) -> None:
+    """A worker's ``worker_init_fn``: its niceness goes up by ``increment``. Under CPU contention
+    (workers on every core) the training process, which launches the GPU's kernels one by one,
+    then keeps its core (BENCHMARKS.md, gpu)."""
+    os.nice(increment)
 
 
 def _freeze_before_fork() -> None:
@@ -334,7 +344,7 @@ def train_loader(cfg: DataConfig, channels: int, rank: int, world: int, seed: in
             "deepfake-dist shards verify {set} and re-create the set")
     loader = ShardLoader(
         stream, transforms.Normalize(channels, cfg.normalize), cfg.on_error, hint, rank, world, cfg.batch_size, device,
-        num_workers=cfg.num_workers,
+        cfg.worker_nice, num_workers=cfg.num_workers,
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
     )
@@ -385,4 +395,4 @@ def eval_loader(cfg: DataConfig, sets: list[str], split: str, channels: int, ran
     hint = ("evaluation reads every sample, so it stops; find what is wrong with deepfake-dist shards verify {set} "
             "and re-create the set")
     return ShardLoader(stream, transforms.Normalize(channels, cfg.normalize), "raise", hint, rank, world,
-                       num_workers=workers)
+                       worker_nice=cfg.worker_nice, num_workers=workers)
