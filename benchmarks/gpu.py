@@ -202,9 +202,9 @@ def in_turn(cases: dict, items: int, steps: int, rounds: int, device) -> dict[st
     return runs
 
 
-def host_waits(step, device, calls: int = 5) -> float | None:
-    """How many times per call ``step`` makes the host wait for the GPU (CUDA's sync debug mode
-    warns at each; None off CUDA)."""
+def host_waits(step, device, calls: int = 10) -> dict | None:
+    """How many times per call ``step`` makes the host wait for the GPU, and from where (CUDA's
+    sync debug mode warns at each; the Python line that asked); None off CUDA."""
     if device.type != "cuda":
         return None
     import warnings
@@ -218,7 +218,8 @@ def host_waits(step, device, calls: int = 5) -> float | None:
                 step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught) / calls
+    waits = [w for w in caught if "synchroniz" in str(w.message)]
+    return {"per_step": len(waits) / calls, "sites": sorted({f"{w.filename}:{w.lineno}" for w in waits})}
 
 
 def platform_vs_bare(args, model: str, channels_last: bool, device, set_dir) -> dict:
@@ -237,30 +238,32 @@ def platform_vs_bare(args, model: str, channels_last: bool, device, set_dir) -> 
             cases[name] = Setup(model, batch, args.resolution, "bf16", channels_last, False, device, fused=fused).run
         runs = in_turn({name: warm(step, args.warmup, device) for name, step in cases.items()}, batch, args.steps,
                        args.windows * 3, device)
-        waits = {f"{name}_host_waits_per_step": host_waits(step, device) for name, step in cases.items()}
+        waits = {f"{name}_host_waits": host_waits(step, device) for name, step in cases.items()}
     return {"model": model, "resolution": args.resolution, "batch_size": batch, "precision": "bf16",
             "channels_last": channels_last, **{f"{n}_images_per_s": median_of(runs[n], "per_s") for n in runs},
             "platform_vs_bare": paired_ratio(runs, "platform", "bare"),
             "platform_vs_bare_fused": paired_ratio(runs, "platform", "bare_fused"), **waits}
 
 
-def loader_vs_model(args, model: str, workers: int, augment: bool, device, set_dir) -> dict:
-    """For 64-px faces: the loader alone, a detector's step alone (bf16, channels_last), and the
-    two together as the training loop runs them (the loader moves each uint8 batch to the GPU and
-    normalises it there; data wait measured), over ``--loader-epochs`` epochs each. Without
-    ``augment`` the workers only decode: what the loader would give with its augmentation moved
-    off the CPU."""
+def loader_vs_model(args, model: str, workers: int, augment: bool, nice: int, device, set_dir) -> dict:
+    """For 64-px faces: the loader alone, a detector's step alone (bf16, channels_last, fused
+    AdamW), and the two together as the platform's loop runs them: no wait for the GPU between
+    steps, and the data wait is the time spent getting the next batch, as the loop logs it
+    (``train/data_wait_frac``). The model alone is timed with the loader's workers started and
+    idle. Without ``augment`` the workers only decode: what the loader would give with its
+    augmentation off the CPU. ``nice``: ``data.worker_nice``."""
     from deepfake_dist.config import AugmentConfig, DataConfig
     from deepfake_dist.data.loader import train_loader
     from deepfake_dist.models import create_model
 
     batch = args.loader_batch_size
     aug = AugmentConfig() if augment else AugmentConfig(hflip=0, crop=0, jitter=0, jpeg=0, blur=0)
-    cfg = DataConfig(train=[str(set_dir)], resolution=64, batch_size=batch, num_workers=workers, augment=aug)
+    cfg = DataConfig(train=[str(set_dir)], resolution=64, batch_size=batch, num_workers=workers, augment=aug,
+                     worker_nice=nice)
     loader, stream = train_loader(cfg, 3, 0, 1, seed=0, device=device)
     torch.backends.cudnn.benchmark = False  # the platform's setting
     net = create_model(model, in_channels=3).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-4, fused=device.type == "cuda" or None)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-4, fused=True)
 
     def step(x, y):
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -269,34 +272,37 @@ def loader_vs_model(args, model: str, workers: int, augment: bool, device, set_d
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    x = torch.randn(batch, 3, 64, 64, device=device).to(memory_format=torch.channels_last)
-    y = torch.zeros(batch, device=device)
-    model_rate = time_steps(lambda: step(x, y), device, args.warmup, args.steps, args.windows) * batch
     for _ in loader:  # warm-up epoch: workers start
         pass
+    x = torch.randn(batch, 3, 64, 64, device=device).to(memory_format=torch.channels_last)
+    y = torch.zeros(batch, device=device)
+    model_rate = time_steps(lambda: step(x, y), device, args.warmup, args.steps * 3, args.windows) * batch
     epochs = range(1, 1 + args.loader_epochs)
     seen, start = 0, time.perf_counter()
     for epoch in epochs:
         stream.set_epoch(epoch)
         for b in loader:
             seen += len(b)
+    _sync(device)
     loader_rate = seen / (time.perf_counter() - start)
     seen, wait, start = 0, 0.0, time.perf_counter()
     for epoch in epochs:
         stream.set_epoch(len(epochs) + epoch)
-        tick = time.perf_counter()
-        for b in loader:
-            _sync(device)
-            wait += time.perf_counter() - tick
-            step(b.image.to(memory_format=torch.channels_last), b.label.float())
-            _sync(device)
+        batches = iter(loader)
+        while True:
             tick = time.perf_counter()
+            b = next(batches, None)
+            wait += time.perf_counter() - tick
+            if b is None:
+                break
+            step(b.image.to(memory_format=torch.channels_last), b.label.float())
             seen += len(b)
+    _sync(device)
     total = time.perf_counter() - start
-    return {"model": model, "batch_size": batch, "workers": workers, "augment": augment,
+    return {"model": model, "batch_size": batch, "workers": workers, "augment": augment, "worker_nice": nice,
             "loader_images_per_s": loader_rate, "model_images_per_s": model_rate,
-            "together_images_per_s": seen / total, "data_wait_frac": wait / total,
-            "bound_by": "loader" if loader_rate < model_rate else "model"}
+            "together_images_per_s": seen / total, "together_vs_model": seen / total / model_rate,
+            "data_wait_frac": wait / total, "bound_by": "loader" if loader_rate < model_rate else "model"}
 
 
 def main(argv=None) -> dict:
@@ -325,6 +331,8 @@ def main(argv=None) -> dict:
     p.add_argument("--loader-epochs", dest="loader_epochs", type=int, default=3, help="timed epochs per loader case")
     p.add_argument("--loader-augment", dest="loader_augment", nargs="+", default=["on"], choices=["on", "off"],
                    help="loader cases with the training augmentation, and without (decode only)")
+    p.add_argument("--loader-nice", dest="loader_nice", type=int, nargs="+", default=[10],
+                   help="data.worker_nice values to run the loader cases with")
     p.add_argument("--peak-tflops", dest="peak_tflops", type=float, help="the card's dense peak, if not in the table")
     args = p.parse_args(argv)
     deadline = time.perf_counter() + args.budget_s
@@ -368,8 +376,9 @@ def main(argv=None) -> dict:
         set_dir = face_set(args.data, args.loader_samples, workers=max(*args.loader_workers, 1))
         results["platform_vs_bare"] = [platform_vs_bare(args, detector, cl == "channels_last", device, set_dir)
                                        for cl in args.layouts]
-        results["loader_vs_model"] = [loader_vs_model(args, detector, w, augment == "on", device, set_dir)
-                                      for augment in args.loader_augment for w in args.loader_workers]
+        results["loader_vs_model"] = [loader_vs_model(args, detector, w, augment == "on", nice, device, set_dir)
+                                      for augment in args.loader_augment for nice in args.loader_nice
+                                      for w in args.loader_workers]
 
     for config in configs:
         if config["compile"] and "loader_vs_model" not in results:
@@ -391,17 +400,16 @@ def main(argv=None) -> dict:
                  "error"], rows)
     if "loader_vs_model" in results:
         print_table(f"gpu: 64-px faces, loader against model ({detector}, bf16, channels_last)",
-                    ["workers", "augment", "loader images/s", "model images/s", "together images/s", "data wait",
-                     "bound by"],
-                    [[lm["workers"], yes[lm["augment"]], lm["loader_images_per_s"], lm["model_images_per_s"],
-                      lm["together_images_per_s"], lm["data_wait_frac"], lm["bound_by"]]
-                     for lm in results["loader_vs_model"]])
+                    ["workers", "augment", "worker nice", "loader images/s", "model images/s", "together images/s",
+                     "together / model", "data wait", "bound by"],
+                    [[lm["workers"], yes[lm["augment"]], lm["worker_nice"], lm["loader_images_per_s"],
+                      lm["model_images_per_s"], lm["together_images_per_s"], lm["together_vs_model"],
+                      lm["data_wait_frac"], lm["bound_by"]] for lm in results["loader_vs_model"]])
     for pb in results.get("platform_vs_bare", []):
         console.print(f"platform step / bare step ({pb['model']}, {pb['resolution']} px, batch {pb['batch_size']}, "
                       f"bf16, {'channels_last' if pb['channels_last'] else 'contiguous'}): "
                       f"{pb['platform_vs_bare']:.3f} (bare with a fused optimizer: {pb['platform_vs_bare_fused']:.3f}); "
-                      f"host waits per step: platform {pb['platform_host_waits_per_step']}, "
-                      f"bare {pb['bare_host_waits_per_step']}")
+                      f"host waits: platform {pb['platform_host_waits']}, bare {pb['bare_host_waits']}")
     if results["skipped"]:
         console.print(f"skipped for the budget: {len(results['skipped'])} configuration(s)")
     write_result("gpu", args, results, started)

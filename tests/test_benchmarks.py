@@ -68,17 +68,18 @@ def test_gpu_skips_without_cuda_and_runs_on_cpu_when_asked(tmp_path, bench_data,
                    "--cudnn-benchmark", "off",
                    "--batch-size", "2", "4", "--gan-batch-size", "2", "--steps", "1", "--windows", "1", "--warmup", "0",
                    "--loader-workers", "0", "--loader-batch-size", "8", "--loader-samples", "64", "--loader-epochs", "1",
-                   "--loader-augment", "on", "off")
+                   "--loader-augment", "on", "off", "--loader-nice", "0", "5")
     assert {(c["model"], c["batch_size"], c["precision"]) for c in results["configs"]} == {
         (m, b, p) for m, b in (("cnn", 2), ("cnn", 4), ("dcgan", 2)) for p in ("fp32", "fp32-ieee")}
     assert all(c["images_per_s"] > 0 and "error" not in c for c in results["configs"])
     assert sorted(results["flops_per_step"]) == ["cnn@2", "cnn@4", "dcgan@2"]
     assert results["flops_per_step"]["cnn@4"] == 2 * results["flops_per_step"]["cnn@2"] > 0
-    assert [(lm["workers"], lm["augment"]) for lm in results["loader_vs_model"]] == [(0, True), (0, False)]
+    assert [(lm["augment"], lm["worker_nice"]) for lm in results["loader_vs_model"]] == [
+        (True, 0), (True, 5), (False, 0), (False, 5)]
     assert all(lm["data_wait_frac"] >= 0 for lm in results["loader_vs_model"])
     compared = results["platform_vs_bare"][0]
     assert compared["batch_size"] == 2 and compared["platform_vs_bare"] > 0 and compared["platform_vs_bare_fused"] > 0
-    assert compared["platform_host_waits_per_step"] is None  # counted on CUDA only
+    assert compared["platform_host_waits"] is None  # counted on CUDA only
 
 
 def test_unknown_benchmark_is_one_line(capsys):
