@@ -1,6 +1,7 @@
 """The WebDataset loaders: equal batches per rank over uneven shards, deterministic streams,
 augmentation that keeps shapes and ranges, and evaluation that reads every sample once."""
 
+import collections
 import gc
 import itertools
 import json
@@ -16,7 +17,15 @@ import torch
 from deepfake_dist.config import AugmentConfig, DataConfig
 from deepfake_dist.data import transforms
 from deepfake_dist.data.handoff import Batch
-from deepfake_dist.data.loader import _seed, _shuffled, batches_per_transfer, eval_loader, resolve_channels, train_loader
+from deepfake_dist.data.loader import (
+    TrainStream,
+    _seed,
+    _shuffled,
+    batches_per_transfer,
+    eval_loader,
+    resolve_channels,
+    train_loader,
+)
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.data.prepare import prepare
 from deepfake_dist.data.tarstream import tar_samples
@@ -113,6 +122,39 @@ def test_workers_hand_over_uint8_and_the_loader_normalizes_on_its_device(face_sh
     torch.testing.assert_close(batch.image, (handed.image.float() / 255 - 0.5) / 0.5)
     with pytest.raises(TypeError, match="uint8"):
         transforms.Normalize(1, "half")(batch.image)
+
+
+def test_persistent_workers_start_the_next_epoch_ahead_and_it_changes_no_batch(face_shards, monkeypatch):
+    """At the end of a pass a persistent worker makes the next epoch's first group, and the next
+    pass hands it over if it is that epoch: each epoch's pass is made once, and every batch equals
+    that of workers that never look ahead (fresh each epoch)."""
+    made = multiprocessing.SimpleQueue()  # (worker pid, epoch) for each pass a worker starts
+    groups = TrainStream._groups
+
+    def recorded(self, epoch):
+        made.put((os.getpid(), epoch))
+        return groups(self, epoch)
+
+    monkeypatch.setattr(TrainStream, "_groups", recorded)
+
+    def batches(persistent):
+        loader, stream = train_loader(_data([face_shards], num_workers=2, persistent_workers=persistent), 1, 0, 1,
+                                      seed=0)
+        out = []
+        for epoch in (0, 1, 3):  # 2 is made ahead but never asked for
+            stream.set_epoch(epoch)
+            out.append([(b.key, b.image) for b in loader])
+        return out
+
+    ahead = batches(True)
+    passes = collections.defaultdict(list)
+    while not made.empty():
+        pid, epoch = made.get()
+        passes[pid].append(epoch)
+    assert sorted(passes.values()) == [[0, 1, 2, 3, 4]] * 2
+    fresh = batches(False)
+    assert [[k for k, _ in epoch] for epoch in ahead] == [[k for k, _ in epoch] for epoch in fresh]
+    assert all(torch.equal(a, b) for e, f in zip(ahead, fresh) for (_, a), (_, b) in zip(e, f))
 
 
 def test_workers_run_nicer_than_the_training_process(face_shards):

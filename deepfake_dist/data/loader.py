@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import math
 import multiprocessing
 import os
@@ -243,6 +244,7 @@ class TrainStream(IterableDataset):
         self.transform = transforms.TrainAugment(cfg.resolution, cfg.augment)
         self.ring = HandOffRing(cfg.num_workers)
         self._epoch = multiprocessing.Value("i", 0)  # shared with persistent workers
+        self._ahead: tuple[int, Iterator] | None = None  # (epoch, its groups, the first one made), in a worker
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.value = epoch
@@ -262,6 +264,16 @@ class TrainStream(IterableDataset):
     def __iter__(self):
         self.ring.start_pass()
         epoch = self._epoch.value
+        ahead, self._ahead = self._ahead, None
+        groups = ahead[1] if ahead is not None and ahead[0] == epoch else self._groups(epoch)
+        for items, problems in groups:
+            yield self.ring.collate(items, problems)
+        if get_worker_info() is not None and self.cfg.persistent_workers:  # it will run the next pass too
+            self._ahead = (epoch + 1, _started(self._groups(epoch + 1)))
+
+    def _groups(self, epoch: int) -> Iterator[tuple[list[tuple], list[ReadProblem]]]:
+        """This worker's pass over ``epoch``: groups of ``per_transfer`` batches of augmented
+        samples (fewer at the end), each with the problems met since the previous one."""
         worker, _ = _worker()
         rng = random.Random(_seed(self.seed, epoch, self.rank, worker))
         problems: list[ReadProblem] = []
@@ -274,18 +286,27 @@ class TrainStream(IterableDataset):
         for sample in samples:
             item = _decode_or_report(sample, self.channels, problems)
             if problems and self.cfg.on_error == "raise":
-                yield self.ring.collate([], problems)
+                yield [], list(problems)
                 return
             if item is None:
                 continue
             group.append(item)
             if len(group) == min(self.per_transfer, left) * size:
-                yield self.ring.collate(self._augment(group, epoch), problems)
+                yield self._augment(group, epoch), list(problems)
                 problems.clear()
                 left -= len(group) // size
                 group = []
                 if not left:
                     return
+
+
+def _started(groups: Iterator) -> Iterator:
+    """``groups`` with its first item made now. A persistent worker makes the next epoch's first
+    group at the end of a pass, while the training process still drains the groups prefetched
+    from it; the next pass starts by handing it over (if that pass is for the epoch expected),
+    where every worker used to start decoding at once and the GPU waited (BENCHMARKS.md, gpu)."""
+    first = next(groups, None)
+    return itertools.chain([] if first is None else [first], groups)
 
 
 def _shuffled(samples: Iterator[dict], buffer: int, rng: random.Random, wanted: Callable[[], int]) -> Iterator[dict]:
