@@ -7,8 +7,8 @@ early stopping, and a clean checkpoint-and-exit on SIGTERM / SIGUSR1 (preemption
 And the faults a long run meets: unreadable data the loader skipped (counted over all ranks
 as ``train/skipped_samples`` and ``train/unreadable_shards``), batches whose loss was NaN/inf
 (skipped by the task on every rank, counted as ``train/nonfinite_steps``; ``train.max_nonfinite``
-in a row stop the run with a checkpoint at the next log step). Everything that can be refused up front (config, data,
-model) is refused before the run folder is created.
+in a row stop the run with a checkpoint at the next log step). Everything that can be refused up
+front (config, data, model) is refused before the run folder is created.
 """
 
 from __future__ import annotations

@@ -11,12 +11,22 @@ from deepfake_dist.config import OptimConfig, SchedConfig
 
 def build_optimizer(params, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
     """``fused``: torch's single-kernel implementation, which can also skip an update on the
-    device (its ``found_inf``; see ``DetectorTask.train_step``)."""
+    device (its ``found_inf``; see ``DetectorTask.train_step``). The implementation stays this
+    run's choice when a checkpoint is loaded (torch would take the saved run's)."""
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               fused=fused or None)
-    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              fused=fused or None)
+    else:
+        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        opt = cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None)
+    chosen = {key: opt.defaults[key] for key in ("fused", "foreach")}
+
+    def keep_implementation(loaded: torch.optim.Optimizer) -> None:
+        for group in loaded.param_groups:
+            group.update(chosen)
+
+    opt.register_load_state_dict_post_hook(keep_implementation)
+    return opt
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedConfig, total_steps: int):

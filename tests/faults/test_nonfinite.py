@@ -17,12 +17,13 @@ import torch
 from inject import ROOT, SMOKE
 from safetensors.torch import load_file
 
-from deepfake_dist.config import load_config
+from deepfake_dist.config import OptimConfig, load_config
 from deepfake_dist.data.loader import eval_loader
 from deepfake_dist.errors import UserError
 from deepfake_dist.tasks import NONFINITE, create_task
 from deepfake_dist.train.checkpoint import STATE_FILE, complete_checkpoints
 from deepfake_dist.train.loop import train
+from deepfake_dist.train.optim import build_optimizer
 from deepfake_dist.train.runtime import make_accelerator
 from deepfake_dist.train.tracking import read_jsonl
 
@@ -90,6 +91,22 @@ def test_the_detector_step_leaves_its_skip_decision_on_the_device(overrides):
     assert all(int(s["step"]) == 0 for s in task.opt.optimizer.state.values())
     assert task.train_step(batch)[NONFINITE].item() == 0.0
     assert not all(torch.equal(a, b) for a, b in zip(before, weights())), "a clean batch did not train"
+
+
+def test_a_checkpoint_from_the_for_loop_optimizer_resumes_into_the_fused_one():
+    """Runs saved before the detector stepped a fused optimizer: loading their state must not
+    switch this run back to torch's for-loop implementation, which refuses ``found_inf``."""
+    model = torch.nn.Linear(4, 1)
+    saved = build_optimizer(model.parameters(), OptimConfig())
+    model(torch.randn(2, 4)).sum().backward()
+    saved.step()
+    opt = build_optimizer(model.parameters(), OptimConfig(), fused=True)
+    opt.load_state_dict(saved.state_dict())
+    assert all(group["fused"] for group in opt.param_groups)
+    before = model.weight.detach().clone()
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    assert torch.equal(model.weight, before)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a GradScaler needs CUDA")
