@@ -1,5 +1,3 @@
-import sys
+from deepfake_dist.cli import run
 
-from deepfake_dist.cli import main
-
-sys.exit(main())
+run()

@@ -6,7 +6,7 @@ srun) take a script path.
 
 import sys
 
-from deepfake_dist.cli import main
+from deepfake_dist.cli import exit_process, main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    exit_process(main(["train", *sys.argv[1:]]))

@@ -9,6 +9,7 @@ import argparse
 
 from accelerate import PartialState
 
+from deepfake_dist.cli import exit_process
 from deepfake_dist.data.prepare import prepare
 
 
@@ -29,3 +30,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # as launch/train.py ends a rank

@@ -4,7 +4,7 @@ import sys
 
 import probe_model  # noqa: F401 - registers nonfinite_probe
 
-from deepfake_dist.cli import main
+from deepfake_dist.cli import exit_process, main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    exit_process(main(["train", *sys.argv[1:]]))
