@@ -387,7 +387,7 @@ def exit_process(code: int) -> None:
     with ``os._exit`` once the command has returned (its files written and closed, its process
     group destroyed), skipping the interpreter's and the C++ runtime's teardown: there a two-rank
     gloo run that had finished correctly now and then aborted ("terminate called without an
-    active exception", SIGABRT, so the launcher reported the job failed; five times over this
+    active exception", SIGABRT, so the launcher reported the job failed; four times over this
     project's CI and benchmark runs, never reproduced on demand)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()

@@ -91,10 +91,8 @@ class _NonfiniteCount:
 
     def __init__(self, limit: int):
         self.limit, self.run, self.total, self.tripped = limit, 0.0, 0.0, False
-        self.last = 0.0  # the latest batch's flag
 
     def add(self, flag) -> None:
-        self.last = flag
         if not isinstance(flag, torch.Tensor) and not flag:  # a finite batch on the host's word: no GPU work
             self.run = 0.0
             return
@@ -196,7 +194,8 @@ def _train(cfg: Config) -> dict:
             compute += tick - started
             seen += len(batch)
             state["batch"] = index + 1
-            nonfinite.add(logs.pop(NONFINITE, 0.0))
+            skipped = logs.pop(NONFINITE, 0.0)  # 1.0 or a device flag where the task skipped the batch
+            nonfinite.add(skipped)
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1
@@ -208,7 +207,7 @@ def _train(cfg: Config) -> dict:
                         f"stopped: the loss was NaN or inf in {cfg.train.max_nonfinite} batches in a row (each "
                         f"skipped; train.max_nonfinite is {cfg.train.max_nonfinite}); checkpoint written at {saved}; "
                         "lower optim.lr, set train.grad_clip or check the data, then rerun to resume")
-                if float(nonfinite.last):  # a skipped batch has no loss to show
+                if float(skipped):  # a skipped batch has no loss to show
                     logs = {"lr": logs["lr"]}
                 logs = {k: float(v) for k, v in logs.items()}  # the step's losses, read from the GPU only now
                 rate = seen / max(wait + compute, 1e-9)
