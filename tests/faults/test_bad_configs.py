@@ -61,6 +61,8 @@ CASES = [
     ("negative resolution", "", ["data.resolution=-32"], None, ["'data.resolution' must be positive"]),
     ("negative workers", "", ["data.num_workers=-1"], None, ["'data.num_workers' must be >= 0"]),
     ("negative shuffle buffer", "", ["data.shuffle_buffer=-5"], None, ["'data.shuffle_buffer' must be >= 0"]),
+    ("worker niceness out of range", "", ["data.worker_nice=25"], None,
+     ["'data.worker_nice' is a niceness increment in 0..19, got 25"]),
     ("zero timeout", "", ["train.timeout_s=0"], None, ["'train.timeout_s' must be positive"]),
     ("zero max_nonfinite", "", ["train.max_nonfinite=0"], None, ["'train.max_nonfinite' must be positive"]),
     ("zero keep_last", "", ["checkpoint.keep_last=0"], None, ["'checkpoint.keep_last' must be positive"]),
