@@ -55,9 +55,21 @@ def load_exported(path: str | Path, name: str = "model") -> tuple[torch.nn.Modul
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{weights}: cannot read the weights ({e}); the file is damaged, re-export it") from None
-    try:
-        target.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise UserError(f"{weights}: weights do not fit model '{info['model']}' ({first})") from None
+    differences = mismatch(target.state_dict(), state)
+    if differences:
+        raise UserError(f"{weights}: weights do not fit model '{info['model']}' ({differences}); the weights and "
+                        "their .json must come from the same export: export the run again") from None
+    target.load_state_dict(state)
     return target.eval(), info
+
+
+def mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], show: int = 3) -> str:
+    """What keeps ``found`` from loading where ``expected`` is, a few keys of each kind, or ""."""
+    kinds = {
+        "missing": [k for k in expected if k not in found],
+        "unexpected": [k for k in found if k not in expected],
+        "wrong shape": [f"{k} {tuple(found[k].shape)} where {tuple(v.shape)}" for k, v in expected.items()
+                        if k in found and found[k].shape != v.shape],
+    }
+    return "; ".join(f"{len(keys)} {kind}: {', '.join(keys[:show])}{', ...' if len(keys) > show else ''}"
+                     for kind, keys in kinds.items() if keys)

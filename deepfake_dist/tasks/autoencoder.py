@@ -18,6 +18,7 @@ from deepfake_dist.models.autoencoder import RECON_LOSSES, vae_loss
 from deepfake_dist.tasks import NONFINITE, TASKS
 from deepfake_dist.tasks.generative import EXPORT_NAME, GenerativeTask
 from deepfake_dist.train.optim import build_optimizer, build_scheduler
+from deepfake_dist.train.runtime import plain_module
 
 
 @TASKS.register("autoencoder")
@@ -65,7 +66,7 @@ class AutoEncoderTask(GenerativeTask):
     def validate(self) -> dict[str, float]:
         """Mean per-image reconstruction loss over the whole held-out split, summed over ranks."""
         cfg, acc = self.cfg, self.accelerator
-        model = acc.unwrap_model(self.model).eval()  # no DDP collectives: ranks may get unequal batches
+        model = plain_module(acc, self.model).eval()  # no DDP collectives: ranks may get unequal batches
         loss_fn = RECON_LOSSES[cfg.vae.recon]
         total = torch.zeros(2, dtype=torch.float64, device=acc.device)
         for batch in eval_loader(cfg.data, cfg.data.val or cfg.data.train, cfg.data.val_split, self.channels,
@@ -80,14 +81,14 @@ class AutoEncoderTask(GenerativeTask):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        model = self.accelerator.unwrap_model(self.model).eval()
+        model = plain_module(self.accelerator, self.model).eval()
         return model.sample(n, generator)
 
     def export_modules(self) -> dict[str, torch.nn.Module]:
         return {EXPORT_NAME: self.model}
 
     def export_info(self) -> dict:
-        return {**super().export_info(), "latent_dim": self.accelerator.unwrap_model(self.model).latent_dim}
+        return {**super().export_info(), "latent_dim": plain_module(self.accelerator, self.model).latent_dim}
 
     def state_tensors(self) -> dict[str, Tensor]:
         return {"vae.step": torch.tensor(self.step)}

@@ -26,6 +26,7 @@ from deepfake_dist.models.convstacks import gaussian
 from deepfake_dist.tasks import NONFINITE, TASKS
 from deepfake_dist.tasks.generative import EXPORT_NAME, GenerativeTask
 from deepfake_dist.train.optim import build_optimizer
+from deepfake_dist.train.runtime import plain_module
 
 
 def d_loss(real: Tensor, fake: Tensor, kind: str) -> Tensor:
@@ -139,7 +140,7 @@ class GANTask(GenerativeTask):
         finally:
             self.D.requires_grad_(True)
         self.broadcast_buffers(self.G, self.D)
-        self.ema.update(self.accelerator.unwrap_model(self.G))
+        self.ema.update(plain_module(self.accelerator, self.G))
         self.step += 1
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(),
                 "d_real": torch.sigmoid(real_logits.detach()).mean(),

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from deepfake_dist.data.manifest import file_sha256
 from deepfake_dist.errors import UserError, disk_full, disk_full_error
 from deepfake_dist.models.pretrained import pickled_global
+from deepfake_dist.train.runtime import plain_module
 from deepfake_dist.train.tracking import console
 
 STATE_FILE = "trainer_state.json"
@@ -209,10 +210,13 @@ def write_json_atomic(path: Path, data: dict) -> None:
 def export_model(accelerator: Accelerator, model: torch.nn.Module, out_dir: Path, info: dict, name: str = "model") -> None:
     """Write ``name.safetensors`` (a plain full state dict, ZeRO-3 gathered) and ``name.json``.
 
-    A prepared model is read through ``get_state_dict``, a collective under DeepSpeed (every rank
-    calls it); a module that was never prepared (a GAN's EMA generator) is whole on every rank
-    and is no DeepSpeed engine, so it is read directly."""
-    state = accelerator.get_state_dict(model) if _prepared(accelerator, model) else model.state_dict()
+    A DeepSpeed engine is read through ``get_state_dict``, a collective (every rank calls it;
+    ZeRO-3 gathers); any other model, prepared or not (a GAN's EMA generator), is whole on every
+    rank and is read under its wrappers, a compiled one's included."""
+    if _deepspeed_engine(accelerator, model):
+        state = accelerator.get_state_dict(model)
+    else:
+        state = plain_module(accelerator, model).state_dict()
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -222,9 +226,9 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, out_dir: Path
         write_json_atomic(out_dir / f"{name}.json", info)
 
 
-def _prepared(accelerator: Accelerator, model: torch.nn.Module) -> bool:
+def _deepspeed_engine(accelerator: Accelerator, model: torch.nn.Module) -> bool:
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return True
+        return False
     from deepspeed import DeepSpeedEngine
 
     return isinstance(model, DeepSpeedEngine)

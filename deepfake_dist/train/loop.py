@@ -41,6 +41,7 @@ from deepfake_dist.train.runtime import (
     cast_inputs_for_deepspeed,
     launched_world_size,
     make_accelerator,
+    plain_module,
 )
 from deepfake_dist.train.tracking import Tracker, console, start_trackers
 
@@ -275,7 +276,7 @@ def rank_digests(accelerator, modules: dict) -> list[str]:
     compared there is the buffers, which every rank holds whole."""
     digest = hashlib.sha256()
     for name in sorted(modules):
-        state = accelerator.unwrap_model(modules[name]).state_dict()
+        state = plain_module(accelerator, modules[name]).state_dict()
         for key in sorted(state):
             digest.update(key.encode())
             digest.update(state[key].detach().float().cpu().numpy().tobytes())

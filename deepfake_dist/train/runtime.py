@@ -103,6 +103,13 @@ def _fill_deepspeed_config(ds: dict, cfg: Config, precision: str) -> None:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
 
 
+def plain_module(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Module:
+    """The model under every wrapper ``prepare`` added: DDP, a DeepSpeed engine, and the
+    ``torch.compile`` of Accelerate's ``dynamo_backend``, whose ``_orig_mod.`` would otherwise
+    prefix every key of an exported state dict (which a plain model then cannot load)."""
+    return accelerator.unwrap_model(module, keep_torch_compile=False)
+
+
 def broadcast_buffers(accelerator: Accelerator, modules) -> None:
     """Give every rank rank 0's buffers (BatchNorm statistics), one broadcast per dtype. Each
     rank's forward updates them from its own batch; DDP syncs them only at the start of a
@@ -110,7 +117,7 @@ def broadcast_buffers(accelerator: Accelerator, modules) -> None:
     validation, the export and an EMA see different statistics on different ranks."""
     if accelerator.num_processes == 1:
         return
-    buffers = [b for module in modules for b in accelerator.unwrap_model(module).buffers()]
+    buffers = [b for module in modules for b in plain_module(accelerator, module).buffers()]
     for dtype in sorted({b.dtype for b in buffers}, key=str):
         group = [b for b in buffers if b.dtype == dtype]
         flat = torch.cat([b.detach().reshape(-1) for b in group])

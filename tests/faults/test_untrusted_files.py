@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import save_file
 from inject import ROOT, SMOKE, armed_pickle
 
 from deepfake_dist.config import load_config
@@ -49,6 +50,23 @@ def test_exported_model(tmp_path, marker):
         load_exported(run)
     with pytest.raises(UserError, match="safetensors files only"):
         load_exported(armed_pickle(tmp_path / "model.pth", marker))
+
+
+def test_exported_weights_of_another_model(tmp_path):
+    """Weights saved under a wrapper's prefix (torch.compile's ``_orig_mod.``) or for another
+    width are named key by key, with the fix."""
+    run = tmp_path / "run"
+    run.mkdir()
+    info = {"model": "cnn", "model_args": {"width": 8}, "build_args": {"in_channels": 1}}
+    (run / "model.json").write_text(json.dumps(info))
+    state = create_model("cnn", in_channels=1, width=8).state_dict()
+    save_file({f"_orig_mod.{k}": v for k, v in state.items()}, str(run / "model.safetensors"))
+    with pytest.raises(UserError, match=rf"{len(state)} missing: features\.block1\.0\.0\.weight, .*; "
+                                        rf"{len(state)} unexpected: _orig_mod\..*export the run again"):
+        load_exported(run)
+    save_file(create_model("cnn", in_channels=1, width=4).state_dict(), str(run / "model.safetensors"))
+    with pytest.raises(UserError, match=r"\(\d+ wrong shape: features\.block1\.0\.0\.weight \(4, 1, 3, 3\) where \(8, 1, 3, 3\)"):
+        load_exported(run)
 
 
 def test_checkpoint_files(overrides, marker, capsys):
