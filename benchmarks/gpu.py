@@ -1,7 +1,7 @@
 """The GPU path (runs only where CUDA is present): training images/s and model FLOPs utilisation
 (MFU) of ``resnet18`` and ``hybrid`` at 224 px and the DCGAN at 64 px, in fp32 / bf16 / fp16
 (and, when asked, ``fp32-ieee``: fp32 with TF32 off),
-with ``channels_last`` and ``torch.compile`` on and off (eager ones also with cuDNN's autotuner,
+with ``channels_last`` and ``torch.compile`` on (in each ``--compile-modes``) and off (eager ones also with cuDNN's autotuner,
 ``torch.backends.cudnn.benchmark``, on and off); the platform's step against the bare step at
 bf16; and the data loader's rate against the model's for 64-px faces at each worker count (which
 one bounds, and the data wait when one feeds the other).
@@ -77,8 +77,8 @@ class Setup:
     fused AdamW by default, as the platform's detector task does (``fused=False``: torch's
     default, foreach); the GAN torch's default Adam, as its task does."""
 
-    def __init__(self, model: str, batch: int, resolution: int, precision: str, channels_last: bool, compile_: bool,
-                 device, cudnn_benchmark: bool = False, fused: bool = True):
+    def __init__(self, model: str, batch: int, resolution: int, precision: str, channels_last: bool,
+                 compile_mode: str | None, device, cudnn_benchmark: bool = False, fused: bool = True):
         from deepfake_dist.models import create_model
 
         torch.backends.cudnn.benchmark = cudnn_benchmark  # autotunes each conv at its first call
@@ -100,7 +100,7 @@ class Setup:
             self.y = (torch.arange(batch, device=device) % 2).float()
             self.opts = [torch.optim.AdamW(net.parameters(), lr=3e-4, weight_decay=0.05, fused=fused or None)]
             self.run = self._detector_step
-        self.calls = [torch.compile(m) if compile_ else m for m in self.modules]
+        self.calls = [torch.compile(m, mode=compile_mode) if compile_mode else m for m in self.modules]
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
@@ -142,7 +142,7 @@ def step_flops(model: str, batch: int, resolution: int, device) -> int:
     """FLOPs of one training step (forward + backward of every network in it), fp32 eager."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    setup = Setup(model, batch, resolution, "fp32", False, False, device)
+    setup = Setup(model, batch, resolution, "fp32", False, None, device)
     with FlopCounterMode(display=False) as counter:
         setup.run()
     return counter.get_total_flops()
@@ -176,13 +176,21 @@ def grid(args) -> list[dict]:
             for cl in [layout == "channels_last" for layout in args.layouts]:
                 for batch in [args.gan_batch_size] if model == "dcgan" else args.batch_size:
                     config = {"model": model, "batch_size": batch, "precision": precision, "channels_last": cl}
-                    eager += [{**config, "compile": False, "cudnn_benchmark": tune == "on"}
+                    eager += [{**config, "compile": None, "cudnn_benchmark": tune == "on"}
                               for tune in args.cudnn_benchmark]
-                    if args.compile:
-                        compiled.append({**config, "compile": True, "cudnn_benchmark": False})
+                    compiled += [{**config, "compile": mode, "cudnn_benchmark": False} for mode in args.compile_modes]
     rank = {"bf16": 0, "fp16": 1, "fp32": 2, "fp32-ieee": 3}  # the settings one would train with come first
-    compiled.sort(key=lambda c: (not c["channels_last"], rank[c["precision"]], args.models.index(c["model"])))
+    compiled.sort(key=lambda c: (args.compile_modes.index(c["compile"]), not c["channels_last"],
+                                 args.models.index(c["model"]), rank[c["precision"]]))
     return eager + compiled
+
+
+def speedups(configs: list[dict], fast: str, base: str) -> list[dict]:
+    """images/s in precision ``fast`` over ``base`` for each configuration measured in both."""
+    keys = ("model", "batch_size", "channels_last", "compile", "cudnn_benchmark")
+    rates = {(tuple(c[k] for k in keys), c["precision"]): c["images_per_s"] for c in configs if c.get("images_per_s")}
+    return [{**dict(zip(keys, same)), "ratio": rate / rates[same, base]}
+            for (same, precision), rate in rates.items() if precision == fast and (same, base) in rates]
 
 
 def in_turn(cases: dict, items: int, steps: int, rounds: int, device) -> dict[str, list[dict]]:
@@ -235,7 +243,7 @@ def platform_vs_bare(args, model: str, channels_last: bool, device, set_dir) -> 
         ours, _ = platform_step(cfg, memory_batch(cfg, set_dir, 3), 3)
         cases = {"platform": ours}
         for name, fused in (("bare", False), ("bare_fused", True)):
-            cases[name] = Setup(model, batch, args.resolution, "bf16", channels_last, False, device, fused=fused).run
+            cases[name] = Setup(model, batch, args.resolution, "bf16", channels_last, None, device, fused=fused).run
         runs = in_turn({name: warm(step, args.warmup, device) for name, step in cases.items()}, batch, args.steps,
                        args.windows * 3, device)
         waits = {f"{name}_host_waits": host_waits(step, device) for name, step in cases.items()}
@@ -313,7 +321,9 @@ def main(argv=None) -> dict:
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"], choices=list(DTYPES))
     p.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"],
                    choices=["contiguous", "channels_last"], help="memory formats to measure")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile configurations")
+    p.add_argument("--compile-modes", dest="compile_modes", nargs="*", default=["default"],
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile modes to measure each configuration in (none: eager only)")
     p.add_argument("--cudnn-benchmark", dest="cudnn_benchmark", nargs="+", default=["off", "on"], choices=["off", "on"],
                    help="cuDNN autotuner settings to measure the eager configurations with")
     p.add_argument("--batch-size", dest="batch_size", type=int, nargs="+", default=[128],
@@ -391,8 +401,9 @@ def main(argv=None) -> dict:
     if "loader_vs_model" not in results and deadline - time.perf_counter() > 30:
         check_loader()
 
+    results["bf16_vs_fp32"] = speedups(results["configs"], "bf16", "fp32")
     yes = {True: "yes", False: ""}
-    rows = [[c["model"], c["batch_size"], c["precision"], yes[c["channels_last"]], yes[c["compile"]],
+    rows = [[c["model"], c["batch_size"], c["precision"], yes[c["channels_last"]], c["compile"] or "",
              yes[c["cudnn_benchmark"]], c.get("images_per_s"), c.get("tflops"), c.get("mfu"), c.get("error", "")]
             for c in results["configs"]]
     print_table(f"gpu: {name}, training step (median of {args.windows} windows)",
@@ -410,6 +421,10 @@ def main(argv=None) -> dict:
                       f"bf16, {'channels_last' if pb['channels_last'] else 'contiguous'}): "
                       f"{pb['platform_vs_bare']:.3f} (bare with a fused optimizer: {pb['platform_vs_bare_fused']:.3f}); "
                       f"host waits: platform {pb['platform_host_waits']}, bare {pb['bare_host_waits']}")
+    for sp in results["bf16_vs_fp32"]:
+        console.print(f"bf16 / fp32 ({sp['model']}, batch {sp['batch_size']}, "
+                      f"{'channels_last' if sp['channels_last'] else 'contiguous'}, compile {sp['compile'] or 'off'}, "
+                      f"cudnn autotune {'on' if sp['cudnn_benchmark'] else 'off'}): {sp['ratio']:.2f}x")
     if results["skipped"]:
         console.print(f"skipped for the budget: {len(results['skipped'])} configuration(s)")
     write_result("gpu", args, results, started)

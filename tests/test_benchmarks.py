@@ -4,6 +4,7 @@ produce BENCHMARKS.md. The figures themselves are not tested here: they need a q
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -64,7 +65,7 @@ def test_gpu_skips_without_cuda_and_runs_on_cpu_when_asked(tmp_path, bench_data,
         assert main(["bench", "gpu", "--out", str(tmp_path / "none")]) == 0
         assert "no CUDA device: skipped" in capsys.readouterr().out and not (tmp_path / "none").exists()
     results = _run("gpu", tmp_path, bench_data, "--device", "cpu", "--models", "cnn", "dcgan", "--resolution", "32",
-                   "--gan-resolution", "32", "--precisions", "fp32", "fp32-ieee", "--layouts", "contiguous", "--no-compile",
+                   "--gan-resolution", "32", "--precisions", "fp32", "fp32-ieee", "--layouts", "contiguous", "--compile-modes",
                    "--cudnn-benchmark", "off",
                    "--batch-size", "2", "4", "--gan-batch-size", "2", "--steps", "1", "--windows", "1", "--warmup", "0",
                    "--loader-workers", "0", "--loader-batch-size", "8", "--loader-samples", "64", "--loader-epochs", "1",
@@ -80,6 +81,21 @@ def test_gpu_skips_without_cuda_and_runs_on_cpu_when_asked(tmp_path, bench_data,
     compared = results["platform_vs_bare"][0]
     assert compared["batch_size"] == 2 and compared["platform_vs_bare"] > 0 and compared["platform_vs_bare_fused"] > 0
     assert compared["platform_host_waits"] is None  # counted on CUDA only
+
+
+def test_gpu_grid_puts_each_compile_mode_after_the_eager_runs_fp32_next_to_bf16():
+    from benchmarks.gpu import grid, speedups
+
+    args = argparse.Namespace(models=["resnet18", "dcgan"], precisions=["fp32", "bf16"], layouts=["channels_last"],
+                              batch_size=[128], gan_batch_size=256, cudnn_benchmark=["off"],
+                              compile_modes=["default", "max-autotune-no-cudagraphs"])
+    configs = grid(args)
+    assert [(c["compile"], c["model"], c["precision"]) for c in configs] == [
+        (None, "resnet18", "fp32"), (None, "resnet18", "bf16"), (None, "dcgan", "fp32"), (None, "dcgan", "bf16"),
+        *[(mode, model, precision) for mode in args.compile_modes for model in args.models
+          for precision in ("bf16", "fp32")]]
+    rated = [{**c, "images_per_s": 3.0 if c["precision"] == "bf16" else 2.0} for c in configs[:2] + configs[4:6]]
+    assert [(s["compile"], s["ratio"]) for s in speedups(rated, "bf16", "fp32")] == [(None, 1.5), ("default", 1.5)]
 
 
 def test_unknown_benchmark_is_one_line(capsys):
