@@ -55,6 +55,9 @@ def make_accelerator(cfg: Config, engines: tuple[str, ...] = (), **kwargs) -> Ac
         step_scheduler_with_optimizer=False,
         **kwargs,
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu" and not deepspeed:
+        raise UserError("fp16 mixed precision needs a GPU: on a CPU Accelerate would train in fp32 without a word; "
+                        "set train.mixed_precision=bf16 (autocast on the CPU) or no (or pass --mixed_precision to the launcher)")
     if accelerator.gradient_accumulation_steps != cfg.train.grad_accum:
         raise UserError(f"the launcher's gradient_accumulation_steps ({accelerator.gradient_accumulation_steps}) "
                         f"differs from train.grad_accum ({cfg.train.grad_accum}); remove it from the accelerate "

@@ -12,6 +12,7 @@ import json
 import math
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -79,6 +80,9 @@ CASES = [
     ("clip model on image sets", "", ["model={{name: temporal}}"], None, ["model.name temporal: it scores clips"]),
     ("no such checkpoint", "", ["checkpoint.resume=/no/such/ckpt"], None, ["'checkpoint.resume'", "/no/such/ckpt"]),
 ]
+
+if not torch.cuda.is_available():  # Accelerate would drop fp16 on a CPU for fp32
+    CASES.append(("fp16 on a CPU", "", ["train.mixed_precision=fp16"], None, ["fp16 mixed precision needs a GPU"]))
 
 
 @pytest.mark.parametrize("text, overrides, damage, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
