@@ -25,6 +25,10 @@ def launched_with_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def launched_with_fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def make_accelerator(cfg: Config, engines: tuple[str, ...] = (), **kwargs) -> Accelerator:
     """Pick the process group for the launch mode.
 
@@ -35,6 +39,9 @@ def make_accelerator(cfg: Config, engines: tuple[str, ...] = (), **kwargs) -> Ac
     launcher's DeepSpeed settings; the task selects one before preparing each model.
     """
     _die_with_launcher()
+    if launched_with_fsdp():  # its sharded state dicts would reach the export, the digests, the EMA
+        raise UserError("the launcher asks for FSDP, which deepfake_dist does not run; shard the model with DeepSpeed "
+                        "ZeRO-3 instead: accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml ...")
     handlers, cpu = [], False
     deepspeed = launched_with_deepspeed()
     if launched_world_size() > 1 or deepspeed:

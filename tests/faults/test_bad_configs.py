@@ -92,13 +92,29 @@ def test_bad_config_is_one_line_and_starts_no_work(text, overrides, damage, expe
     path.write_text(yaml.safe_dump(_base(shard_set, runs)) + text)
     if damage:
         damage(shard_set)
-    overrides = [o.format(tmp=tmp_path) for o in overrides]
-    assert main(["train", "--config", str(path), *overrides]) == 2
+    line = _one_error_line(path, [o.format(tmp=tmp_path) for o in overrides], capsys)
+    for part in expected:
+        assert part in line
+    assert not runs.exists()  # nothing started
+
+
+def _one_error_line(config, overrides: list[str], capsys) -> str:
+    """``deepfake-dist train`` exits 2 with exactly one ``error:`` line: return it."""
+    assert main(["train", "--config", str(config), *overrides]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), lines
-    for part in expected:
-        assert part in lines[0]
-    assert not runs.exists()  # nothing started
+    return lines[0]
+
+
+def test_an_fsdp_launch_is_one_line_pointing_to_zero3(shard_set, tmp_path, capsys, monkeypatch):
+    """``accelerate launch --use_fsdp`` hands its ranks ACCELERATE_USE_FSDP=true."""
+    runs = tmp_path / "runs"
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(_base(shard_set, runs)))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    line = _one_error_line(path, [], capsys)
+    assert "asks for FSDP" in line and "deepspeed_zero3.yaml" in line
+    assert not runs.exists()
 
 
 @pytest.mark.parametrize("args, expected", [
