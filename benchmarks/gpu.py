@@ -120,9 +120,13 @@ class Setup:
         opt.zero_grad(set_to_none=True)
 
     def _detector_step(self) -> None:
+        self.detector_step(self.x, self.y)
+
+    def detector_step(self, x, y) -> None:
+        """One step on the batch given (the loader's, in ``loader_vs_model``)."""
         (net,), (opt,) = self.calls, self.opts
         with self._autocast():
-            loss = F.binary_cross_entropy_with_logits(net(self.x).float(), self.y)
+            loss = F.binary_cross_entropy_with_logits(net(x).float(), y)
         self._update(loss, opt, self.modules[0].parameters())
 
     def _gan_step(self) -> None:
@@ -254,37 +258,25 @@ def platform_vs_bare(args, model: str, channels_last: bool, device, set_dir) -> 
 
 
 def loader_vs_model(args, model: str, workers: int, augment: bool, nice: int, device, set_dir) -> dict:
-    """For 64-px faces: the loader alone, a detector's step alone (bf16, channels_last, fused
-    AdamW), and the two together as the platform's loop runs them: no wait for the GPU between
-    steps, and the data wait is the time spent getting the next batch, as the loop logs it
+    """For 64-px faces: the loader alone, a detector's step alone (``Setup``'s: bf16,
+    channels_last, fused AdamW, clipping), and the two together as the platform's loop runs
+    them: no wait for the GPU between steps, and the data wait is the time spent getting the
+    next batch, as the loop logs it
     (``train/data_wait_frac``). The model alone is timed with the loader's workers started and
     idle. Without ``augment`` the workers only decode: what the loader would give with its
     augmentation off the CPU. ``nice``: ``data.worker_nice``."""
     from deepfake_dist.config import AugmentConfig, DataConfig
     from deepfake_dist.data.loader import train_loader
-    from deepfake_dist.models import create_model
 
     batch = args.loader_batch_size
     aug = AugmentConfig() if augment else AugmentConfig(hflip=0, crop=0, jitter=0, jpeg=0, blur=0)
     cfg = DataConfig(train=[str(set_dir)], resolution=64, batch_size=batch, num_workers=workers, augment=aug,
                      worker_nice=nice)
     loader, stream = train_loader(cfg, 3, 0, 1, seed=0, device=device)
-    torch.backends.cudnn.benchmark = False  # the platform's setting
-    net = create_model(model, in_channels=3).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-4, fused=True)
-
-    def step(x, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = F.binary_cross_entropy_with_logits(net(x).float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    setup = Setup(model, batch, 64, "bf16", True, None, device)
     for _ in loader:  # warm-up epoch: workers start
         pass
-    x = torch.randn(batch, 3, 64, 64, device=device).to(memory_format=torch.channels_last)
-    y = torch.zeros(batch, device=device)
-    model_rate = time_steps(lambda: step(x, y), device, args.warmup, args.steps * 3, args.windows) * batch
+    model_rate = time_steps(setup.run, device, args.warmup, args.steps * 3, args.windows) * batch
     epochs = range(1, 1 + args.loader_epochs)
     seen, start = 0, time.perf_counter()
     for epoch in epochs:
@@ -303,7 +295,7 @@ def loader_vs_model(args, model: str, workers: int, augment: bool, nice: int, de
             wait += time.perf_counter() - tick
             if b is None:
                 break
-            step(b.image.to(memory_format=torch.channels_last), b.label.float())
+            setup.detector_step(b.image.to(memory_format=torch.channels_last), b.label.float())
             seen += len(b)
     _sync(device)
     total = time.perf_counter() - start
