@@ -250,6 +250,9 @@ def _build(cls, raw: Any, where: str, prefix: str):
     return cls(**values)
 
 
+_YAML_BOOLEAN_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
 def _coerce(tp, value, where: str, key: str):
     """Check ``value`` against the annotation ``tp``; convert lists to tuples, ints to floats."""
     origin = typing.get_origin(tp)
@@ -268,6 +271,8 @@ def _coerce(tp, value, where: str, key: str):
         if value is None:
             return None
     elif origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no / off / yes / on as a boolean
+            value = next((word for word in _YAML_BOOLEAN_WORDS[value] if word in args), value)
         if value in args:
             return value
         hint = closest(str(value), [str(a) for a in args])

@@ -34,6 +34,14 @@ def test_defaults_and_overrides_reach_typed_object(write_config):
     assert cfg.data.batch_size == 32  # a default
 
 
+def test_the_word_no_is_a_choice_not_a_boolean(write_config):
+    """YAML 1.1 reads an unquoted ``no`` as false; ``mixed_precision: no`` means Accelerate's "no"."""
+    assert load_config(write_config("train:\n  mixed_precision: no\n")).train.mixed_precision == "no"
+    assert load_config(write_config(), ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(UserError, match="'train.mixed_precision' expected one of .* got True"):
+        load_config(write_config(), ["train.mixed_precision=yes"])
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [

@@ -19,9 +19,13 @@ from deepfake_dist.train.loop import train
 from deepfake_dist.train.tracking import read_jsonl
 
 
-def test_loss_falls_and_best_model_is_exported(smoke_config):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_loss_falls_and_best_model_is_exported(smoke_config, precision):
+    """In fp32 and under bf16 autocast (on a CPU too), which keeps the weights, and so the
+    export, in fp32."""
     path, overrides = smoke_config
-    cfg = load_config(path, overrides + ["train.epochs=3", "train.log_every=1", "model.width=8"])
+    cfg = load_config(path, overrides + ["train.epochs=3", "train.log_every=1", "model.width=8",
+                                         f"train.mixed_precision={precision}"])
     summary = train(cfg)
     records = read_jsonl(cfg.run_dir / "metrics.jsonl")
     losses = [r["train/loss"] for r in records if "train/loss" in r]
@@ -30,6 +34,7 @@ def test_loss_falls_and_best_model_is_exported(smoke_config):
     assert len(val) == 3 and max(r["val/auroc"] for r in val) > 0.9
     assert summary["epochs"] == 3 and summary["ranks agree"]
     model, info = load_exported(cfg.run_dir)
+    assert {t.dtype for t in load_file(str(cfg.run_dir / "model.safetensors")).values()} <= {torch.float32, torch.int64}
     assert info["threshold"] == 0.5 and info["build_args"] == {"in_channels": 1}
     assert info["val_metrics"]["auroc"] == summary["best val/auroc"]
     assert set(info["manifests"]) == {cfg.data.train[0]}
