@@ -58,7 +58,7 @@ def load_exported(path: str | Path, name: str = "model") -> tuple[torch.nn.Modul
     differences = mismatch(target.state_dict(), state)
     if differences:
         raise UserError(f"{weights}: weights do not fit model '{info['model']}' ({differences}); the weights and "
-                        "their .json must come from the same export: export the run again") from None
+                        "their .json must come from the same export: export the run again")
     target.load_state_dict(state)
     return target.eval(), info
 
