@@ -203,8 +203,11 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict, dict[st
 
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk) leaves no half-written file behind
+        tmp.unlink(missing_ok=True)
 
 
 def export_model(accelerator: Accelerator, model: torch.nn.Module, out_dir: Path, info: dict, name: str = "model") -> None:
@@ -221,8 +224,11 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, out_dir: Path
         out_dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         tmp = out_dir / f".{name}.safetensors.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out_dir / f"{name}.safetensors")
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, out_dir / f"{name}.safetensors")
+        finally:
+            tmp.unlink(missing_ok=True)
         write_json_atomic(out_dir / f"{name}.json", info)
 
 

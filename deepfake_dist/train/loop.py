@@ -26,9 +26,10 @@ from deepfake_dist import __version__
 from deepfake_dist.config import Config, to_dict
 from deepfake_dist.data.loader import manifest_ids, resolve_channels, train_loader
 from deepfake_dist.data.manifest import shard_urls
-from deepfake_dist.errors import UserError
+from deepfake_dist.errors import UserError, disk_full, disk_full_error
 from deepfake_dist.tasks import NONFINITE, task_class
 from deepfake_dist.train.checkpoint import (
+    complete_checkpoints,
     export_model,
     find_resume,
     load_checkpoint,
@@ -114,9 +115,20 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
 
 def train(cfg: Config) -> dict:
     """Train ``cfg`` to the end (or to a stop request); returns the final summary. When another
-    rank dies or stalls, this one raises a ``GroupFailure`` that names it (see ``heartbeat``)."""
+    rank dies or stalls, this one raises a ``GroupFailure`` that names it (see ``heartbeat``).
+    A write into the run folder that runs out of space (the metrics, the exported model, the
+    summary; checkpoints say so themselves) ends in one line saying what is intact."""
     with watch_ranks(int(os.environ.get("RANK", "0")), launched_world_size()):
-        return _train(cfg)
+        try:
+            return _train(cfg)
+        except Exception as err:
+            if isinstance(err, UserError) or not disk_full(err):
+                raise
+            saved = complete_checkpoints(cfg.run_dir)
+            kept = (f"the last checkpoint {saved[-1]} and any earlier export are intact" if saved
+                    else "no checkpoint was written yet")
+            raise disk_full_error(f"into the run folder {cfg.run_dir}", cfg.run_dir, err,
+                                  f"{kept}; free space and rerun to resume") from None
 
 
 def _train(cfg: Config) -> dict:

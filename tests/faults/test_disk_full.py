@@ -67,3 +67,17 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(overrides):
     assert f"the previous checkpoint {folder / 'step-2'} is intact" in errors[0]
     assert sorted(p.name for p in folder.iterdir()) == ["step-2"]  # no step-4, no .tmp-step-4
     assert checkpoint_problem(folder / "step-2") is None
+
+
+@pytest.mark.slow
+def test_export_on_a_full_disk_is_one_line_and_leaves_no_partial_file(overrides):
+    """No checkpoint comes before the first epoch's export here, so the export meets the limit."""
+    args = overrides + ["checkpoint.every_steps=null", "train.epochs=1", "data.transfer_mib=0"]
+    run_dir = load_config(SMOKE, args).run_dir
+    proc = _run_limited("train", "--config", str(SMOKE), *args)
+    assert proc.returncode == 2, proc.stderr
+    errors = _error_lines(proc)
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot write into the run folder {run_dir}: disk full or file too large in {run_dir}" in errors[0]
+    assert "no checkpoint was written yet; free space and rerun to resume" in errors[0]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "metrics.jsonl"]  # no model, no .tmp
