@@ -7,6 +7,7 @@ reported the same way, naming the folder, so a full disk never ends a job with a
 
 import errno
 import re
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -39,3 +40,18 @@ def disk_full_error(what: str, folder, err: BaseException, after: str) -> UserEr
     (what is left intact / what to do)."""
     reason = " ".join(str(err).split())[:160]
     return UserError(f"cannot write {what}: disk full or file too large in {folder} ({reason}); {after}")
+
+
+RUN_FILES_KEPT = "the checkpoints and any earlier export are intact; free space and rerun to resume"
+
+
+@contextmanager
+def out_of_space_is_one_line(what: str, folder, after: str = RUN_FILES_KEPT):
+    """A write in the block that runs out of space ends in ``disk_full_error``'s line (a run's
+    metrics, its export, its summary: files whose loss costs no training)."""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, UserError) or not disk_full(err):
+            raise
+        raise disk_full_error(what, folder, err, after) from None

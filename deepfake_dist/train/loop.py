@@ -26,10 +26,9 @@ from deepfake_dist import __version__
 from deepfake_dist.config import Config, to_dict
 from deepfake_dist.data.loader import manifest_ids, resolve_channels, train_loader
 from deepfake_dist.data.manifest import shard_urls
-from deepfake_dist.errors import UserError, disk_full, disk_full_error
+from deepfake_dist.errors import UserError, out_of_space_is_one_line
 from deepfake_dist.tasks import NONFINITE, task_class
 from deepfake_dist.train.checkpoint import (
-    complete_checkpoints,
     export_model,
     find_resume,
     load_checkpoint,
@@ -115,20 +114,9 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
 
 def train(cfg: Config) -> dict:
     """Train ``cfg`` to the end (or to a stop request); returns the final summary. When another
-    rank dies or stalls, this one raises a ``GroupFailure`` that names it (see ``heartbeat``).
-    A write into the run folder that runs out of space (the metrics, the exported model, the
-    summary; checkpoints say so themselves) ends in one line saying what is intact."""
+    rank dies or stalls, this one raises a ``GroupFailure`` that names it (see ``heartbeat``)."""
     with watch_ranks(int(os.environ.get("RANK", "0")), launched_world_size()):
-        try:
-            return _train(cfg)
-        except Exception as err:
-            if isinstance(err, UserError) or not disk_full(err):
-                raise
-            saved = complete_checkpoints(cfg.run_dir)
-            kept = (f"the last checkpoint {saved[-1]} and any earlier export are intact" if saved
-                    else "no checkpoint was written yet")
-            raise disk_full_error(f"into the run folder {cfg.run_dir}", cfg.run_dir, err,
-                                  f"{kept}; free space and rerun to resume") from None
+        return _train(cfg)
 
 
 def _train(cfg: Config) -> dict:
@@ -253,8 +241,9 @@ def _train(cfg: Config) -> dict:
         if value is None or _improved(value, state["best"], cfg.train.monitor_mode):  # None: nothing to rank by
             state.update(best=value, best_step=state["step"], stale_epochs=0)
             for name, module in task.export_modules().items():
-                export_model(accelerator, module, run_dir, {**export_info, "step": state["step"],
-                                                            "val_metrics": metrics}, name=name)
+                with out_of_space_is_one_line(f"the exported model {run_dir / name}.safetensors", run_dir):
+                    export_model(accelerator, module, run_dir, {**export_info, "step": state["step"],
+                                                                "val_metrics": metrics}, name=name)
         else:
             state["stale_epochs"] += 1
         state["epoch"] += 1
@@ -276,7 +265,8 @@ def _train(cfg: Config) -> dict:
                "nonfinite steps": state["nonfinite_steps"],
                **({"missing shards": stream.missing} if stream.missing else {})}
     if accelerator.is_main_process:
-        write_json_atomic(run_dir / "summary.json", {**summary, "rank_digests": digests})
+        with out_of_space_is_one_line(str(run_dir / "summary.json"), run_dir):
+            write_json_atomic(run_dir / "summary.json", {**summary, "rank_digests": digests})
     tracker.close(summary)
     return summary
 

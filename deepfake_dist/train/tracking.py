@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from deepfake_dist.config import Config, to_dict
+from deepfake_dist.errors import out_of_space_is_one_line
 
 console = Console(stderr=True)
 
@@ -64,7 +65,7 @@ class Tracker:
     def log(self, values: dict, step: int) -> None:
         if self.main:
             record = {"step": step, "time": time.time(), **values}
-            with open(self.jsonl, "a") as f:
+            with out_of_space_is_one_line(str(self.jsonl), self.jsonl.parent), open(self.jsonl, "a") as f:
                 f.write(json.dumps(record) + "\n")
         self.accelerator.log(values, step=step)
 

@@ -78,6 +78,7 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_no_partial_file(overrides)
     assert proc.returncode == 2, proc.stderr
     errors = _error_lines(proc)
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"cannot write into the run folder {run_dir}: disk full or file too large in {run_dir}" in errors[0]
-    assert "no checkpoint was written yet; free space and rerun to resume" in errors[0]
+    exported = run_dir / "model.safetensors"
+    assert f"cannot write the exported model {exported}: disk full or file too large in {run_dir}" in errors[0]
+    assert errors[0].endswith("any earlier export are intact; free space and rerun to resume")
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "metrics.jsonl"]  # no model, no .tmp
