@@ -303,6 +303,9 @@ def _coerce(tp, value, where: str, key: str):
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)):  # YAML read the text as a number (or a boolean)
+            raise UserError(f"{where}: '{key}' expected a string, got {value!r}; for the text, quote it: "
+                            f"{key.rsplit('.', 1)[-1]}: \"...\" in YAML, {key}='\"...\"' on the command line")
     elif tp is Any:
         return value
     raise UserError(f"{where}: '{key}' expected {_describe(tp)}, got {value!r}")

@@ -52,6 +52,7 @@ CASES = [
     ("text for an integer", "", ["data.batch_size=big"], None, ["'data.batch_size' expected an integer, got 'big'"]),
     ("list for an integer", "", ["train.epochs=[1]"], None, ["'train.epochs' expected an integer"]),
     ("text for a list", "", ["data.train=shards"], None, ["'data.train' expected a list"]),
+    ("number for a text", "", ["name=2024"], None, ["'name' expected a string, got 2024; for the text, quote it"]),
     ("true for a number", "", ["optim.lr=true"], None, ["'optim.lr' expected a finite number"]),
     ("nan", "", ["optim.lr=.nan"], None, ["'optim.lr' expected a finite number, got nan"]),
     ("infinity", "", ["train.grad_clip=.inf"], None, ["'train.grad_clip' expected a finite number or null"]),
