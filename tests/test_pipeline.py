@@ -80,6 +80,15 @@ def test_quickstart_is_a_pipeline_of_every_stage_kind():
     assert str(pipeline["stamps"]) == "runs/quickstart/stages"
 
 
+@pytest.mark.parametrize("config", ["smoke", "cnn", "resnet18", "densenet121", "hybrid", "vit", "distill"])
+def test_detector_configs_train_on_the_shard_sets_the_quickstart_writes(config):
+    """So the README's launch commands work right after its first command."""
+    written = {spec["out"] for kind, spec, _ in load_pipeline(ROOT / "configs" / "quickstart.yaml")["stages"]
+               if kind in ("prepare", "generate")}
+    data = yaml.safe_load((ROOT / "configs" / f"{config}.yaml").read_text())["data"]
+    assert data["train"] and set(data["train"]) <= written, (data["train"], written)
+
+
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end_and_skips_finished_stages_on_rerun(tmp_path):
     tiny = [f"vars.shards={tmp_path / 'shards'}", f"vars.runs={tmp_path / 'runs'}", "vars.gan_steps=4",
