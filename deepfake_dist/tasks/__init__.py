@@ -22,6 +22,8 @@ class Task:
     # Under DeepSpeed: one engine (plugin) per name, for tasks that step several models apart
     # (a GAN's generator and discriminator); empty: the launcher's single engine.
     engines: tuple[str, ...] = ()
+    # What ``validate`` can report: ``train.monitor`` ranks by one of them (as val/NAME).
+    metrics: tuple[str, ...] = ()
 
     def __init__(self, cfg, accelerator, channels: int):
         self.cfg, self.accelerator, self.channels = cfg, accelerator, channels

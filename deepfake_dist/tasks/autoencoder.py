@@ -23,6 +23,8 @@ from deepfake_dist.train.runtime import plain_module
 
 @TASKS.register("autoencoder")
 class AutoEncoderTask(GenerativeTask):
+    metrics = ("recon", "samples", *GenerativeTask.metrics)
+
     def __init__(self, cfg, accelerator, channels: int):
         super().__init__(cfg, accelerator, channels)
         model = self.on_device(create_model(cfg.model.name, **self.build_args, **cfg.model.args))

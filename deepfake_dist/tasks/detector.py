@@ -21,6 +21,8 @@ CLASS_NAMES = ["real", "fake"]
 
 @TASKS.register("detector")
 class DetectorTask(Task):
+    metrics = ("auroc", "ap", "accuracy", "precision", "recall", "f1", "loss", "samples")
+
     def __init__(self, cfg, accelerator, channels: int):
         super().__init__(cfg, accelerator, channels)
         self.frames = clip_frames(cfg.data.train)

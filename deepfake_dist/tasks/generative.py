@@ -29,6 +29,8 @@ EXPORT_NAME = "generator"
 class GenerativeTask(Task):
     """Subclasses build their models and implement ``train_step`` and ``sample``."""
 
+    metrics = ("fid", "kid", "kid_std", "fid_real", "fid_fake")  # with the Inception weights (``fidelity``)
+
     def __init__(self, cfg, accelerator, channels: int):
         super().__init__(cfg, accelerator, channels)
         where = f"config '{cfg.name}'"

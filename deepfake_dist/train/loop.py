@@ -23,10 +23,11 @@ import yaml
 from accelerate.utils import gather_object, set_seed
 
 from deepfake_dist import __version__
-from deepfake_dist.config import Config, to_dict
+from deepfake_dist.config import Config, TrainConfig, to_dict
 from deepfake_dist.data.loader import manifest_ids, resolve_channels, train_loader
 from deepfake_dist.data.manifest import shard_urls
 from deepfake_dist.errors import UserError, out_of_space_is_one_line
+from deepfake_dist.registry import closest
 from deepfake_dist.tasks import NONFINITE, task_class
 from deepfake_dist.train.checkpoint import (
     export_model,
@@ -108,6 +109,16 @@ class _NonfiniteCount:
         return bool(self.tripped)
 
 
+def _check_monitor(cfg: Config, reported: tuple[str, ...]) -> None:
+    """``train.monitor`` must name a metric the task reports. The default, val/auroc, is left to
+    fall back to the latest model where there is none (a generator without the Inception file)."""
+    if cfg.train.monitor == TrainConfig.monitor or cfg.train.monitor.removeprefix("val/") in reported:
+        return
+    choices = [f"val/{name}" for name in reported]
+    raise UserError(f"'train.monitor' is {cfg.train.monitor!r}, which a {cfg.model.name} run does not report"
+                    f"{closest(cfg.train.monitor, choices)}; choose one of: {', '.join(choices)}")
+
+
 def _improved(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
@@ -122,6 +133,7 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config) -> dict:
     stop = _StopRequest()  # first: a preemption signal during start-up or resume is not fatal
     make_task = task_class(cfg)
+    _check_monitor(cfg, make_task.metrics)
     accelerator = make_accelerator(cfg, engines=make_task.engines)
     set_seed(cfg.seed)
     run_dir = cfg.run_dir

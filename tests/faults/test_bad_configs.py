@@ -79,6 +79,8 @@ CASES = [
     ("no such split", "", ["data.train_split=training"], None, ["split 'training': expected one of train, val, test"]),
     ("resolution too small for the model", "", ["data.resolution=8"], None, ["model cnn cannot take 8x8 inputs"]),
     ("clip model on image sets", "", ["model={{name: temporal}}"], None, ["model.name temporal: it scores clips"]),
+    ("monitor a metric the task does not report", "", ["train.monitor=val/accurcy"], None,
+     ["'train.monitor' is 'val/accurcy', which a cnn run does not report (did you mean 'val/accuracy'?)"]),
     ("no such checkpoint", "", ["checkpoint.resume=/no/such/ckpt"], None, ["'checkpoint.resume'", "/no/such/ckpt"]),
 ]
 
