@@ -9,9 +9,10 @@ from deepfake_dist.errors import UserError
 
 
 def closest(name: str, choices) -> str:
-    """A ' (did you mean X?)' hint for a misspelled name, or ''."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    """A ' (did you mean X?)' hint for a misspelled name (whatever its case), or ''."""
+    by_lower = {str(choice).lower(): choice for choice in choices}
+    match = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.5)
+    return f" (did you mean '{by_lower[match[0]]}'?)" if match else ""
 
 
 class Registry:

@@ -45,6 +45,8 @@ def test_registry_lists_every_model_with_its_kind():
 def test_unknown_model_name_suggests_the_closest():
     with pytest.raises(UserError, match="did you mean 'resnet18'"):
         create_model("resnet19")
+    with pytest.raises(UserError, match="did you mean 'resnet18'"):
+        create_model("RESNET18")  # the case of a name is no part of the hint
     with pytest.raises(UserError, match="did you mean 'attention'"):
         create_model("hybrid", fusion="atention")
     with pytest.raises(UserError, match="did you mean 'lstm'"):
