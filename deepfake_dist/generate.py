@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from deepfake_dist.atomic import atomic_path
 from deepfake_dist.data.manifest import file_sha256
 from deepfake_dist.data.prepare import (
     ShardPlan,
@@ -196,8 +197,7 @@ def _write_pngs(synth: Synthesizer, keys: list[str], out: Path, state) -> dict[s
     for start in range(0, len(mine), synth.batch_size):
         batch = mine[start:start + synth.batch_size]
         for index, image in zip(batch, synth.images(batch)):
-            tmp = out / f".{keys[index]}.tmp.png"
-            image.save(tmp)
-            tmp.replace(out / f"{keys[index]}.png")
+            with atomic_path(out / f"{keys[index]}.png") as tmp:
+                image.save(tmp)
     state.wait_for_everyone()
     return {"out": str(out), "images": n, "keys": [keys[0], keys[-1]]}

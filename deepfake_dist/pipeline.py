@@ -357,7 +357,7 @@ def run_pipeline(path: str | Path, overrides: list[str] = ()) -> int:
 
 
 def _run_stages(pipeline: dict) -> int:
-    from deepfake_dist.train.checkpoint import write_json_atomic
+    from deepfake_dist.atomic import write_json_atomic
     from deepfake_dist.train.tracking import console
 
     main = _fresh_state().is_main_process

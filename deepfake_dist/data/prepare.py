@@ -39,6 +39,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
+from deepfake_dist.atomic import write_text_atomic
 from deepfake_dist.data import imageio
 from deepfake_dist.data.manifest import (
     FORMAT_VERSION,
@@ -276,9 +277,7 @@ def _progress_bar(show: bool, total: int):
 
 def _write_json(path: Path, data: Any) -> None:
     """Atomic: a reader sees the old file or the complete new one, never a partial one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def check_output(out: Path, overwrite: bool) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from deepfake_dist.atomic import atomic_path, write_json_atomic
 from deepfake_dist.config import apply_override, build_config
 from deepfake_dist.data.loader import eval_loader
 from deepfake_dist.deploy.prune import parameter_counts, prune_model, sparsity
@@ -42,7 +43,6 @@ from deepfake_dist.deploy.quantize import (
 from deepfake_dist.errors import UserError
 from deepfake_dist.exported import load_exported, resolve
 from deepfake_dist.inference import in_channels
-from deepfake_dist.train.checkpoint import write_json_atomic
 from deepfake_dist.train.metrics import binary_metrics
 
 COLUMNS = {  # JSON key -> table header (narrow enough for an 80-column terminal)
@@ -119,9 +119,8 @@ def measure(step: str, model: torch.nn.Module, path: Path, info: dict, loader, c
 
 def save_float(model: torch.nn.Module, out: Path, info: dict) -> Path:
     path = out / "model.safetensors"
-    tmp = out / ".model.safetensors.tmp"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"format": "pt"})
     write_json_atomic(out / "model.json", info)
     return path
 

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from deepfake_dist.atomic import atomic_path, write_json_atomic
 from deepfake_dist.data.imageio import is_image_file, open_image
 from deepfake_dist.errors import UserError
 from deepfake_dist.exported import load_exported
 from deepfake_dist.inference import in_channels, model_input
-from deepfake_dist.train.checkpoint import write_json_atomic
 
 INPUT, OUTPUT = "image", "logit"
 PARITY_IMAGES = 64
@@ -71,25 +70,23 @@ def export_onnx(checkpoint: str | Path, out: str | Path, images: str | Path | No
     model, info = load_exported(checkpoint)
     inputs, source = parity_images(info, images, overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     example = inputs[:2] if len(inputs) >= 2 else inputs.repeat(2, *[1] * (inputs.dim() - 1))
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every pass on stdout
-        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT],
-                                    output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
-                                    verbose=False)
-        program.save(str(tmp))
-    session = onnx_session(tmp)
-    with torch.no_grad():
-        expected = model(inputs).numpy()
-    got = np.concatenate([session.run(None, {INPUT: inputs[:1].numpy()})[0],
-                          session.run(None, {INPUT: inputs[1:].numpy()})[0]]) if len(inputs) > 1 else \
-        session.run(None, {INPUT: inputs.numpy()})[0]
-    diff = float(np.abs(got - expected).max())
-    if not diff <= atol:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{out}: ONNX Runtime and PyTorch disagree by {diff:.2e} (> {atol:g}) on {source}; "
-                        f"nothing written. Try another --opset")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:  # published only once ONNX Runtime agrees with PyTorch
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every pass on stdout
+            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT],
+                                        output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
+                                        verbose=False)
+            program.save(str(tmp))
+        session = onnx_session(tmp)
+        with torch.no_grad():
+            expected = model(inputs).numpy()
+        got = np.concatenate([session.run(None, {INPUT: inputs[:1].numpy()})[0],
+                              session.run(None, {INPUT: inputs[1:].numpy()})[0]]) if len(inputs) > 1 else \
+            session.run(None, {INPUT: inputs.numpy()})[0]
+        diff = float(np.abs(got - expected).max())
+        if not diff <= atol:
+            raise UserError(f"{out}: ONNX Runtime and PyTorch disagree by {diff:.2e} (> {atol:g}) on {source}; "
+                            f"nothing written. Try another --opset")
     meta = {"file": out.name, "opset": opset, "input": INPUT, "output": OUTPUT,
             "input_shape": ["batch", *inputs.shape[1:]], "dynamic_batch": True,
             "parity": {"images": len(inputs), "source": source, "max_abs_diff": diff, "atol": atol},

@@ -20,7 +20,6 @@ store; it is written with ``torch.save`` and read back with ``torch.load(weights
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 from torch.ao.quantization import QConfigMapping, default_dynamic_qconfig, get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
+from deepfake_dist.atomic import atomic_path
 from deepfake_dist.errors import UserError
 from deepfake_dist.inference import in_channels
 from deepfake_dist.models import create_model
@@ -175,9 +175,8 @@ def _tensors(value):
 def save_int8(model: nn.Module, path: str | Path) -> Path:
     """The quantized state dict, atomically (tmp + rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
     return path
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 from deepfake_dist.data.loader import eval_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.data.transforms import denormalize
+from deepfake_dist.atomic import write_text_atomic
 from deepfake_dist.evaluation import plots
 from deepfake_dist.evaluation.compare import csv_text
 from deepfake_dist.evaluation.gradcam import find_layer, gradcam, overlay
@@ -24,12 +24,6 @@ from deepfake_dist.evaluation.sources import source_name
 from deepfake_dist.train.tracking import read_jsonl
 
 EXAMPLES_PER_CLASS = 6  # Grad-CAM grid: this many real and this many fake test images
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def predictions_csv(scored) -> str:
@@ -165,13 +159,13 @@ def write_outputs(out: Path, scored: list, data: list[str], split: str, val_spli
             figs.update(explain_figures(out, s, layer))
         s.result["figures"] = figs
         s.result["card"] = model_card(s)
-        _write_text(out / f"predictions-{s.run}.csv", predictions_csv(s))
+        write_text_atomic(out / f"predictions-{s.run}.csv", predictions_csv(s))
         if s.videos is not None:  # one row per video (key SET/VIDEO, score pooled over its samples)
-            _write_text(out / f"videos-{s.run}.csv", predictions_csv(replace(s, test=s.videos)))
-    _write_text(out / "comparison.md", table_md)
-    _write_text(out / "comparison.csv", csv_text(rows))
+            write_text_atomic(out / f"videos-{s.run}.csv", predictions_csv(replace(s, test=s.videos)))
+    write_text_atomic(out / "comparison.md", table_md)
+    write_text_atomic(out / "comparison.csv", csv_text(rows))
     if any(s.result["robustness"] for s in scored):
-        _write_text(out / "robustness.csv", robustness_csv(scored))
+        write_text_atomic(out / "robustness.csv", robustness_csv(scored))
     sets = []
     for folder in data:
         manifest = load_manifest(folder)
@@ -180,6 +174,6 @@ def write_outputs(out: Path, scored: list, data: list[str], split: str, val_spli
     summary = {"command": command, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "split": split,
                "val_split": val_split, "world_size": rows[0]["world_size"], "data": sets, "figures": figures,
                "runs": [{"run": s.run, "checkpoint": s.checkpoint, **s.result} for s in scored]}
-    _write_text(out / "results.json", json.dumps(summary, indent=1, default=str))
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=1, default=str))
     if report:
         write_report(out, summary)

@@ -4,7 +4,6 @@ pyplot state, no display needed). Every function writes one file atomically and 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torchmetrics.functional import classification as C
 
+from deepfake_dist.atomic import atomic_path
+
 
 def _save(fig: Figure, path: Path) -> Path:
     path = Path(path)
     FigureCanvasAgg(fig)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     return path
 
 

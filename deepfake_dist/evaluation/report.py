@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 from pathlib import Path
 
+from deepfake_dist.atomic import write_text_atomic
 from deepfake_dist.evaluation.compare import cells, title
 
 SECTIONS = ("Command", "Data", "Comparison", "Metrics", "Per source", "Calibration", "Robustness",
@@ -186,8 +186,6 @@ def write_report(out: Path, summary: dict) -> tuple[Path, Path]:
     items = blocks(summary)
     written = []
     for name, text in (("report.md", render_markdown(items)), ("index.html", render_html(items, out))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+        write_text_atomic(out / name, text)
         written.append(out / name)
     return written[0], written[1]

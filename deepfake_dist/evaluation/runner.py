@@ -195,7 +195,7 @@ def _score_one(accelerator, checkpoint: str, run: str, data: list[str], split: s
 
 def _store_calibration(scored: Scored, data: list[str], val_split: str) -> None:
     """Write the fitted temperature (and the validation threshold) into the model's JSON."""
-    from deepfake_dist.train.checkpoint import write_json_atomic
+    from deepfake_dist.atomic import write_json_atomic
 
     calibration = scored.result["calibration"]
     if "temperature" not in calibration:

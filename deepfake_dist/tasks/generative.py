@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from deepfake_dist.atomic import atomic_path
 from deepfake_dist.data.loader import eval_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.errors import UserError
@@ -76,11 +77,10 @@ class GenerativeTask(Task):
         path = self.samples_dir / f"step-{step:06d}.png"
         if self.accelerator.is_main_process:
             self.samples_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp.png")
             grid = make_grid(images.float().cpu(), nrow=math.ceil(math.sqrt(len(images))), normalize=True,
                              value_range=(-1, 1))
-            save_image(grid[: self.channels], tmp)  # a grey model's grid stays grey
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                save_image(grid[: self.channels], tmp)  # a grey model's grid stays grey
             if self.cfg.wandb.mode != "disabled":
                 import wandb
 

@@ -29,6 +29,7 @@ from accelerate.utils import load as safe_torch_load  # weights_only=True plus n
 from rich.markup import escape
 from safetensors.torch import load_file, save_file
 
+from deepfake_dist.atomic import atomic_path, write_json_atomic
 from deepfake_dist.data.manifest import file_sha256
 from deepfake_dist.errors import UserError, disk_full, disk_full_error
 from deepfake_dist.models.pretrained import pickled_global
@@ -201,15 +202,6 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict, dict[st
     return json.loads((path / STATE_FILE).read_text()), tensors
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = Path(f"{path}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        os.replace(tmp, path)
-    finally:  # a failed write (a full disk) leaves no half-written file behind
-        tmp.unlink(missing_ok=True)
-
-
 def export_model(accelerator: Accelerator, model: torch.nn.Module, out_dir: Path, info: dict, name: str = "model") -> None:
     """Write ``name.safetensors`` (a plain full state dict, ZeRO-3 gathered) and ``name.json``.
 
@@ -223,12 +215,8 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, out_dir: Path
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        tmp = out_dir / f".{name}.safetensors.tmp"
-        try:
+        with atomic_path(out_dir / f"{name}.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, out_dir / f"{name}.safetensors")
-        finally:
-            tmp.unlink(missing_ok=True)
         write_json_atomic(out_dir / f"{name}.json", info)
 
 

@@ -23,6 +23,7 @@ import yaml
 from accelerate.utils import gather_object, set_seed
 
 from deepfake_dist import __version__
+from deepfake_dist.atomic import write_json_atomic
 from deepfake_dist.config import Config, TrainConfig, to_dict
 from deepfake_dist.data.loader import manifest_ids, resolve_channels, train_loader
 from deepfake_dist.data.manifest import shard_urls
@@ -34,7 +35,6 @@ from deepfake_dist.train.checkpoint import (
     find_resume,
     load_checkpoint,
     save_checkpoint,
-    write_json_atomic,
 )
 from deepfake_dist.train.heartbeat import watch_ranks
 from deepfake_dist.train.runtime import (

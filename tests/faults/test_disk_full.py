@@ -1,5 +1,5 @@
 """Fault 5, the output disk full, played by a file-size limit (``RLIMIT_FSIZE``; Python ignores
-SIGXFSZ, so a write past it fails with EFBIG as on a full disk). Sharding and checkpointing stop
+SIGXFSZ, so a write past it fails with EFBIG as on a full disk). Sharding, checkpointing and the export stop
 with one line naming the folder, leave nothing half-written that looks complete, and keep the
 previous checkpoint."""
 
@@ -13,6 +13,7 @@ import sys
 import pytest
 from inject import SMOKE
 
+from deepfake_dist.atomic import atomic_path, write_text_atomic
 from deepfake_dist.config import load_config
 from deepfake_dist.train.checkpoint import checkpoint_dir, checkpoint_problem, complete_checkpoints
 from deepfake_dist.train.loop import train
@@ -82,3 +83,17 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_no_partial_file(overrides)
     assert f"cannot write the exported model {exported}: disk full or file too large in {run_dir}" in errors[0]
     assert errors[0].endswith("any earlier export are intact; free space and rerun to resume")
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "metrics.jsonl"]  # no model, no .tmp
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    """Every file the project publishes goes through ``atomic_path``."""
+    target = tmp_path / "model.safetensors"
+    write_text_atomic(target, "old")
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == tmp_path and tmp.suffix == ".safetensors" and tmp != target
+            tmp.write_text("half of the new")
+            raise OSError(28, "No space left on device")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"] and target.read_text() == "old"
+    write_text_atomic(target, "new")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"] and target.read_text() == "new"
