@@ -1,8 +1,8 @@
 """Load an exported model (``NAME.safetensors`` + ``NAME.json``) from a run folder or a file.
 
 This is the only way models are loaded for evaluation, synthesis, compression and serving:
-weights come from safetensors (never a pickle) and the architecture from the JSON, which the
-training loop wrote next to them (see ``train.checkpoint.export_model``).
+weights come from safetensors (never a pickle) and the architecture from the JSON, which
+``write_exported`` wrote next to them (for the training loop, ``train.checkpoint.export_model``).
 """
 
 from __future__ import annotations
@@ -13,10 +13,22 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from deepfake_dist.atomic import atomic_path, write_json_atomic
 from deepfake_dist.errors import UserError
 from deepfake_dist.models import create_model
+
+
+def write_exported(state: dict[str, torch.Tensor], out_dir: Path, info: dict, name: str = "model") -> Path:
+    """``out_dir/name.safetensors`` (on CPU, contiguous, as safetensors wants) and ``name.json``,
+    each atomically; returns the weights' path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / f"{name}.safetensors"
+    with atomic_path(weights) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    write_json_atomic(out_dir / f"{name}.json", info)
+    return weights
 
 
 def resolve(path: str | Path, name: str = "model") -> tuple[Path, Path]:

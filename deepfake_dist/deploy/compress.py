@@ -26,9 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from deepfake_dist.atomic import atomic_path, write_json_atomic
+from deepfake_dist.atomic import write_json_atomic
 from deepfake_dist.config import apply_override, build_config
 from deepfake_dist.data.loader import eval_loader
 from deepfake_dist.deploy.prune import parameter_counts, prune_model, sparsity
@@ -41,7 +40,7 @@ from deepfake_dist.deploy.quantize import (
     weight_counts,
 )
 from deepfake_dist.errors import UserError
-from deepfake_dist.exported import load_exported, resolve
+from deepfake_dist.exported import load_exported, resolve, write_exported
 from deepfake_dist.inference import in_channels
 from deepfake_dist.train.metrics import binary_metrics
 
@@ -117,14 +116,6 @@ def measure(step: str, model: torch.nn.Module, path: Path, info: dict, loader, c
     }
 
 
-def save_float(model: torch.nn.Module, out: Path, info: dict) -> Path:
-    path = out / "model.safetensors"
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"format": "pt"})
-    write_json_atomic(out / "model.json", info)
-    return path
-
-
 def finetune(pruned: Path, info: dict, out: Path, epochs: int, overrides: list[str]) -> torch.nn.Module:
     """Train ``epochs`` from the pruned weights with the checkpoint's own config; returns the
     fine-tuned model (exported by the trainer under ``out/finetune``)."""
@@ -162,13 +153,13 @@ def compress(checkpoint: str | Path, out: str | Path, prune: float = 0.0, struct
     if prune:
         model = prune_model(copy.deepcopy(model), prune, structured)
         info = {**info, "compression": {"prune": prune, "structured": structured, "sparsity": sparsity(model, structured)}}
-        path = save_float(model, out, info)
+        path = write_exported(model.state_dict(), out, info)
         rows.append(measure(f"pruned {prune:g}{' chan' if structured else ''}", model, path, info, test,
                             parameter_counts(model), threads))
         if finetune_epochs:
             model = prune_model(finetune(path, info, out, finetune_epochs, list(overrides)), prune, structured)
             info["compression"].update(finetune_epochs=finetune_epochs, sparsity=sparsity(model, structured))
-            path = save_float(model, out, info)
+            path = write_exported(model.state_dict(), out, info)
             rows.append(measure(f"fine-tuned {finetune_epochs} ep", model, path, info, test,
                                 parameter_counts(model), threads))
     if quantize:

@@ -29,9 +29,10 @@ from accelerate.utils import load as safe_torch_load  # weights_only=True plus n
 from rich.markup import escape
 from safetensors.torch import load_file, save_file
 
-from deepfake_dist.atomic import atomic_path, write_json_atomic
+from deepfake_dist.atomic import write_json_atomic
 from deepfake_dist.data.manifest import file_sha256
 from deepfake_dist.errors import UserError, disk_full, disk_full_error
+from deepfake_dist.exported import write_exported
 from deepfake_dist.models.pretrained import pickled_global
 from deepfake_dist.train.runtime import plain_module
 from deepfake_dist.train.tracking import console
@@ -213,11 +214,7 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, out_dir: Path
     else:
         state = plain_module(accelerator, model).state_dict()
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        with atomic_path(out_dir / f"{name}.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        write_json_atomic(out_dir / f"{name}.json", info)
+        write_exported(state, out_dir, info, name)
 
 
 def _deepspeed_engine(accelerator: Accelerator, model: torch.nn.Module) -> bool:
