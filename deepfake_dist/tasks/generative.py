@@ -18,7 +18,7 @@ from torchvision.utils import make_grid, save_image
 from deepfake_dist.atomic import atomic_path
 from deepfake_dist.data.loader import eval_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
-from deepfake_dist.errors import UserError
+from deepfake_dist.errors import UserError, out_of_space_is_one_line
 from deepfake_dist.fidelity import Fidelity, find_inception_weights, inception, to_uint8_rgb
 from deepfake_dist.tasks import Task
 from deepfake_dist.train.runtime import broadcast_buffers
@@ -79,7 +79,7 @@ class GenerativeTask(Task):
             self.samples_dir.mkdir(parents=True, exist_ok=True)
             grid = make_grid(images.float().cpu(), nrow=math.ceil(math.sqrt(len(images))), normalize=True,
                              value_range=(-1, 1))
-            with atomic_path(path) as tmp:
+            with out_of_space_is_one_line(f"the sample grid {path}", self.samples_dir), atomic_path(path) as tmp:
                 save_image(grid[: self.channels], tmp)  # a grey model's grid stays grey
             if self.cfg.wandb.mode != "disabled":
                 import wandb

@@ -21,12 +21,12 @@ from deepfake_dist.train.loop import train
 LIMIT = 48 * 1024  # a shard (~60 KiB) or a checkpoint's model file (~100 KiB) does not fit
 
 
-def _run_limited(*args: str) -> subprocess.CompletedProcess:
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))
+def _run_limited(*args: str, limit: int = LIMIT) -> subprocess.CompletedProcess:
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "deepfake_dist", *args], preexec_fn=limit, env=env,
+    return subprocess.run([sys.executable, "-m", "deepfake_dist", *args], preexec_fn=set_limit, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -83,6 +83,21 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_no_partial_file(overrides)
     assert f"cannot write the exported model {exported}: disk full or file too large in {run_dir}" in errors[0]
     assert errors[0].endswith("any earlier export are intact; free space and rerun to resume")
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "metrics.jsonl"]  # no model, no .tmp
+
+
+@pytest.mark.slow
+def test_a_sample_grid_on_a_full_disk_is_one_line(tmp_path, real_face_shards):
+    """A GAN's first grid (~5 KiB) meets a 4 KiB limit; no workers, so no shared-memory files."""
+    from gen_setup import CONFIGS, tiny_gan
+
+    samples = tmp_path / "runs" / "gan" / "samples"
+    proc = _run_limited("train", "--config", str(CONFIGS / "dcgan.yaml"),
+                        *tiny_gan(real_face_shards, tmp_path / "runs", "gan"), limit=4 * 1024)
+    assert proc.returncode == 2, proc.stderr
+    errors = _error_lines(proc)
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot write the sample grid {samples / 'step-000002.png'}: disk full" in errors[0]
+    assert list(samples.iterdir()) == []  # no half-written grid, no .tmp
 
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
