@@ -43,6 +43,7 @@ def disk_full_error(what: str, folder, err: BaseException, after: str) -> UserEr
 
 
 RUN_FILES_KEPT = "the checkpoints and any earlier export are intact; free space and rerun to resume"
+OUTPUTS_WHOLE = "no file there is half-written; free space and rerun"
 
 
 @contextmanager

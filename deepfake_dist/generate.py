@@ -33,13 +33,14 @@ from deepfake_dist.data.prepare import (
     created_info,
     distributed_state,
     finish_set,
+    out_of_space,
     parse_split,
     plan_shards,
     run_units,
     split_units,
 )
 from deepfake_dist.data.sources import LABELS, Item
-from deepfake_dist.errors import UserError
+from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.exported import load_exported, resolve
 from deepfake_dist.tasks.generative import EXPORT_NAME
 
@@ -157,10 +158,11 @@ def generate(
     mine = [ShardPlan(plan.split, plan.index,
                       [Item(it.key, it.split, it.label, partial(synth.image, it.meta["index"]), it.meta, it.origin)
                        for it in plan.items]) for plan in mine]
-    tmp = begin_set(state, out)
     unit = state.process_index
-    run_units([UnitJob(unit, str(tmp / f"unit-{unit}"), mine, synth.mode, int(info["resolution"]), encoding, 95)],
-              1, progress and state.is_main_process)
+    with out_of_space(out):
+        tmp = begin_set(state, out)
+        run_units([UnitJob(unit, str(tmp / f"unit-{unit}"), mine, synth.mode, int(info["resolution"]), encoding, 95)],
+                  1, progress and state.is_main_process)
     settings = None
     if state.is_main_process:
         settings = {
@@ -181,7 +183,8 @@ def generate(
             "created": created_info(command, 1, state.num_processes),
             "_inputs": num_images,
         }
-    return finish_set(state, out, state.num_processes, settings, [])
+    with out_of_space(out):
+        return finish_set(state, out, state.num_processes, settings, [])
 
 
 def _class(synth: Synthesizer, index: int, info: dict) -> dict:
@@ -197,7 +200,8 @@ def _write_pngs(synth: Synthesizer, keys: list[str], out: Path, state) -> dict[s
     for start in range(0, len(mine), synth.batch_size):
         batch = mine[start:start + synth.batch_size]
         for index, image in zip(batch, synth.images(batch)):
-            with atomic_path(out / f"{keys[index]}.png") as tmp:
+            with out_of_space_is_one_line(f"the image {out / keys[index]}.png", out, OUTPUTS_WHOLE), \
+                    atomic_path(out / f"{keys[index]}.png") as tmp:
                 image.save(tmp)
     state.wait_for_everyone()
     return {"out": str(out), "images": n, "keys": [keys[0], keys[-1]]}

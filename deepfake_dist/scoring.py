@@ -21,7 +21,8 @@ from PIL import Image
 
 from deepfake_dist.data import imageio
 from deepfake_dist.data.video import VIDEO_EXTENSIONS, cut_samples, is_video_file, options_from_settings, video_faces
-from deepfake_dist.errors import UserError
+from deepfake_dist.atomic import atomic_path
+from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.evaluation.video import aggregate_scores
 from deepfake_dist.exported import load_exported
 from deepfake_dist.inference import in_channels, model_input
@@ -175,7 +176,8 @@ def explain_files(scorer: Scorer, paths: list[str | Path], out: str | Path, laye
         heat = gradcam(scorer.model, x, name)[0]
         face = imageio.preprocess(image, "L" if in_channels(scorer.info) == 1 else "RGB", x.shape[-1])
         target = out / (f"{path.stem}-gradcam.png" if stems.count(path.stem) == 1 else f"{i:03d}-{path.stem}-gradcam.png")
-        overlay(face, heat).resize((size, size), Image.Resampling.BICUBIC).save(target)
+        with out_of_space_is_one_line(f"the overlay {target}", out, OUTPUTS_WHOLE), atomic_path(target) as tmp:
+            overlay(face, heat).resize((size, size), Image.Resampling.BICUBIC).save(tmp)
         p = float(scorer.probabilities(x)[0])
         rows.append({**_row(scorer, path, "image", p), "overlay": str(target), "layer": name})
     return rows

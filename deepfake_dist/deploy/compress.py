@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from deepfake_dist.atomic import write_json_atomic
+from deepfake_dist.atomic import write_json_atomic, write_text_atomic
 from deepfake_dist.config import apply_override, build_config
 from deepfake_dist.data.loader import eval_loader
 from deepfake_dist.deploy.prune import parameter_counts, prune_model, sparsity
@@ -39,7 +39,7 @@ from deepfake_dist.deploy.quantize import (
     save_int8,
     weight_counts,
 )
-from deepfake_dist.errors import UserError
+from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.exported import load_exported, resolve, write_exported
 from deepfake_dist.inference import in_channels
 from deepfake_dist.train.metrics import binary_metrics
@@ -143,43 +143,45 @@ def compress(checkpoint: str | Path, out: str | Path, prune: float = 0.0, struct
     cfg = stored_config(info, overrides, where=str(info_path))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    channels = in_channels(info)
-    test = eval_loader(cfg.data, test_sets(cfg), "test", channels, 0, 1)
+    # the writes come between measurements: any of them may meet a full disk
+    with out_of_space_is_one_line(f"the compressed models in {out}", out, OUTPUTS_WHOLE):
+        channels = in_channels(info)
+        test = eval_loader(cfg.data, test_sets(cfg), "test", channels, 0, 1)
 
-    rows = [measure("original", model, weights, info, test, parameter_counts(model), threads)]
-    settings = {"checkpoint": str(checkpoint), "prune": prune, "structured": structured,
-                "finetune_epochs": finetune_epochs, "quantize": quantize, "test_sets": test_sets(cfg),
-                "latency_threads": threads or torch.get_num_threads()}
-    if prune:
-        model = prune_model(copy.deepcopy(model), prune, structured)
-        info = {**info, "compression": {"prune": prune, "structured": structured, "sparsity": sparsity(model, structured)}}
-        path = write_exported(model.state_dict(), out, info)
-        rows.append(measure(f"pruned {prune:g}{' chan' if structured else ''}", model, path, info, test,
-                            parameter_counts(model), threads))
-        if finetune_epochs:
-            model = prune_model(finetune(path, info, out, finetune_epochs, list(overrides)), prune, structured)
-            info["compression"].update(finetune_epochs=finetune_epochs, sparsity=sparsity(model, structured))
+        rows = [measure("original", model, weights, info, test, parameter_counts(model), threads)]
+        settings = {"checkpoint": str(checkpoint), "prune": prune, "structured": structured,
+                    "finetune_epochs": finetune_epochs, "quantize": quantize, "test_sets": test_sets(cfg),
+                    "latency_threads": threads or torch.get_num_threads()}
+        if prune:
+            model = prune_model(copy.deepcopy(model), prune, structured)
+            info = {**info, "compression": {"prune": prune, "structured": structured, "sparsity": sparsity(model, structured)}}
             path = write_exported(model.state_dict(), out, info)
-            rows.append(measure(f"fine-tuned {finetune_epochs} ep", model, path, info, test,
+            rows.append(measure(f"pruned {prune:g}{' chan' if structured else ''}", model, path, info, test,
                                 parameter_counts(model), threads))
-    if quantize:
-        calibration = eval_loader(cfg.data, cfg.data.train, cfg.data.train_split, channels, 0, 1)
-        batches = [b.image for _, b in zip(range(calibration_batches), calibration)]
-        if not batches:
-            raise UserError(f"no '{cfg.data.train_split}' images in {cfg.data.train} to calibrate int8 with")
-        qmodel = quantize_int8(model, batches[0], batches)
-        layers = quantized_layers(qmodel)
-        qinfo = {**info, "quantization": {"dtype": "int8", "backend": "x86", "layers": layers,
-                                          "calibration_images": sum(len(b) for b in batches)}}
-        path = save_int8(qmodel, out / "model-int8.pt")
-        write_json_atomic(out / "model-int8.json", qinfo)
-        row = measure("int8", qmodel, path, info, test, weight_counts(qmodel), threads)
-        rows.append({**row, "quantized_layers": layers, "quantized_convolutions": quantized_convolutions(qmodel)})
+            if finetune_epochs:
+                model = prune_model(finetune(path, info, out, finetune_epochs, list(overrides)), prune, structured)
+                info["compression"].update(finetune_epochs=finetune_epochs, sparsity=sparsity(model, structured))
+                path = write_exported(model.state_dict(), out, info)
+                rows.append(measure(f"fine-tuned {finetune_epochs} ep", model, path, info, test,
+                                    parameter_counts(model), threads))
+        if quantize:
+            calibration = eval_loader(cfg.data, cfg.data.train, cfg.data.train_split, channels, 0, 1)
+            batches = [b.image for _, b in zip(range(calibration_batches), calibration)]
+            if not batches:
+                raise UserError(f"no '{cfg.data.train_split}' images in {cfg.data.train} to calibrate int8 with")
+            qmodel = quantize_int8(model, batches[0], batches)
+            layers = quantized_layers(qmodel)
+            qinfo = {**info, "quantization": {"dtype": "int8", "backend": "x86", "layers": layers,
+                                              "calibration_images": sum(len(b) for b in batches)}}
+            path = save_int8(qmodel, out / "model-int8.pt")
+            write_json_atomic(out / "model-int8.json", qinfo)
+            row = measure("int8", qmodel, path, info, test, weight_counts(qmodel), threads)
+            rows.append({**row, "quantized_layers": layers, "quantized_convolutions": quantized_convolutions(qmodel)})
 
-    report = {"settings": settings, "rows": rows, "machine": machine_info()}
-    write_json_atomic(out / "compress.json", report)
-    (out / "compress.md").write_text(markdown_table(rows))
-    return report
+        report = {"settings": settings, "rows": rows, "machine": machine_info()}
+        write_json_atomic(out / "compress.json", report)
+        write_text_atomic(out / "compress.md", markdown_table(rows))
+        return report
 
 
 def machine_info() -> dict:

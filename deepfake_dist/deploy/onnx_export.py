@@ -19,7 +19,7 @@ import torch
 
 from deepfake_dist.atomic import atomic_path, write_json_atomic
 from deepfake_dist.data.imageio import is_image_file, open_image
-from deepfake_dist.errors import UserError
+from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.exported import load_exported
 from deepfake_dist.inference import in_channels, model_input
 
@@ -71,7 +71,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, images: str | Path | No
     inputs, source = parity_images(info, images, overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     example = inputs[:2] if len(inputs) >= 2 else inputs.repeat(2, *[1] * (inputs.dim() - 1))
-    with atomic_path(out) as tmp:  # published only once ONNX Runtime agrees with PyTorch
+    with out_of_space_is_one_line(f"the ONNX model {out}", out.parent, OUTPUTS_WHOLE), \
+            atomic_path(out) as tmp:  # published only once ONNX Runtime agrees with PyTorch
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every pass on stdout
             program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT],
                                         output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
@@ -91,7 +92,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, images: str | Path | No
             "input_shape": ["batch", *inputs.shape[1:]], "dynamic_batch": True,
             "parity": {"images": len(inputs), "source": source, "max_abs_diff": diff, "atol": atol},
             "exported_from": str(checkpoint)}
-    write_json_atomic(out.with_suffix(".json"), {**info, "onnx": meta})
+    with out_of_space_is_one_line(str(out.with_suffix(".json")), out.parent, OUTPUTS_WHOLE):
+        write_json_atomic(out.with_suffix(".json"), {**info, "onnx": meta})
     return meta
 
 

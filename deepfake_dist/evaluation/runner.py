@@ -21,7 +21,7 @@ from rich.console import Console
 from deepfake_dist.config import DataConfig
 from deepfake_dist.data.loader import clip_frames, eval_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
-from deepfake_dist.errors import UserError
+from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.evaluation import metrics as M
 from deepfake_dist.evaluation.robustness import PERTURBATIONS
 from deepfake_dist.evaluation.sources import per_source
@@ -269,8 +269,9 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         for s in scored:
             _store_calibration(s, [str(d) for d in data], val_split)
-        write_outputs(out, scored, [str(d) for d in data], split, val_split, command, explain=explain, report=report,
-                      layer=layer, table_md=table_md)
+        with out_of_space_is_one_line(f"the evaluation's results in {out}", out, OUTPUTS_WHOLE):
+            write_outputs(out, scored, [str(d) for d in data], split, val_split, command, explain=explain,
+                          report=report, layer=layer, table_md=table_md)
         wide = console if console.is_terminal else Console(stderr=True, width=240)  # logs: no truncated cells
         wide.print(comparison_table(rows))
         console.print(f"results in {out}" + (f" (open {out / 'index.html'})" if report else ""))

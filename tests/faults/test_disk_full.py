@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import subprocess
 import sys
 
@@ -98,6 +99,44 @@ def test_a_sample_grid_on_a_full_disk_is_one_line(tmp_path, real_face_shards):
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"cannot write the sample grid {samples / 'step-000002.png'}: disk full" in errors[0]
     assert list(samples.iterdir()) == []  # no half-written grid, no .tmp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["shards", "png"])
+def test_generating_fakes_on_a_full_disk_is_one_line(gan_run, tmp_path, fmt):
+    """A 64-byte limit: less than a tar header or any PNG of a face."""
+    out = tmp_path / "fakes"
+    where = ["--out", str(out)] if fmt == "shards" else ["--format", "png", "--output_dir", str(out)]
+    proc = _run_limited("generate", "--checkpoint", str(gan_run), "--num-images", "8", *where, limit=64)
+    assert proc.returncode == 2, proc.stderr
+    errors = _error_lines(proc)
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    what = f"shard set {out}" if fmt == "shards" else f"the image {out / 'tinygan-000000.png'}"
+    assert f"cannot write {what}: disk full or file too large in {out}" in errors[0]
+    assert list(out.iterdir()) == []  # no .tmp, no half-written shard or image
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["evaluate", "export", "compress", "explain"])
+def test_what_a_command_writes_on_a_full_disk_is_one_line(command, deploy_run, deploy_shards, tmp_path):
+    """A 2 KiB limit on one process without loader workers (their shared-memory files would meet it first)."""
+    run = shutil.copytree(deploy_run, tmp_path / "run")  # evaluate stores a temperature in its model.json
+    shards, images = deploy_shards
+    out = tmp_path / "out"
+    args, what = {
+        "evaluate": (["--data", str(shards), "--out", str(out), "--workers", "0", "--no-robustness"],
+                     f"the evaluation's results in {out}"),
+        "export": (["--onnx", str(out / "model.onnx")], f"the ONNX model {out / 'model.onnx'}"),
+        "compress": (["--out", str(out), "--quantize", "int8"], f"the compressed models in {out}"),
+        "explain": (["--out", str(out), str(next(p for p in images.rglob("*") if p.is_file()))], "the overlay "),
+    }[command]
+    proc = _run_limited(command, "--checkpoint", str(run), *args, limit=2048)
+    assert proc.returncode == 2, proc.stderr
+    errors = _error_lines(proc)
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot write {what}" in errors[0] and "disk full or file too large" in errors[0], errors[0]
+    assert errors[0].endswith("no file there is half-written; free space and rerun")
+    assert out.is_dir() and not list(out.rglob(".*.tmp*"))  # what failed was removed
 
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
