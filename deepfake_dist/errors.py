@@ -48,8 +48,9 @@ OUTPUTS_WHOLE = "no file there is half-written; free space and rerun"
 
 @contextmanager
 def out_of_space_is_one_line(what: str, folder, after: str = RUN_FILES_KEPT):
-    """A write in the block that runs out of space ends in ``disk_full_error``'s line (a run's
-    metrics, its export, its summary: files whose loss costs no training)."""
+    """A write in the block that runs out of space ends in ``disk_full_error``'s line, ``after``
+    saying what is kept: by default a run's files whose loss costs no training (its metrics, export,
+    summary, sample grids); ``OUTPUTS_WHOLE`` for the files a command derives from its inputs."""
     try:
         yield
     except Exception as err:

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from deepfake_dist.atomic import write_text_atomic
 from deepfake_dist.data.loader import eval_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.data.transforms import denormalize
-from deepfake_dist.atomic import write_text_atomic
 from deepfake_dist.evaluation import plots
 from deepfake_dist.evaluation.compare import csv_text
 from deepfake_dist.evaluation.gradcam import find_layer, gradcam, overlay
