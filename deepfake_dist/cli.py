@@ -12,14 +12,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 
 from deepfake_dist import __version__
 from deepfake_dist.errors import GroupFailure, UserError
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+from deepfake_dist.console import console as err
+from deepfake_dist.console import results as out
 
 
 def _train_config(args):

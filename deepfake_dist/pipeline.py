@@ -237,7 +237,7 @@ class CompareStage(Stage):
     def run(self, ctx: dict) -> dict:
         from deepfake_dist.data.prepare import distributed_state
         from deepfake_dist.evaluation.compare import comparison_table
-        from deepfake_dist.train.tracking import console
+        from deepfake_dist.console import console
 
         evaluation = next((r for r in reversed(ctx["results"]) if "rows" in r), None)
         if evaluation is None:
@@ -358,7 +358,7 @@ def run_pipeline(path: str | Path, overrides: list[str] = ()) -> int:
 
 def _run_stages(pipeline: dict) -> int:
     from deepfake_dist.atomic import write_json_atomic
-    from deepfake_dist.train.tracking import console
+    from deepfake_dist.console import console
 
     main = _fresh_state().is_main_process
     ctx: dict = {"results": []}

@@ -22,15 +22,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from rich.console import Console
 from torch.utils.data import get_worker_info
 
+from deepfake_dist.console import console
 from deepfake_dist.errors import UserError
 
 if TYPE_CHECKING:
     from deepfake_dist.data.loader import ReadProblem
-
-console = Console(stderr=True, highlight=False, soft_wrap=True)  # the data path's warnings, on every rank
 
 
 @dataclass

@@ -47,9 +47,9 @@ from rich.markup import escape
 from torch.utils.data import IterableDataset, get_worker_info
 
 from deepfake_dist.config import DataConfig
+from deepfake_dist.console import console
 from deepfake_dist.data import transforms
 from deepfake_dist.data.handoff import HandOffRing
-from deepfake_dist.data.handoff import console as _console  # one console for the data path's warnings
 from deepfake_dist.data.manifest import listed_shards, load_manifest, missing_shard_error, shard_urls, split_count
 from deepfake_dist.data.tarstream import tar_samples
 from deepfake_dist.errors import UserError
@@ -148,8 +148,8 @@ class ShardLoader(torch.utils.data.DataLoader):
                 raise UserError(f"{problem}; {self.hint.format(set=Path(problem.shard).parent)}")
             if problem not in self.warned:
                 self.warned.add(problem)
-                _console.print(f"{self.prefix}[yellow]warning:[/yellow] {escape(str(problem))}; skipped "
-                               "(data.on_error: skip)")
+                console.print(f"{self.prefix}[yellow]warning:[/yellow] {escape(str(problem))}; skipped "
+                              "(data.on_error: skip)")
         for part in handed.split(self.split_size) if self.split_size else [handed]:
             if not len(part):
                 continue
@@ -347,9 +347,9 @@ def train_loader(cfg: DataConfig, channels: int, rank: int, world: int, seed: in
     if missing and (cfg.on_error == "raise" or len(missing) == len(listed)):
         raise missing_shard_error(missing[0])
     if missing and rank == 0:
-        _console.print(f"[yellow]warning:[/yellow] {len(missing)} of the {len(listed)} '{cfg.train_split}' shards "
-                       f"listed in the manifests are missing, training on the others (data.on_error: skip): "
-                       f"{escape(', '.join(map(str, missing)))}")
+        console.print(f"[yellow]warning:[/yellow] {len(missing)} of the {len(listed)} '{cfg.train_split}' shards "
+                      f"listed in the manifests are missing, training on the others (data.on_error: skip): "
+                      f"{escape(', '.join(map(str, missing)))}")
     expected = {str(path): int(entry.get("samples", 0)) for path, entry in listed if path.is_file()}
     urls = list(expected)
     samples = sum(split_count(load_manifest(s), cfg.train_split) for s in cfg.train)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 from deepfake_dist.config import DataConfig
 from deepfake_dist.data.loader import clip_frames, eval_loader
@@ -29,7 +28,7 @@ from deepfake_dist.evaluation.video import aggregate_scores, video_predictions
 from deepfake_dist.exported import load_exported, resolve
 from deepfake_dist.inference import in_channels
 from deepfake_dist.predictions import Predictions, predict
-from deepfake_dist.train.tracking import console
+from deepfake_dist.console import console
 
 SUMMARY_KEYS = ("accuracy", "precision", "recall", "f1", "auroc", "ap", "eer")
 
@@ -272,8 +271,7 @@ def evaluate(
         with out_of_space_is_one_line(f"the evaluation's results in {out}", out, OUTPUTS_WHOLE):
             write_outputs(out, scored, [str(d) for d in data], split, val_split, command, explain=explain,
                           report=report, layer=layer, table_md=table_md)
-        wide = console if console.is_terminal else Console(stderr=True, width=240)  # logs: no truncated cells
-        wide.print(comparison_table(rows))
+        console.print(comparison_table(rows), width=None if console.is_terminal else 240)  # logs: no truncated cells
         console.print(f"results in {out}" + (f" (open {out / 'index.html'})" if report else ""))
     accelerator.wait_for_everyone()
     return {"rows": rows, "out": out, "table_md": table_md, "results": [s.result for s in scored]}

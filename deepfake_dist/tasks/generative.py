@@ -22,7 +22,7 @@ from deepfake_dist.errors import UserError, out_of_space_is_one_line
 from deepfake_dist.fidelity import Fidelity, find_inception_weights, inception, to_uint8_rgb
 from deepfake_dist.tasks import Task
 from deepfake_dist.train.runtime import broadcast_buffers
-from deepfake_dist.train.tracking import console
+from deepfake_dist.console import console
 
 EXPORT_NAME = "generator"
 

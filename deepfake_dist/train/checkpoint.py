@@ -35,7 +35,7 @@ from deepfake_dist.errors import UserError, disk_full, disk_full_error
 from deepfake_dist.exported import write_exported
 from deepfake_dist.models.pretrained import pickled_global
 from deepfake_dist.train.runtime import plain_module
-from deepfake_dist.train.tracking import console
+from deepfake_dist.console import console
 
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "task_state.safetensors"

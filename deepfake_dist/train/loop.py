@@ -44,7 +44,8 @@ from deepfake_dist.train.runtime import (
     make_accelerator,
     plain_module,
 )
-from deepfake_dist.train.tracking import Tracker, console, start_trackers
+from deepfake_dist.console import console
+from deepfake_dist.train.tracking import Tracker, start_trackers
 
 
 class _StopRequest:

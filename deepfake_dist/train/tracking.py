@@ -9,14 +9,12 @@ import time
 from pathlib import Path
 
 from accelerate import Accelerator
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from deepfake_dist.config import Config, to_dict
+from deepfake_dist.console import console
 from deepfake_dist.errors import out_of_space_is_one_line
-
-console = Console(stderr=True)
 
 
 def tracker_name(cfg: Config) -> str | None:
