@@ -104,8 +104,9 @@ def _epochs(loader, epochs, set_epoch=None) -> int:
 
 def _loader_case(loader, epochs: int, set_epoch=None):
     """Each round times new epochs: the stream's augmentation draws are a function of the epoch, so
-    timing the same epoch every round would weigh one fixed draw (2-3% from one epoch to the next in
-    blur and JPEG work) against the limit's, which vary from round to round."""
+    timing the same epoch every round would weigh one fixed draw (its blur and JPEG work differ
+    from one epoch to the next; BENCHMARKS.md, loader) against the limit's, which vary from round
+    to round."""
     fresh = itertools.count(1)
     per_round = _epochs(loader, [0]) * epochs  # an untimed warm-up epoch (workers start)
     return lambda: measure(per_round, lambda: _epochs(loader, [next(fresh) for _ in range(epochs)], set_epoch))

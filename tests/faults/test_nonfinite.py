@@ -94,8 +94,9 @@ def test_the_detector_step_leaves_its_skip_decision_on_the_device(overrides):
 
 
 def test_a_checkpoint_from_the_for_loop_optimizer_resumes_into_the_fused_one():
-    """Runs saved before the detector stepped a fused optimizer: loading their state must not
-    switch this run back to torch's for-loop implementation, which refuses ``found_inf``."""
+    """Optimizer state saved by torch's for-loop AdamW (a checkpoint from another deepfake_dist
+    version): loading it must not switch this run back to that implementation, which refuses
+    ``found_inf``."""
     model = torch.nn.Linear(4, 1)
     saved = build_optimizer(model.parameters(), OptimConfig())
     model(torch.randn(2, 4)).sum().backward()
