@@ -108,7 +108,7 @@ def parse_split(split: Sequence[float] | str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def assign_splits(items: Sequence[Item], fractions: Sequence[float], seed: int) -> dict[str, list[Item]]:
+def _assign_splits(items: Sequence[Item], fractions: Sequence[float], seed: int) -> dict[str, list[Item]]:
     """Items per split, each list in a seeded order (so shards mix labels).
 
     Items with ``split=None`` are assigned per label: seeded shuffle of the sorted keys, then the
@@ -139,13 +139,13 @@ def assign_splits(items: Sequence[Item], fractions: Sequence[float], seed: int) 
 def plan_shards(items: Sequence[Item], fractions: Sequence[float], seed: int, shard_size: int) -> list[ShardPlan]:
     """All shards of the set, train then val then test, each cut into ``shard_size`` items."""
     plans = []
-    for split, group in assign_splits(items, fractions, seed).items():
+    for split, group in _assign_splits(items, fractions, seed).items():
         for index, start in enumerate(range(0, len(group), shard_size)):
             plans.append(ShardPlan(split, index, group[start : start + shard_size]))
     return plans
 
 
-def split_units(plans: list[ShardPlan], n_units: int) -> list[list[ShardPlan]]:
+def _split_units(plans: list[ShardPlan], n_units: int) -> list[list[ShardPlan]]:
     """``n_units`` contiguous, near-equal runs of the planned shards (some empty if few shards)."""
     n = len(plans)
     return [plans[u * n // n_units : (u + 1) * n // n_units] for u in range(n_units)]
@@ -186,7 +186,7 @@ def _encode_item(item: Item, enc: Encoding) -> tuple[list[dict[str, Any]], list[
     return samples, parts.dropped
 
 
-def write_unit(job: UnitJob) -> dict[str, Any]:
+def _write_unit(job: UnitJob) -> dict[str, Any]:
     """Write this unit's planned shards into ``job.tmp_dir`` with ``webdataset.ShardWriter``;
     returns (and saves as ``report.json``) each shard's counts, size and sha256, and the skips."""
     import webdataset as wds
@@ -236,12 +236,12 @@ def write_unit(job: UnitJob) -> dict[str, Any]:
     return report
 
 
-def run_units(jobs: list[UnitJob], workers: int, progress: bool) -> None:
+def _run_units(jobs: list[UnitJob], workers: int, progress: bool) -> None:
     """Run this rank's units: inline when one process is enough, else in spawned processes."""
     global _tick
     for job in jobs:
         if not job.shards:
-            write_unit(job)  # an empty report, so the main process knows this unit finished
+            _write_unit(job)  # an empty report, so the main process knows this unit finished
     busy = [job for job in jobs if job.shards]
     total = sum(len(plan.items) for job in busy for plan in job.shards)
     bar, task = _progress_bar(progress, total)
@@ -250,14 +250,14 @@ def run_units(jobs: list[UnitJob], workers: int, progress: bool) -> None:
             _tick = (lambda n: bar.advance(task, n)) if bar else None
             try:
                 for job in busy:
-                    write_unit(job)
+                    _write_unit(job)
             finally:
                 _tick = None
             return
         ctx = mp.get_context("spawn")
         counter = ctx.Value("q", 0)
         with ProcessPoolExecutor(len(busy), mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool:
-            futures = [pool.submit(write_unit, job) for job in busy]
+            futures = [pool.submit(_write_unit, job) for job in busy]
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
@@ -294,7 +294,7 @@ def _write_json(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
-def check_output(out: Path, overwrite: bool) -> None:
+def _check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the shard set")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -311,7 +311,7 @@ def _clear_output(out: Path) -> None:
 
 
 @contextmanager
-def out_of_space(out: Path):
+def _out_of_space(out: Path):
     """A write into the set refused for lack of space (a full disk, a quota, a file-size limit)
     becomes one line naming ``out``, after what the failed write left there (shards, ``.tmp``, a
     partial manifest) is removed: nothing half-written is left looking like a finished set."""
@@ -394,31 +394,31 @@ class ShardSetWriter:
         self.out, self.state, self.workers = Path(out), state, workers
         self.n_units = state.num_processes * workers
         self.tmp = (self.out / TMP_DIR).resolve()
-        check_output(self.out, overwrite)
+        _check_output(self.out, overwrite)
 
     def jobs(self, plans: list[ShardPlan], encoding: Encoding) -> list[UnitJob]:
         """This rank's units: each a contiguous run of the planned shards (some may be empty)."""
-        runs = split_units(plans, self.n_units)
+        runs = _split_units(plans, self.n_units)
         first = self.state.process_index * self.workers
         return [UnitJob(u, str(self.tmp / f"unit-{u}"), runs[u], encoding) for u in range(first, first + self.workers)]
 
     def write(self, jobs: list[UnitJob], progress: bool = False) -> None:
         """Clear what a previous write left in ``out`` (main process, once every rank has checked
         it), then write this rank's units (``progress``: a rich bar on the main process)."""
-        with out_of_space(self.out):
+        with _out_of_space(self.out):
             self.state.wait_for_everyone()  # nobody writes before every rank has checked the output folder
             if self.state.is_main_process:
                 if self.out.is_dir():
                     _clear_output(self.out)
                 self.tmp.mkdir(parents=True, exist_ok=True)
             self.state.wait_for_everyone()
-            run_units(jobs, self.workers, progress and self.state.is_main_process)
+            _run_units(jobs, self.workers, progress and self.state.is_main_process)
 
     def finish(self, fields: dict[str, Any] | None, skipped: list[dict[str, str]], inputs: int) -> dict[str, Any]:
         """Publish the shards and the manifest; every rank returns the manifest. The main process
         passes the manifest's ``fields`` (the set's settings), the inputs the source rejected
         while listing them (``skipped``) and how many inputs there were in all; the others None."""
-        with out_of_space(self.out):
+        with _out_of_space(self.out):
             self.state.wait_for_everyone()
             manifest: dict[str, Any] | None = None
             error: BaseException | None = None
