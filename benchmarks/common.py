@@ -297,7 +297,7 @@ def train_images(set_dir: Path) -> list[tuple[str, int, bytes]]:
 def image_folder(set_dir: Path) -> Path:
     """The train images of a set as files, ``<set>-files/{real,fake}/<key>.<fmt>`` (the very
     bytes in the shards), for torchvision's ``ImageFolder``."""
-    from deepfake_dist.data.sources import LABEL_NAMES
+    from deepfake_dist.data.common import LABEL_NAMES
 
     out = Path(set_dir).parent / f"{Path(set_dir).name}-files"
     samples, fmt = train_images(set_dir), load_manifest(set_dir)["format"]

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepfake_dist.data.loader import eval_loader
+from deepfake_dist.data.loader import EvalOptions, eval_loader
 from deepfake_dist.deploy.compress import cpu_latency_ms, score, stored_config, test_sets
 from deepfake_dist.deploy.onnx_export import export_onnx
 from deepfake_dist.deploy.quantize import example_shape, quantize_int8, quantized_layers
@@ -149,8 +149,8 @@ def main(argv=None) -> int:
     model, info = load_exported(args.checkpoint)
     cfg = stored_config(info, args.overrides, where=str(resolve(args.checkpoint)[1]))
     channels, threshold = in_channels(info), float(info.get("threshold", 0.5))
-    test = eval_loader(cfg.data, test_sets(cfg), "test", channels, 0, 1)
-    calibration = eval_loader(cfg.data, cfg.data.train, cfg.data.train_split, channels, 0, 1)
+    test = eval_loader(test_sets(cfg), "test", EvalOptions.from_data(cfg.data, channels))
+    calibration = eval_loader(cfg.data.train, cfg.data.train_split, EvalOptions.from_data(cfg.data, channels))
     batches = [b.image for _, b in zip(range(args.calibration_batches), calibration)]
     qmodel = quantize_int8(model, batches[0], batches)
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from video_data import write_video  # noqa: E402 - from the tests folder, added above
 
 from deepfake_dist.data.prepare import prepare  # noqa: E402
-from deepfake_dist.data.video import VideoOptions, clip_indices  # noqa: E402
+from deepfake_dist.data.faces import VideoOptions, clip_indices  # noqa: E402
 
 
 def _cpu_seconds() -> float:

@@ -7,7 +7,6 @@ printed as one line and exits with status 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from deepfake_dist import __version__
+from deepfake_dist.engine.distributed import close_process_group, distributed_state, exit_process
 from deepfake_dist.errors import GroupFailure, UserError
 
 from deepfake_dist.console import console as err
@@ -50,7 +50,7 @@ def cmd_train(args) -> int:
 
 def cmd_prepare(args) -> int:
     from deepfake_dist.data.manifest import info_table
-    from deepfake_dist.data.prepare import distributed_state, prepare
+    from deepfake_dist.data.prepare import prepare
 
     manifest = prepare(
         args.source, args.out, resolution=args.resolution, fmt=args.format, shard_size=args.shard_size,
@@ -105,7 +105,7 @@ def _add_prepare(sub):
     p.add_argument("--label", choices=["real", "fake"], help="label of a flat folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
-    from deepfake_dist.data.video import VideoOptions
+    from deepfake_dist.data.faces import VideoOptions
 
     d = VideoOptions()
     v = p.add_argument_group("videos:PATH (folders real/ fake/ of videos, or a CSV path,label,split)")
@@ -128,7 +128,6 @@ _VIDEO_OPTIONS = ("frames", "clips_per_video", "sampling", "frame_step", "margin
 
 def cmd_generate(args) -> int:
     from deepfake_dist.data.manifest import info_table
-    from deepfake_dist.data.prepare import distributed_state
     from deepfake_dist.generate import generate
 
     target = args.output_dir if args.format == "png" and args.output_dir else args.out
@@ -373,32 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         err.print("interrupted")
         return 130
     finally:
-        _close_process_group()
+        close_process_group()
 
 
 def run() -> None:
     """The ``deepfake-dist`` command (and ``python -m deepfake_dist``)."""
     exit_process(main())
-
-
-def exit_process(code: int) -> None:
-    """End the process with ``code``. A rank of a multi-process launch (``WORLD_SIZE`` > 1) leaves
-    with ``os._exit`` once the command has returned (its files written and closed, its process
-    group destroyed), skipping the interpreter's and the C++ runtime's teardown: there a two-rank
-    gloo run that had finished correctly now and then aborted ("terminate called without an
-    active exception", SIGABRT, so the launcher reported the job failed; four times over this
-    project's CI and benchmark runs, never reproduced on demand)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
-def _close_process_group() -> None:
-    """A launched command (prepare, evaluate, generate) leaves its gloo/NCCL group open, and the
-    group's threads torn down at interpreter exit can abort a rank that finished its work
-    ("terminate called without an active exception"). Training closes it itself."""
-    dist = sys.modules.get("torch.distributed")  # never imported: no group to close
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

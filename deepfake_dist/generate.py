@@ -5,7 +5,7 @@ output is the same whatever the number of ranks or the batch size, and ranks nev
 talk. Keys are ``<run>-<i>``; every sample has ``cls`` 1 and a json naming the generator
 model, its run and step, the index and the seed.
 
-Shards go through the same planner and writer as ``prepare`` (``data.prepare``): the N items
+Shards go through the same planner and writer as ``prepare`` (``data.shard_writer``): the N items
 are split train/val/test by fractions, cut into shards, each rank writes a contiguous run of
 the planned shards, and the main process publishes them with a manifest like a real set's.
 Within a rank, images are generated ``batch_size`` at a time in the order the writer asks.
@@ -24,22 +24,10 @@ import torch
 from PIL import Image
 
 from deepfake_dist.atomic import atomic_path
+from deepfake_dist.data.common import LABELS, Item
 from deepfake_dist.data.manifest import file_sha256
-from deepfake_dist.data.prepare import (
-    ShardPlan,
-    UnitJob,
-    begin_set,
-    check_output,
-    created_info,
-    distributed_state,
-    finish_set,
-    out_of_space,
-    parse_split,
-    plan_shards,
-    run_units,
-    split_units,
-)
-from deepfake_dist.data.sources import LABELS, Item
+from deepfake_dist.data.shard_writer import Encoding, ShardSetWriter, created_info, parse_split, plan_shards
+from deepfake_dist.engine.distributed import distributed_state
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.exported import load_exported, resolve
 from deepfake_dist.tasks.generative import EXPORT_NAME
@@ -147,25 +135,18 @@ def generate(
         return _write_pngs(synth, keys, out, state)
 
     fractions = parse_split(split)
-    check_output(out, overwrite)
+    writer = ShardSetWriter(out, overwrite, state)
     meta = {"source": "generator", "label": "fake", "generator": info["model"], "run": run,
             "step": info.get("step"), "seed": seed, **({"truncation": truncation} if truncation else {})}
-    items = [Item(key, None, LABELS["fake"], None, {**meta, "index": i, **_class(synth, i, info)}, f"{run}#{i}")
-             for i, key in enumerate(keys)]
-    plans = plan_shards(items, fractions, seed, shard_size)
-    mine = split_units(plans, state.num_processes)[state.process_index]
-    synth.expect([item.meta["index"] for plan in mine for item in plan.items])
-    mine = [ShardPlan(plan.split, plan.index,
-                      [Item(it.key, it.split, it.label, partial(synth.image, it.meta["index"]), it.meta, it.origin)
-                       for it in plan.items]) for plan in mine]
-    unit = state.process_index
-    with out_of_space(out):
-        tmp = begin_set(state, out)
-        run_units([UnitJob(unit, str(tmp / f"unit-{unit}"), mine, synth.mode, int(info["resolution"]), encoding, 95)],
-                  1, progress and state.is_main_process)
-    settings = None
+    items = [Item(key, None, LABELS["fake"], partial(synth.image, i), {**meta, "index": i, **_class(synth, i, info)},
+                  f"{run}#{i}") for i, key in enumerate(keys)]
+    jobs = writer.jobs(plan_shards(items, fractions, seed, shard_size),
+                       Encoding(synth.mode, int(info["resolution"]), encoding, 95))
+    synth.expect([item.meta["index"] for job in jobs for plan in job.shards for item in plan.items])
+    writer.write(jobs, progress)
+    fields = None
     if state.is_main_process:
-        settings = {
+        fields = {
             "name": out.resolve().name,
             "source": f"generator:{checkpoint}",
             "resolution": int(info["resolution"]),
@@ -181,10 +162,8 @@ def generate(
             "shard_size": shard_size,
             "label": "fake",
             "created": created_info(command, 1, state.num_processes),
-            "_inputs": num_images,
         }
-    with out_of_space(out):
-        return finish_set(state, out, state.num_processes, settings, [])
+    return writer.finish(fields, [], num_images)
 
 
 def _class(synth: Synthesizer, index: int, info: dict) -> dict:

@@ -85,13 +85,13 @@ _FACES = threading.Lock()
 
 
 def largest_face(img: Image.Image, margin: float = FACE_MARGIN) -> tuple[Image.Image, dict]:
-    """The largest face, found and cropped as ``prepare --source videos:`` does (``data.video``:
+    """The largest face, found and cropped as ``prepare --source videos:`` does (``data.faces``:
     OpenCV's Haar cascade, a square of ``max(w, h) * (1 + 2 * margin)`` around the box), and what
     was found: ``{"detected", "faces", "box": [x, y, w, h]}``. With no face the whole image comes
     back (``detected`` false), so the caller can still score it."""
     import numpy as np
 
-    from deepfake_dist.data.video import crop_face, face_detector
+    from deepfake_dist.data.faces import crop_face, face_detector
 
     rgb = np.asarray(imageio.to_mode(img, "RGB"))
     with _FACES:  # the server calls this from many threads; OpenCV's detector is shared, not thread-safe

@@ -235,7 +235,7 @@ class CompareStage(Stage):
     stamped = False
 
     def run(self, ctx: dict) -> dict:
-        from deepfake_dist.data.prepare import distributed_state
+        from deepfake_dist.engine.distributed import distributed_state
         from deepfake_dist.evaluation.compare import comparison_table
         from deepfake_dist.console import console
 
@@ -329,7 +329,7 @@ def _fresh_state():
     process, so the previous one is dropped; the process group (PartialState) stays."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from deepfake_dist.data.prepare import distributed_state
+    from deepfake_dist.engine.distributed import distributed_state
 
     AcceleratorState._reset_state()
     GradientState._reset_state()

@@ -2,7 +2,7 @@
 
 Images go through ``inference.model_input`` (the training preprocessing: prepare's crop and
 resize, then the eval transform), the same function the HTTP server uses. A video goes through
-``data.video`` exactly as ``prepare --source videos:`` cuts it (frame sampling, face track,
+``data.faces`` exactly as ``prepare --source videos:`` cuts it (frame sampling, face track,
 crop), with the settings the model's training sets recorded: a clip model scores the clips, an
 image model ``--frames`` evenly spaced face crops (frames with no face are skipped and counted);
 the video's probability is the mean over them (``evaluation.video.aggregate_scores``, as
@@ -21,7 +21,7 @@ from PIL import Image
 
 from deepfake_dist.atomic import atomic_path
 from deepfake_dist.data import imageio
-from deepfake_dist.data.video import VIDEO_EXTENSIONS, cut_samples, is_video_file, options_from_settings, video_faces
+from deepfake_dist.data.faces import VIDEO_EXTENSIONS, cut_samples, is_video_file, options_from_settings, video_faces
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.evaluation.video import aggregate_scores
 from deepfake_dist.exported import load_exported

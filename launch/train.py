@@ -6,7 +6,8 @@ srun) take a script path.
 
 import sys
 
-from deepfake_dist.cli import exit_process, main
+from deepfake_dist.cli import main
+from deepfake_dist.engine.distributed import exit_process
 
 if __name__ == "__main__":
     exit_process(main(["train", *sys.argv[1:]]))

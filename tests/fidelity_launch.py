@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deepfake_dist.cli import exit_process
+from deepfake_dist.engine.distributed import exit_process
 
 N_REAL, N_FAKE = 24, 20
 

@@ -9,7 +9,7 @@ import argparse
 
 from accelerate import PartialState
 
-from deepfake_dist.cli import exit_process
+from deepfake_dist.engine.distributed import exit_process
 from deepfake_dist.data.prepare import prepare
 
 

@@ -30,14 +30,14 @@ def test_soft_loss_is_temperature_scaled_bce_and_vanishes_when_the_student_match
 
 
 def _test_auroc(run, shards) -> float:
-    from deepfake_dist.data.loader import eval_loader
+    from deepfake_dist.data.loader import EvalOptions, eval_loader
     from deepfake_dist.deploy.compress import score
     from deepfake_dist.exported import load_exported
     from deepfake_dist.train.metrics import binary_metrics
 
     model, _ = load_exported(run)
     cfg = detector_config(shards, run.parent, "eval")
-    scores, labels = score(model, eval_loader(cfg.data, [str(shards)], "test", 1, 0, 1))
+    scores, labels = score(model, eval_loader([str(shards)], "test", EvalOptions.from_data(cfg.data, 1)))
     return binary_metrics(scores, labels)["auroc"]
 
 

@@ -16,7 +16,7 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from deepfake_dist.config import DataConfig
-from deepfake_dist.data.loader import eval_loader
+from deepfake_dist.data.loader import EvalOptions, eval_loader
 from deepfake_dist.errors import UserError
 from deepfake_dist.evaluation import evaluate
 from deepfake_dist.evaluation import metrics as M
@@ -121,7 +121,7 @@ def test_evaluate_matches_sklearn_on_its_predictions(evaluated, detectors, eval_
         model, _ = load_exported(row["checkpoint"])
         cfg = DataConfig(train=eval_sets["data"], resolution=32, channels=1, batch_size=8, num_workers=0)
         with torch.no_grad():
-            val = [(model(b.image), b.label) for b in eval_loader(cfg, eval_sets["data"], "val", 1, 0, 1)]
+            val = [(model(b.image), b.label) for b in eval_loader(eval_sets["data"], "val", EvalOptions.from_data(cfg, 1))]
         val_scores = torch.sigmoid(torch.cat([v[0] for v in val]))
         val_labels = torch.cat([v[1] for v in val])
         threshold = M.val_threshold(val_scores, val_labels)

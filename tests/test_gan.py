@@ -14,7 +14,7 @@ from gen_setup import CONFIGS, DEEPSPEED_ZERO2, ROOT, launch, tiny, tiny_gan
 from safetensors.torch import load_file
 
 from deepfake_dist.config import load_config
-from deepfake_dist.data.loader import eval_loader
+from deepfake_dist.data.loader import EvalOptions, eval_loader
 from deepfake_dist.data.prepare import prepare
 from deepfake_dist.errors import UserError
 from deepfake_dist.exported import load_exported
@@ -136,7 +136,7 @@ def test_vae_loss_falls_and_reconstructions_keep_shape_and_range(real_face_shard
     assert sorted(p.name for p in (cfg.run_dir / "samples").glob("*.png")) == ["step-000020.png", "step-000040.png"]
     model, info = load_exported(cfg.run_dir, "generator")
     assert info.get("module") is None and info["build_args"] == {"resolution": 32, "channels": 1}
-    batch = next(iter(eval_loader(cfg.data, [str(real_face_shards)], "val", 1, 0, 1)))
+    batch = next(iter(eval_loader([str(real_face_shards)], "val", EvalOptions.from_data(cfg.data, 1))))
     with torch.no_grad():
         recon_images = model(batch.image)["recon"]
     assert recon_images.shape == batch.image.shape == (10, 1, 32, 32)
@@ -149,7 +149,7 @@ def test_generator_tasks_skip_a_nonfinite_batch_without_an_update(config, extra,
     cfg = load_config(CONFIGS / config, tiny(real_face_shards, tmp_path, "nan", **extra))
     task = create_task(cfg, make_accelerator(cfg, engines=task_class(cfg).engines), channels=1)
     task.set_total_steps(4)
-    batch = next(iter(eval_loader(cfg.data, [str(real_face_shards)], "train", 1, 0, 1)))
+    batch = next(iter(eval_loader([str(real_face_shards)], "train", EvalOptions.from_data(cfg.data, 1))))
 
     def weights():  # parameters: the NaN images do reach the discriminator's BatchNorm statistics
         return {f"{name}.{k}": p.detach().clone() for name, module in task.replicated_modules().items()

@@ -11,9 +11,9 @@ import webdataset as wds
 from gen_setup import launch
 from PIL import Image
 
+from deepfake_dist.data.common import SPLITS
 from deepfake_dist.data.imageio import decode
 from deepfake_dist.data.manifest import file_sha256, load_manifest, shard_urls, verify
-from deepfake_dist.data.sources import SPLITS
 from deepfake_dist.errors import UserError
 from deepfake_dist.generate import generate
 

@@ -18,6 +18,7 @@ from deepfake_dist.config import AugmentConfig, DataConfig
 from deepfake_dist.data import transforms
 from deepfake_dist.data.handoff import Batch
 from deepfake_dist.data.loader import (
+    EvalOptions,
     TrainStream,
     _seed,
     _shuffled,
@@ -165,7 +166,7 @@ def test_workers_run_nicer_than_the_training_process(face_shards):
         cfg = _data([face_shards], num_workers=2, worker_nice=nice)
         before = set(multiprocessing.active_children())
         loader = train_loader(cfg, 1, 0, 1, seed=0)[0] if make == "train" else eval_loader(
-            cfg, cfg.train, "train", 1, 0, 1)
+            cfg.train, "train", EvalOptions.from_data(cfg, 1))
         batches = iter(loader)
         next(batches)  # the workers are running, but each sets its niceness as it starts: wait for the last
         workers = set(multiprocessing.active_children()) - before
@@ -201,7 +202,7 @@ def test_eval_reads_every_sample_once_across_ranks(face_shards):
     seen = []
     for rank in range(3):
         for split in ("val", "test"):
-            for batch in eval_loader(cfg, [str(face_shards)], split, 1, rank, 3):
+            for batch in eval_loader([str(face_shards)], split, EvalOptions.from_data(cfg, 1), rank, 3):
                 seen += batch.key
                 assert all("source" in m for m in batch.meta)
     assert len(seen) == len(set(seen)) == expected

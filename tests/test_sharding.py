@@ -18,10 +18,11 @@ import webdataset as wds
 from PIL import Image
 from rich.console import Console
 
+from deepfake_dist.data.common import SPLITS
 from deepfake_dist.data.imageio import decode
 from deepfake_dist.data.manifest import info_table, load_manifest, shard_urls, split_count, verify
 from deepfake_dist.data.prepare import prepare
-from deepfake_dist.data.sources import SPLITS, open_source
+from deepfake_dist.data.sources import open_source
 from deepfake_dist.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

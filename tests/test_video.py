@@ -17,11 +17,11 @@ from PIL import Image
 
 from deepfake_dist.cli import main
 from deepfake_dist.config import AugmentConfig, load_config
-from deepfake_dist.data.loader import eval_loader
+from deepfake_dist.data.faces import VideoOptions, clip_indices, fill_boxes, largest_track
+from deepfake_dist.data.loader import EvalOptions, eval_loader
 from deepfake_dist.data.manifest import info_table, shard_urls, verify
 from deepfake_dist.data.prepare import prepare
 from deepfake_dist.data.transforms import TrainAugment
-from deepfake_dist.data.video import VideoOptions, clip_indices, fill_boxes, largest_track
 from deepfake_dist.errors import UserError
 from deepfake_dist.evaluation.metrics import detection_metrics
 from deepfake_dist.evaluation.video import video_predictions
@@ -120,8 +120,8 @@ def test_clip_shards_hold_frames_in_order_with_boxes(clip_set):
             assert all(abs(c - level(i)) <= 6 for c, i in zip(corners, meta["frames"]))
             splits_of[meta["video"]].add(split)
     assert len(splits_of) == 8 and all(len(s) == 1 for s in splits_of.values())  # split by video
-    loader = eval_loader(load_config(ROOT / "configs/temporal.yaml", [f"data.train=[{clip_set}]"]).data,
-                         [str(clip_set)], "train", 3, 0, 1)
+    loader = eval_loader([str(clip_set)], "train", EvalOptions.from_data(
+        load_config(ROOT / "configs/temporal.yaml", [f"data.train=[{clip_set}]"]).data, 3))
     assert loader.dataset.sample_shape == (4, 3, 64, 64)
     assert next(iter(loader)).image.shape[1:] == (4, 3, 64, 64)
 
@@ -209,7 +209,7 @@ def test_every_frame_of_a_clip_gets_the_same_augmentation():
 def test_temporal_scores_depend_on_frame_order(clip_set):
     model = create_model("temporal", backbone="cnn", backbone_args={"width": 8}, hidden=16).eval()
     cfg = load_config(ROOT / "configs/temporal.yaml", [f"data.train=[{clip_set}]", "data.resolution=32"]).data
-    clips = next(iter(eval_loader(cfg, [str(clip_set)], "train", 3, 0, 1))).image
+    clips = next(iter(eval_loader([str(clip_set)], "train", EvalOptions.from_data(cfg, 3)))).image
     with torch.no_grad():
         logits = model(clips)
         shuffled = model(clips[:, [2, 0, 3, 1]])

@@ -1,2 +1,11 @@
-"""Face data: sources (``sources``), sharding (``prepare``), shard sets (``manifest``), and the
-image helpers they share (``imageio``)."""
+"""Face data, from raw files to batches. Each module imports only those listed before it:
+
+- ``common``: splits, labels and the records the others pass around (``Item``, ``ReadProblem``)
+- ``imageio``: image decode / crop / resize / encode, as ``prepare`` stores them
+- ``manifest``: a shard set on disk (``manifest.json`` + tars): read, verify, describe
+- ``faces``: videos -> face crops (frame sampling, face detection, tracking, cropping)
+- ``sources``: where raw faces come from, one module per ``KIND:ARG`` kind, listed in ``SOURCES``
+- ``shard_writer``: plan a shard set and write it over workers x ranks, with its manifest
+- ``prepare``: the ``deepfake-dist prepare`` back end (a source -> a shard set)
+- ``transforms``, ``tarstream``, ``handoff``, ``loader``: shards -> augmented batches on the device
+"""

@@ -19,16 +19,13 @@ import os
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import get_worker_info
 
 from deepfake_dist.console import console
+from deepfake_dist.data.common import ReadProblem
 from deepfake_dist.errors import UserError
-
-if TYPE_CHECKING:
-    from deepfake_dist.data.loader import ReadProblem
 
 
 @dataclass

@@ -49,6 +49,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from deepfake_dist.config import DataConfig
 from deepfake_dist.console import console
 from deepfake_dist.data import transforms
+from deepfake_dist.data.common import ReadProblem
 from deepfake_dist.data.handoff import HandOffRing
 from deepfake_dist.data.manifest import listed_shards, load_manifest, missing_shard_error, shard_urls, split_count
 from deepfake_dist.data.tarstream import tar_samples
@@ -56,23 +57,6 @@ from deepfake_dist.errors import UserError
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
 FRAME_KEY = re.compile(r"^f\d{3}\.(jpg|png|jpeg|webp)$")  # a clip's frames: f000.png, f001.png, ...
-
-
-@dataclass(frozen=True)
-class ReadProblem:
-    """Data a loader could not read: one sample (``sample=True``; the rest of its shard was read)
-    or the rest of a shard (``key``: the last sample read before it broke, None if none was)."""
-
-    shard: str
-    key: str | None
-    reason: str
-    sample: bool
-
-    def __str__(self) -> str:
-        if self.sample:
-            return f"shard {self.shard}: sample {self.key} is unreadable ({self.reason})"
-        where = f"after sample {self.key}" if self.key else "from its start"
-        return f"shard {self.shard} is unreadable {where} ({self.reason})"
 
 
 def _reason(err: BaseException) -> str:
@@ -372,16 +356,34 @@ def train_loader(cfg: DataConfig, channels: int, rank: int, world: int, seed: in
     return loader, stream
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """What ``eval_loader`` needs besides the sets: the model's input (resolution, channels,
+    normalisation) and the batching and workers; unset, the ``data:`` section's defaults."""
+
+    resolution: int
+    channels: int
+    normalize: str = DataConfig.normalize
+    batch_size: int = DataConfig.batch_size
+    num_workers: int = DataConfig.num_workers
+    worker_nice: int = DataConfig.worker_nice
+
+    @classmethod
+    def from_data(cls, data: DataConfig, channels: int) -> EvalOptions:
+        """A training config's: its ``data:`` resolution, normalisation, batch size and workers."""
+        return cls(data.resolution, channels, data.normalize, data.batch_size, data.num_workers, data.worker_nice)
+
+
 class EvalStream(IterableDataset):
     """Every sample of the split once: shards split over ranks then workers, last batch kept."""
 
-    def __init__(self, urls, cfg: DataConfig, channels: int, rank: int, world: int, perturb=None,
+    def __init__(self, urls, options: EvalOptions, rank: int, world: int, perturb=None,
                  frames: int | None = None, expected: dict[str, int] | None = None):
-        self.urls, self.cfg, self.channels, self.rank, self.world = urls, cfg, channels, rank, world
+        self.urls, self.options, self.rank, self.world = urls, options, rank, world
         self.expected = expected or {}
-        self.transform = transforms.eval_resize(cfg.resolution, perturb)
-        self.sample_shape = (*([frames] if frames else []), channels, cfg.resolution, cfg.resolution)
-        self.ring = HandOffRing(cfg.num_workers)
+        self.transform = transforms.eval_resize(options.resolution, perturb)
+        self.sample_shape = (*([frames] if frames else []), options.channels, options.resolution, options.resolution)
+        self.ring = HandOffRing(options.num_workers)
 
     def __iter__(self):
         self.ring.start_pass()
@@ -390,13 +392,13 @@ class EvalStream(IterableDataset):
         problems: list[ReadProblem] = []
         batch = []
         for sample in _read_shards(mine, self.expected, problems):
-            item = _decode_or_report(sample, self.channels, problems)
+            item = _decode_or_report(sample, self.options.channels, problems)
             if problems:  # every sample counts: stop at the first problem (the loader raises)
                 yield self.ring.collate([], problems)
                 return
             image, label, key, meta = item
             batch.append((self.transform(image), label, key, meta))
-            if len(batch) == self.cfg.batch_size:
+            if len(batch) == self.options.batch_size:
                 yield self.ring.collate(batch)
                 batch = []
         if problems:  # the last shard ended short
@@ -405,15 +407,18 @@ class EvalStream(IterableDataset):
             yield self.ring.collate(batch)
 
 
-def eval_loader(cfg: DataConfig, sets: list[str], split: str, channels: int, rank: int, world: int, perturb=None):
-    """``perturb``: a picklable transform of the decoded uint8 image (see ``transforms.eval_resize``)."""
+def eval_loader(sets: list[str], split: str, options: EvalOptions, rank: int = 0, world: int = 1,
+                perturb=None) -> ShardLoader:
+    """Every sample of ``split`` in ``sets`` once, this rank's share (the caller gathers the
+    predictions). ``perturb``: a picklable transform of the decoded uint8 image (see
+    ``transforms.eval_resize``)."""
     urls = [u for s in sets for u in shard_urls(s, split)]  # a missing shard is an error here
     if not urls:
         raise UserError(f"no '{split}' shards in {sets}; prepare the sets with a {split} split")
     expected = {str(path): int(entry.get("samples", 0)) for s in sets for path, entry in listed_shards(s, split)}
-    stream = EvalStream(urls, cfg, channels, rank, world, perturb, clip_frames(sets), expected)
-    workers = min(cfg.num_workers, max(len(urls) // world, 1))
+    stream = EvalStream(urls, options, rank, world, perturb, clip_frames(sets), expected)
+    workers = min(options.num_workers, max(len(urls) // world, 1))
     hint = ("evaluation reads every sample, so it stops; find what is wrong with deepfake-dist shards verify {set} "
             "and re-create the set")
-    return ShardLoader(stream, transforms.Normalize(channels, cfg.normalize), "raise", hint, rank, world,
-                       worker_nice=cfg.worker_nice, num_workers=workers)
+    return ShardLoader(stream, transforms.Normalize(options.channels, options.normalize), "raise", hint, rank, world,
+                       worker_nice=options.worker_nice, num_workers=workers)

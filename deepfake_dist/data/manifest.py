@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from deepfake_dist.data.sources import LABEL_NAMES, SPLITS
+from deepfake_dist.data.common import LABEL_NAMES, SPLITS
 from deepfake_dist.errors import UserError
 
 FORMAT_VERSION = 1

@@ -29,7 +29,7 @@ import torch
 
 from deepfake_dist.atomic import write_json_atomic, write_text_atomic
 from deepfake_dist.config import apply_override, build_config
-from deepfake_dist.data.loader import eval_loader
+from deepfake_dist.data.loader import EvalOptions, eval_loader
 from deepfake_dist.deploy.prune import parameter_counts, prune_model, sparsity
 from deepfake_dist.deploy.quantize import (
     example_shape,
@@ -146,7 +146,7 @@ def compress(checkpoint: str | Path, out: str | Path, prune: float = 0.0, struct
     # the writes come between measurements: any of them may meet a full disk
     with out_of_space_is_one_line(f"the compressed models in {out}", out, OUTPUTS_WHOLE):
         channels = in_channels(info)
-        test = eval_loader(cfg.data, test_sets(cfg), "test", channels, 0, 1)
+        test = eval_loader(test_sets(cfg), "test", EvalOptions.from_data(cfg.data, channels))
 
         rows = [measure("original", model, weights, info, test, parameter_counts(model), threads)]
         settings = {"checkpoint": str(checkpoint), "prune": prune, "structured": structured,
@@ -165,7 +165,7 @@ def compress(checkpoint: str | Path, out: str | Path, prune: float = 0.0, struct
                 rows.append(measure(f"fine-tuned {finetune_epochs} ep", model, path, info, test,
                                     parameter_counts(model), threads))
         if quantize:
-            calibration = eval_loader(cfg.data, cfg.data.train, cfg.data.train_split, channels, 0, 1)
+            calibration = eval_loader(cfg.data.train, cfg.data.train_split, EvalOptions.from_data(cfg.data, channels))
             batches = [b.image for _, b in zip(range(calibration_batches), calibration)]
             if not batches:
                 raise UserError(f"no '{cfg.data.train_split}' images in {cfg.data.train} to calibrate int8 with")

@@ -35,7 +35,7 @@ def parity_images(info: dict, images: str | Path | None, overrides: list[str] = 
         if not files:
             raise UserError(f"--images {folder}: no .jpg/.png/.webp/.bmp images found there")
         return torch.stack([model_input(open_image(p), info) for p in files]), str(folder)
-    from deepfake_dist.data.loader import eval_loader
+    from deepfake_dist.data.loader import EvalOptions, eval_loader
     from deepfake_dist.deploy.compress import stored_config, test_sets
 
     cfg = stored_config(info, overrides)
@@ -45,7 +45,7 @@ def parity_images(info: dict, images: str | Path | None, overrides: list[str] = 
         raise UserError(f"shard set {missing[0]} (from the model's config) is not here for the parity check; "
                         f"pass --images FOLDER with a few real test images, or data.train=[...] where the shards are")
     batches, count = [], 0
-    for batch in eval_loader(cfg.data, sets, "test", in_channels(info), 0, 1):
+    for batch in eval_loader(sets, "test", EvalOptions.from_data(cfg.data, in_channels(info))):
         batches.append(batch.image)
         count += len(batch)
         if count >= PARITY_IMAGES:

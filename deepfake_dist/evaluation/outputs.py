@@ -52,9 +52,8 @@ def robustness_csv(scored: list) -> str:
 
 def _examples(scored, per_class: int):
     """The first ``per_class`` real and fake test samples (shard order), as one batch."""
-    cfg = replace(scored.data_cfg, num_workers=0)
     picked = {0: [], 1: []}
-    for batch in eval_loader(cfg, cfg.train, scored.result["row"]["split"], cfg.channels, 0, 1):
+    for batch in eval_loader(scored.data, scored.result["row"]["split"], replace(scored.reading, num_workers=0)):
         for image, label, key in zip(batch.image, batch.label.tolist(), batch.key):
             if len(picked[label]) < per_class:
                 picked[label].append((image, label, key))

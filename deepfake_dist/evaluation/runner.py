@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from deepfake_dist.config import DataConfig
-from deepfake_dist.data.loader import clip_frames, eval_loader
+from deepfake_dist.data.loader import EvalOptions, clip_frames, eval_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.evaluation import metrics as M
@@ -41,7 +40,8 @@ class Scored:
     run: str
     model: torch.nn.Module
     info: dict
-    data_cfg: DataConfig
+    data: list[str]  # the shard sets scored
+    reading: EvalOptions  # how they were read
     test: Predictions
     val: Predictions | None
     result: dict  # JSON-ready: row, metrics, sources, calibration, robustness, video
@@ -50,10 +50,10 @@ class Scored:
 
 def _accelerator():
     """An Accelerator for any launch: gloo on CPU-only machines under torchrun / accelerate
-    launch (see ``data.prepare.distributed_state``), the GPU otherwise."""
+    launch (see ``engine.distributed.distributed_state``), the GPU otherwise."""
     from accelerate import Accelerator
 
-    from deepfake_dist.data.prepare import distributed_state
+    from deepfake_dist.engine.distributed import distributed_state
 
     state = distributed_state()
     return Accelerator(cpu=state.device.type == "cpu")
@@ -139,13 +139,12 @@ def _score_one(accelerator, checkpoint: str, run: str, data: list[str], split: s
     if info.get("kind") != "detector":
         raise UserError(f"--checkpoint {checkpoint}: holds a {info.get('kind', 'unknown')} model; evaluate takes detectors")
     channels = in_channels(info)
-    cfg = DataConfig(train=list(data), resolution=int(info["resolution"]), channels=channels, batch_size=batch_size,
-                     num_workers=num_workers, normalize=info.get("normalize", "imagenet"))
+    reading = EvalOptions(int(info["resolution"]), channels, info.get("normalize", "imagenet"), batch_size, num_workers)
     model.to(accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     def score(which: str, perturb=None) -> Predictions:
-        return predict(accelerator, model, eval_loader(cfg, data, which, channels, rank, world, perturb))
+        return predict(accelerator, model, eval_loader(data, which, reading, rank, world, perturb))
 
     main = accelerator.is_main_process
     if main:
@@ -170,7 +169,7 @@ def _score_one(accelerator, checkpoint: str, run: str, data: list[str], split: s
             perturbed = score(split, perturb)
             result["robustness"].append({"perturbation": name, **_metrics_pair(perturbed, threshold)})
     frames = clip_frames(data)
-    shape = (batch_size, *([frames] if frames else []), channels, cfg.resolution, cfg.resolution)
+    shape = (batch_size, *([frames] if frames else []), channels, reading.resolution, reading.resolution)
     row = {
         "run": run, "model": info["model"], "checkpoint": str(checkpoint), "split": split,
         **{k: result["metrics"]["0.5"].get(k) for k in SUMMARY_KEYS},
@@ -189,7 +188,7 @@ def _score_one(accelerator, checkpoint: str, run: str, data: list[str], split: s
         row.update(videos=len(videos.keys), video_aggregate=video_aggregate,
                    **{f"video_{k}": at.get(k) for k in ("accuracy", "f1", "auroc")})
     result["row"] = row
-    return Scored(str(checkpoint), run, model, info, cfg, test, val, result, videos)
+    return Scored(str(checkpoint), run, model, info, list(data), reading, test, val, result, videos)
 
 
 def _store_calibration(scored: Scored, data: list[str], val_split: str) -> None:

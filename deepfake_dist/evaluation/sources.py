@@ -11,10 +11,9 @@ from collections import defaultdict
 
 import torch
 
+from deepfake_dist.data.common import LABEL_NAMES
 from deepfake_dist.evaluation.metrics import binary_metrics
 from deepfake_dist.predictions import Predictions
-
-LABEL_NAMES = ("real", "fake")
 
 
 def source_name(key: str, meta: dict, label: int) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deepfake_dist.data.loader import eval_loader
+from deepfake_dist.data.loader import EvalOptions, eval_loader
 from deepfake_dist.models import create_model
 from deepfake_dist.models.autoencoder import RECON_LOSSES, vae_loss
 from deepfake_dist.tasks import NONFINITE, TASKS
@@ -71,8 +71,8 @@ class AutoEncoderTask(GenerativeTask):
         model = plain_module(acc, self.model).eval()  # no DDP collectives: ranks may get unequal batches
         loss_fn = RECON_LOSSES[cfg.vae.recon]
         total = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        for batch in eval_loader(cfg.data, cfg.data.val or cfg.data.train, cfg.data.val_split, self.channels,
-                                 acc.process_index, acc.num_processes):
+        for batch in eval_loader(cfg.data.val or cfg.data.train, cfg.data.val_split,
+                                 EvalOptions.from_data(cfg.data, self.channels), acc.process_index, acc.num_processes):
             x = batch.image.to(acc.device)
             per_image = loss_fn(model(x)["recon"].float(), x, reduction="none").flatten(1).mean(1)
             total += torch.stack([per_image.sum().double(), torch.tensor(len(x), dtype=torch.float64, device=acc.device)])

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
 
-from deepfake_dist.data.loader import clip_frames, eval_loader
-from deepfake_dist.data.video import video_settings
+from deepfake_dist.data.faces import video_settings
+from deepfake_dist.data.loader import EvalOptions, clip_frames, eval_loader
 from deepfake_dist.errors import UserError
 from deepfake_dist.models import MODELS, create_model
 from deepfake_dist.predictions import predict
@@ -99,7 +99,7 @@ class DetectorTask(Task):
 
     def val_loader(self):
         cfg = self.cfg
-        return eval_loader(cfg.data, cfg.data.val or cfg.data.train, cfg.data.val_split, self.channels,
+        return eval_loader(cfg.data.val or cfg.data.train, cfg.data.val_split, EvalOptions.from_data(cfg.data, self.channels),
                            self.accelerator.process_index, self.accelerator.num_processes)
 
     def validate(self) -> dict[str, float]:

@@ -16,7 +16,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from deepfake_dist.atomic import atomic_path
-from deepfake_dist.data.loader import eval_loader
+from deepfake_dist.data.loader import EvalOptions, eval_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.errors import UserError, out_of_space_is_one_line
 from deepfake_dist.fidelity import Fidelity, find_inception_weights, inception, to_uint8_rgb
@@ -100,7 +100,7 @@ class GenerativeTask(Task):
         sets = cfg.data.val or cfg.data.train
         # every rank reads the split and keeps every world-th image, so none is left without data
         seen = 0
-        for batch in eval_loader(cfg.data, sets, cfg.data.val_split, self.channels, 0, 1):
+        for batch in eval_loader(sets, cfg.data.val_split, EvalOptions.from_data(cfg.data, self.channels)):
             mine = [i for i in range(len(batch)) if (seen + i) % world == rank and seen + i < cfg.samples.fid_samples]
             seen += len(batch)
             if mine:

@@ -4,7 +4,8 @@ import sys
 
 import probe_model  # noqa: F401 - registers nonfinite_probe
 
-from deepfake_dist.cli import exit_process, main
+from deepfake_dist.cli import main
+from deepfake_dist.engine.distributed import exit_process
 
 if __name__ == "__main__":
     exit_process(main(["train", *sys.argv[1:]]))

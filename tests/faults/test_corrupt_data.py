@@ -10,7 +10,7 @@ from inject import SMOKE, corrupt_image, truncate
 
 from deepfake_dist.cli import main
 from deepfake_dist.config import load_config
-from deepfake_dist.data.loader import eval_loader
+from deepfake_dist.data.loader import EvalOptions, eval_loader
 from deepfake_dist.errors import UserError
 from deepfake_dist.train.loop import train
 from deepfake_dist.train.tracking import read_jsonl
@@ -80,7 +80,7 @@ def test_validation_and_evaluation_refuse_missing_or_damaged_shards(overrides, s
 
     val.unlink()
     with pytest.raises(UserError, match="val-000000.tar is listed in .* but missing"):
-        eval_loader(cfg.data, [str(shard_set)], "val", 1, 0, 1)
+        eval_loader([str(shard_set)], "val", EvalOptions.from_data(cfg.data, 1))
     with pytest.raises(UserError, match="val-000000.tar is listed"):  # training refuses it before it starts
         train(cfg)
     assert not (tmp_path / "runs").exists()
@@ -88,9 +88,9 @@ def test_validation_and_evaluation_refuse_missing_or_damaged_shards(overrides, s
     val.write_bytes(data)
     key = corrupt_image(val, 1)
     with pytest.raises(UserError, match=f"sample {key} is unreadable.*evaluation reads every sample"):
-        list(eval_loader(cfg.data, [str(shard_set)], "val", 1, 0, 1))
+        list(eval_loader([str(shard_set)], "val", EvalOptions.from_data(cfg.data, 1)))
 
     val.write_bytes(data)
     truncate(val, 0.5)
     with pytest.raises(UserError, match="val-000000.tar is unreadable after sample "):
-        list(eval_loader(cfg.data, [str(shard_set)], "val", 1, 0, 1))
+        list(eval_loader([str(shard_set)], "val", EvalOptions.from_data(cfg.data, 1)))

@@ -18,7 +18,7 @@ from inject import ROOT, SMOKE
 from safetensors.torch import load_file
 
 from deepfake_dist.config import OptimConfig, load_config
-from deepfake_dist.data.loader import eval_loader
+from deepfake_dist.data.loader import EvalOptions, eval_loader
 from deepfake_dist.errors import UserError
 from deepfake_dist.tasks import NONFINITE, create_task
 from deepfake_dist.train.checkpoint import STATE_FILE, complete_checkpoints
@@ -82,7 +82,7 @@ def test_the_detector_step_leaves_its_skip_decision_on_the_device(overrides):
     task = create_task(cfg, make_accelerator(cfg), channels=3)
     task.set_total_steps(4)
     assert task.opt.optimizer.defaults["fused"]
-    batch = next(iter(eval_loader(cfg.data, cfg.data.train, "train", 3, 0, 1)))
+    batch = next(iter(eval_loader(cfg.data.train, "train", EvalOptions.from_data(cfg.data, 3))))
     weights = lambda: [p.detach().clone() for p in task.model.parameters()]  # noqa: E731
     before = weights()
     flag = task.train_step(dataclasses.replace(batch, image=torch.full_like(batch.image, float("nan"))))[NONFINITE]

@@ -80,11 +80,11 @@ def test_the_heartbeat_thread_has_ended_when_the_run_ends(monkeypatch):
 
 @pytest.mark.parametrize("world, teardown", [("2", False), ("1", True)])
 def test_a_launched_rank_ends_without_the_interpreters_teardown(tmp_path, world, teardown):
-    """``cli.exit_process``: a rank of a multi-process launch leaves with ``os._exit`` once its
+    """``engine.distributed.exit_process``: a rank of a multi-process launch leaves with ``os._exit`` once its
     command returned (the teardown is where finished gloo ranks now and then aborted), with the
     command's exit code; a lone process exits normally."""
     ran = tmp_path / "teardown-ran"
-    code = ("import atexit, pathlib; from deepfake_dist.cli import exit_process; "
+    code = ("import atexit, pathlib; from deepfake_dist.engine.distributed import exit_process; "
             f"atexit.register(pathlib.Path({str(ran)!r}).touch); exit_process(3)")
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "WORLD_SIZE": world}, timeout=120)
     assert done.returncode == 3 and ran.exists() == teardown

@@ -1,9 +1,10 @@
-"""Videos -> face clips: the ``videos:PATH`` source, and the frame sampling and face cropping
-that scoring a video (``deepfake-dist predict``) reuses, so inference sees what training saw.
+"""Videos -> face crops: the frame and face pipeline. Every video source kind
+(``data.sources.videos``) cuts its videos with ``video_samples``, and scoring a video
+(``deepfake-dist predict``) with ``video_faces`` + ``cut_samples``, so inference sees what
+training saw; a still image's face is found with ``face_detector`` and ``crop_face``.
 
-One video is one source ``Item``; decoding it yields several samples (``sources.Expanded``):
-one per clip (K frames, members ``f000.<fmt>``, ``f001.<fmt>``, ... in time order) or, with
-``frame_level``, one per frame. The video is the unit of splitting, so no video is in two splits.
+A video yields several samples (``Expanded``): one per clip (K frames, members ``f000.<fmt>``,
+``f001.<fmt>``, ... in time order) or, with ``frame_level``, one per frame.
 
 Per video, in the worker that writes its shard:
 
@@ -23,13 +24,12 @@ Per video, in the worker that writes its shard:
    the box centre (black outside the frame). ``prepare`` then resizes every crop to the set's
    resolution (bicubic).
 
-A video that cannot be decoded, is too short for one clip or shows no face raises, so
-``prepare`` skips it and lists it in the manifest's ``skipped`` with the reason.
+A video that cannot be decoded, is too short for one clip or shows no face raises
+``VideoError``, so ``prepare`` skips it and lists it in the manifest's ``skipped`` with the reason.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,18 +38,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from deepfake_dist.data.sources import (
-    LABELS,
-    SOURCES,
-    SPLIT_DIRS,
-    Expanded,
-    Item,
-    Sample,
-    Source,
-    generator_of,
-    labelled_files,
-    unique_keys,
-)
+from deepfake_dist.data.common import Expanded, Sample
+from deepfake_dist.data.manifest import file_sha256, load_manifest
 from deepfake_dist.errors import UserError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
@@ -101,8 +91,6 @@ class VideoOptions:
     def settings(self) -> dict[str, Any]:
         """What the manifest records: these options, the detector (with the model file's
         sha256) and the fixed tracking constants."""
-        from deepfake_dist.data.manifest import file_sha256
-
         out = {k: v for k, v in asdict(self).items() if k not in ("face_model", "face_config")}
         if self.face_model is None:
             out["face_detector"] = {"kind": "haar", "cascade": HAAR_CASCADE, **HAAR_PARAMS, "opencv": _cv2().__version__}
@@ -122,6 +110,10 @@ def _cv2():
     except ImportError:
         raise UserError("videos need OpenCV: pip install 'deepfake_dist[video]' (opencv-python-headless<5)") from None
     return cv2
+
+
+def is_video_file(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith(".") and path.is_file()
 
 
 # -------------------------------------------------------------------------------- sampling
@@ -280,6 +272,15 @@ def face_detector(model: str | None = None, config: str | None = None):
     return HaarFaces() if model is None else DnnFaces(model, config)
 
 
+def check_detector(opts: VideoOptions) -> None:
+    """Build the options' face detector once, so a source fails as it is opened (a model file
+    OpenCV cannot load, an OpenCV without the Haar cascade) rather than once per video."""
+    if opts.face_model is not None:
+        face_detector(opts.face_model, opts.face_config)
+    else:
+        HaarFaces()
+
+
 # -------------------------------------------------------------------------------- tracking
 
 
@@ -412,88 +413,12 @@ def video_samples(path: str, opts: VideoOptions) -> Expanded:
     return cut_samples(video_faces(path, opts), opts)
 
 
-# ---------------------------------------------------------------------------------- source
-
-
-def is_video_file(path: Path) -> bool:
-    return path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith(".") and path.is_file()
-
-
-def _read_csv(spec: str, file: Path) -> tuple[list[tuple[Path, str | None, str, str | None]], list[dict[str, str]]]:
-    """Rows ``path,label[,split[,generator]]`` (a header line naming the columns is optional);
-    paths relative to the CSV's folder. Returns (path, split, label, generator) rows and the
-    listed files that are missing."""
-    with open(file, newline="", encoding="utf-8") as f:
-        rows = [(n, r) for n, r in enumerate(csv.reader(f), 1) if r and any(c.strip() for c in r)]
-    columns = ["path", "label", "split", "generator"]
-    if rows and rows[0][1][0].strip().lower() == "path":
-        columns = [c.strip().lower() for c in rows[0][1]]
-        rows = rows[1:]
-        if "path" not in columns or "label" not in columns:
-            raise UserError(f"{file}:1: the header must name a path and a label column, e.g. path,label,split")
-    found, missing = [], []
-    for lineno, row in rows:
-        fields = dict(zip(columns, (c.strip() for c in row)))
-        label, split = fields.get("label", "").lower(), fields.get("split", "").lower()
-        label = {"0": "real", "1": "fake"}.get(label, label)
-        if label not in LABELS or not fields.get("path"):
-            raise UserError(f"{file}:{lineno}: expected path,label[,split] with label real or fake, got {','.join(row)!r}")
-        if split and split not in SPLIT_DIRS:
-            raise UserError(f"{file}:{lineno}: split {split!r}: expected train, val or test (or nothing)")
-        path = Path(fields["path"]).expanduser()
-        path = path if path.is_absolute() else file.parent / path
-        if not path.is_file():
-            missing.append({"input": str(path), "reason": f"listed in {file.name} line {lineno} but missing"})
-            continue
-        found.append((path, SPLIT_DIRS[split] if split else None, label, fields.get("generator") or None))
-    if not found:
-        first_missing = f" (first missing: {missing[0]['input']})" if missing else ""
-        raise UserError(f"{spec}: {file} lists no existing video{first_missing}")
-    return found, missing
-
-
-@SOURCES.register("videos", usage="videos:PATH", options=True)
-def _videos(arg: str, label: str | None, **options: Any) -> Source:
-    """``PATH/{real,fake}/*.mp4``, ``PATH/{train,val,test}/{real,fake}/...``, a flat folder +
-    ``--label``, or a CSV file of ``path,label[,split[,generator]]``. Options: ``VideoOptions``."""
-    spec = f"videos:{arg}"
-    try:
-        opts = VideoOptions(**options)
-    except TypeError as e:  # an option this source does not know (a caller's typo)
-        raise UserError(f"{spec}: {e}") from None
-    root = Path(arg).expanduser()
-    skipped: list[dict[str, str]] = []
-    if root.is_file():
-        if label is not None:
-            raise UserError(f"--label {label}: {root} gives each video's label; drop --label")
-        rows, skipped = _read_csv(spec, root)
-        base = root.parent
-    elif root.is_dir():
-        found = labelled_files(spec, root, label, is_video_file, f"videos ({', '.join(VIDEO_EXTENSIONS)})")
-        rows = [(p, split, name, generator_of(p, d) if name == "fake" else None) for p, split, name, d in found]
-        base = root
-    else:
-        raise UserError(f"{spec}: {root} does not exist; give a folder of real/ and fake/ videos or a CSV path,label,split")
-    if opts.face_model is not None:
-        face_detector(opts.face_model, opts.face_config)  # a model OpenCV cannot load fails here, once
-    else:
-        HaarFaces()  # so does an OpenCV without the cascade
-    names = [p.relative_to(base).as_posix() if p.is_relative_to(base) else p.as_posix() for p, *_ in rows]
-    items = []
-    for (path, split, name, generator), rel, key in zip(rows, names, unique_keys(names)):
-        meta: dict[str, Any] = {"source": "videos", "path": rel, "label": name, "video": key}
-        if name == "fake":
-            meta["generator"] = generator or "unknown"
-        items.append(Item(key, split, LABELS[name], functools.partial(video_samples, str(path), opts), meta, str(path)))
-    return Source(spec, items, channels=3, skipped=skipped, frames=None if opts.frame_level else opts.frames,
-                  preprocessing={"video": opts.settings()})
+# ------------------------------------------------------------------------ recorded settings
 
 
 def video_settings(sets: list[str]) -> dict[str, Any] | None:
     """The video settings (``VideoOptions.settings``) of the first of these shard sets that was
     made from videos; ``None`` when none was."""
-    from deepfake_dist.data.manifest import load_manifest
-
     for folder in sets:
         video = load_manifest(folder).get("preprocessing", {}).get("video")
         if video:

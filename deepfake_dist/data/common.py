@@ -1,0 +1,77 @@
+"""The names every data module shares, kept apart so that none of them imports another for them:
+the splits and labels of a shard set, the records a source hands to the shard writer (``Item``,
+``Sample``, ``Expanded``), and the record a loader keeps of data it could not read
+(``ReadProblem``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+SPLITS = ("train", "val", "test")
+LABELS = {"real": 0, "fake": 1}
+LABEL_NAMES = ("real", "fake")  # index = the sample's ``cls``
+# Folder names accepted for a fixed split (lower-cased before lookup).
+SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input (an image, or a video that yields several samples), not yet decoded.
+
+    key:   unique within the source, stable across runs, filesystem-safe (``[A-Za-z0-9_-]``).
+    split: ``"train" | "val" | "test"``, or ``None`` when the source does not fix it.
+    label: 0 real, 1 fake.
+    load:  picklable callable returning the decoded ``PIL.Image``, or ``Expanded`` for an input
+           that yields several samples (raises if the file is bad or yields nothing).
+    meta:  JSON-serialisable: ``source``, ``path`` or ``id``, ``label``, ``generator`` (fakes),
+           ``attributes`` / ``bbox`` when known. Stored as the sample's ``json``.
+    origin: where it came from, for messages (a file path, ``builtin:lfw#3``); not stored.
+    """
+
+    key: str
+    split: str | None
+    label: int
+    load: Callable[[], Image.Image] = field(repr=False, compare=False)
+    meta: dict[str, Any] = field(default_factory=dict)
+    origin: str = ""
+
+
+@dataclass
+class Sample:
+    """One of the samples an input yields: its key is the item's key + ``suffix``; ``image`` is
+    one image or a list (a clip, stored as members ``f000.<fmt>``, ``f001.<fmt>``, ... in order);
+    ``meta`` is merged over the item's meta in the sample's ``json``."""
+
+    suffix: str
+    image: Image.Image | list[Image.Image]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Expanded:
+    """What ``Item.load`` returns for an input with several samples, and the parts of it that
+    yielded none (``{"part", "reason"}``; the manifest lists them under ``skipped``)."""
+
+    samples: list[Sample]
+    dropped: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReadProblem:
+    """Data a loader could not read: one sample (``sample=True``; the rest of its shard was read)
+    or the rest of a shard (``key``: the last sample read before it broke, None if none was)."""
+
+    shard: str
+    key: str | None
+    reason: str
+    sample: bool
+
+    def __str__(self) -> str:
+        if self.sample:
+            return f"shard {self.shard}: sample {self.key} is unreadable ({self.reason})"
+        where = f"after sample {self.key}" if self.key else "from its start"
+        return f"shard {self.shard} is unreadable {where} ({self.reason})"

@@ -1,0 +1,58 @@
+"""Where raw faces come from: ``open_source("KIND:ARG")`` and ``SOURCES``, every source kind.
+
+A source spec is ``KIND:ARG`` (``builtin:lfw``, ``celeba:PATH``, ``folder:PATH``, ``videos:PATH``).
+Opening one lists its inputs without decoding them: each ``Item`` carries a picklable ``load``
+callable, so the decode happens later, in whichever worker process writes that item's shard.
+An input usually yields one image; one that yields several samples (the clips of a video) returns
+``Expanded`` from ``load``.
+
+A new kind is one module in this package with a function ``(arg, label, **options) -> Source``
+(``data.sources.base`` holds what kinds share), and one line in ``SOURCES`` below
+(``options=True`` if it takes keyword options, which ``prepare(options=...)`` passes through).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from deepfake_dist.data.common import LABELS
+from deepfake_dist.data.sources import builtin, celeba, folder, videos
+from deepfake_dist.data.sources.base import Source
+from deepfake_dist.errors import UserError
+from deepfake_dist.registry import Registry
+
+SOURCES = Registry("source")
+SOURCES.register("builtin", usage="builtin:lfw")(builtin.open_builtin)
+SOURCES.register("celeba", usage="celeba:PATH")(celeba.open_celeba)
+SOURCES.register("folder", usage="folder:PATH")(folder.open_folder)
+SOURCES.register("videos", usage="videos:PATH", options=True)(videos.open_videos)
+
+
+def open_source(spec: str, label: str | None = None, options: dict[str, Any] | None = None) -> Source:
+    """Parse ``KIND:ARG`` and list the source's items. ``label`` ("real"/"fake") is only for a
+    flat folder; ``options`` go to kinds registered with ``options=True`` (``videos``).
+    Raises ``UserError`` naming the spec, path or file at fault."""
+    if label is not None and label not in LABELS:
+        raise UserError(f"--label {label!r}: expected 'real' or 'fake'")
+    kind, sep, arg = spec.partition(":")
+    if not sep or not arg:
+        raise UserError(f"--source {spec!r}: expected KIND:ARG, one of: {usage()}")
+    try:
+        fn = SOURCES.get(kind)
+    except UserError as err:
+        raise UserError(f"--source {spec!r}: {err}") from None
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    if options and not SOURCES.meta(kind).get("options"):
+        flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        raise UserError(f"{flags}: only for videos:PATH sources, not {spec}; drop them")
+    source = fn(arg, label, **options)
+    source.spec = spec
+    dupes = [k for k, n in Counter(item.key for item in source.items).items() if n > 1]
+    if dupes:  # a bug in the source kind, not the user's input
+        raise RuntimeError(f"source {spec!r} produced duplicate keys: {dupes[:5]}")
+    return source
+
+
+def usage() -> str:
+    return ", ".join(SOURCES.meta(name).get("usage", f"{name}:ARG") for name in SOURCES.names())
