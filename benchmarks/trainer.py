@@ -73,7 +73,7 @@ def warm(step, warmup: int, device):
 def platform_step(cfg: Config, batch: Batch, channels: int):
     """The task's ``train_step`` on an Accelerator made as ``train`` makes it."""
     from deepfake_dist.tasks import task_class
-    from deepfake_dist.train.runtime import make_accelerator
+    from deepfake_dist.engine.runtime import make_accelerator
 
     make_task = task_class(cfg)
     accelerator = make_accelerator(cfg, engines=make_task.engines)

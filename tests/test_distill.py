@@ -33,7 +33,7 @@ def _test_auroc(run, shards) -> float:
     from deepfake_dist.data.loader import eval_loader
     from deepfake_dist.deploy.compress import score
     from deepfake_dist.exported import load_exported
-    from deepfake_dist.train.metrics import binary_metrics
+    from deepfake_dist.engine.metrics import binary_metrics
 
     model, _ = load_exported(run)
     cfg = detector_config(shards, run.parent, "eval")

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from deepfake_dist.errors import UserError
 from deepfake_dist.exported import load_exported
 from deepfake_dist.inference import in_channels
-from deepfake_dist.models import model_kind
 from deepfake_dist.tasks import TASKS
 from deepfake_dist.tasks.detector import DetectorTask
 
@@ -35,14 +34,15 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
 
 @TASKS.register("distill")
 class DistillTask(DetectorTask):
+    @classmethod
+    def check_config(cls, cfg, where: str) -> None:
+        if cfg.model.kind != "detector":
+            raise UserError(f"{where}: distill.teacher is set but model.name {cfg.model.name} is not a detector; "
+                            "the student must be a detector (e.g. cnn or resnet18)")
+        super().check_config(cfg, where)
+
     def __init__(self, cfg, accelerator, channels: int):
         d = cfg.distill
-        if model_kind(cfg.model.name) != "detector":
-            raise UserError(f"distill.teacher is set but model.name {cfg.model.name} is not a detector; "
-                            "the student must be a detector (e.g. cnn or resnet18)")
-        if d.temperature <= 0 or not 0.0 <= d.alpha <= 1.0:
-            raise UserError(f"distill: temperature must be > 0 and alpha in [0, 1], got "
-                            f"temperature={d.temperature}, alpha={d.alpha}")
         super().__init__(cfg, accelerator, channels)
         teacher, info = load_exported(d.teacher)
         if info.get("kind") != "detector":
