@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from deploy_setup import detector_config, one_thread
 
+from deepfake_dist.errors import UserError
 from deepfake_dist.tasks.distill import distillation_loss
 
 
@@ -27,6 +28,18 @@ def test_soft_loss_is_temperature_scaled_bce_and_vanishes_when_the_student_match
     assert torch.isclose(hard, F.binary_cross_entropy_with_logits(s, labels.float()))
     total, _, _ = distillation_loss(s, teacher, labels, temperature=4.0, alpha=0.0)
     assert torch.isclose(total, hard)  # alpha = 0: the labels only
+
+
+@pytest.mark.parametrize("teacher, extra, message", [
+    ("gan", [], "holds a generator model, not a detector"),
+    ("detector", ["data.normalize=half"], "takes 1-channel images normalized 'imagenet', the student gets 1-channel 'half'"),
+    ("detector", ["model={name: dcgan}"], "model.name dcgan is not a detector"),
+])
+def test_a_teacher_that_does_not_fit_is_refused_when_the_config_is_loaded(teacher, extra, message, gan_run,
+                                                                          deploy_run, deploy_shards, tmp_path):
+    path = gan_run / "generator.safetensors" if teacher == "gan" else deploy_run
+    with pytest.raises(UserError, match=f"smoke.yaml: .*{message}"):
+        detector_config(deploy_shards[0], tmp_path, "student", f"distill.teacher={path}", *extra)
 
 
 def _test_auroc(run, shards) -> float:
