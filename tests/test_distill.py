@@ -30,16 +30,24 @@ def test_soft_loss_is_temperature_scaled_bce_and_vanishes_when_the_student_match
     assert torch.isclose(total, hard)  # alpha = 0: the labels only
 
 
+def test_a_student_that_is_not_a_detector_is_refused_when_the_config_is_loaded(deploy_run, deploy_shards, tmp_path):
+    with pytest.raises(UserError, match="smoke.yaml: .*model.name dcgan is not a detector"):
+        detector_config(deploy_shards[0], tmp_path, "student", f"distill.teacher={deploy_run}", "model={name: dcgan}")
+
+
 @pytest.mark.parametrize("teacher, extra, message", [
     ("gan", [], "holds a generator model, not a detector"),
     ("detector", ["data.normalize=half"], "takes 1-channel images normalized 'imagenet', the student gets 1-channel 'half'"),
-    ("detector", ["model={name: dcgan}"], "model.name dcgan is not a detector"),
 ])
-def test_a_teacher_that_does_not_fit_is_refused_when_the_config_is_loaded(teacher, extra, message, gan_run,
-                                                                          deploy_run, deploy_shards, tmp_path):
+def test_a_teacher_that_does_not_fit_is_refused_before_the_run_starts(teacher, extra, message, gan_run, deploy_run,
+                                                                      deploy_shards, tmp_path):
+    from deepfake_dist.train.loop import train
+
     path = gan_run / "generator.safetensors" if teacher == "gan" else deploy_run
-    with pytest.raises(UserError, match=f"smoke.yaml: .*{message}"):
-        detector_config(deploy_shards[0], tmp_path, "student", f"distill.teacher={path}", *extra)
+    cfg = detector_config(deploy_shards[0], tmp_path, "student", f"distill.teacher={path}", *extra)
+    with pytest.raises(UserError, match=message):
+        train(cfg)
+    assert not cfg.run_dir.exists()
 
 
 def _test_auroc(run, shards) -> float:

@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from deepfake_dist.data.loader import resolve_channels
 from deepfake_dist.errors import UserError
-from deepfake_dist.exported import load_exported, load_info
+from deepfake_dist.exported import load_exported
 from deepfake_dist.inference import in_channels
 from deepfake_dist.tasks import TASKS
 from deepfake_dist.tasks.detector import DetectorTask
@@ -37,25 +36,23 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
 class DistillTask(DetectorTask):
     @classmethod
     def check_config(cls, cfg, where: str) -> None:
-        """The student is a detector; the teacher an exported one that takes the student's images."""
-        d = cfg.distill
+        """The student is a detector. The teacher file is checked when it is loaded (``__init__``):
+        a trained student's config is rebuilt later (compress, export) without its teacher."""
         if cfg.model.kind != "detector":
             raise UserError(f"{where}: distill.teacher is set but model.name {cfg.model.name} is not a detector; "
                             "the student must be a detector (e.g. cnn or resnet18)")
         super().check_config(cfg, where)
-        info = load_info(d.teacher)
-        if info.get("kind") != "detector":
-            raise UserError(f"{where}: distill.teacher {d.teacher}: holds a {info.get('kind')} model, not a detector")
-        channels = resolve_channels(cfg.data, cfg.data.train)
-        if in_channels(info) != channels or info.get("normalize") != cfg.data.normalize:
-            raise UserError(f"{where}: distill.teacher {d.teacher} takes {in_channels(info)}-channel images normalized "
-                            f"'{info.get('normalize')}', the student gets {channels}-channel '{cfg.data.normalize}'; "
-                            f"set data.channels / data.normalize to the teacher's")
 
     def __init__(self, cfg, accelerator, channels: int):
         d = cfg.distill
         super().__init__(cfg, accelerator, channels)
         teacher, info = load_exported(d.teacher)
+        if info.get("kind") != "detector":
+            raise UserError(f"distill.teacher {d.teacher}: holds a {info.get('kind')} model, not a detector")
+        if in_channels(info) != channels or info.get("normalize") != cfg.data.normalize:
+            raise UserError(f"distill.teacher {d.teacher} takes {in_channels(info)}-channel images normalized "
+                            f"'{info.get('normalize')}', the student gets {channels}-channel '{cfg.data.normalize}'; "
+                            f"set data.channels / data.normalize to the teacher's")
         self.teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
         self.teacher_resolution = int(info["resolution"])
         self.teacher_info = {"checkpoint": str(d.teacher), "model": info["model"], "step": info.get("step"),
