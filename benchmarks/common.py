@@ -31,8 +31,8 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from deepfake_dist.atomic import write_json_atomic
 from deepfake_dist.data.manifest import MANIFEST_NAME, file_sha256, load_manifest, manifest_id
-from deepfake_dist.train.checkpoint import write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -14,6 +14,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from benchmarks.common import (
     REPO,
@@ -72,8 +73,8 @@ def warm(step, warmup: int, device):
 
 def platform_step(cfg: Config, batch: Batch, channels: int):
     """The task's ``train_step`` on an Accelerator made as ``train`` makes it."""
+    from deepfake_dist.engine.runtime import make_accelerator
     from deepfake_dist.tasks import task_class
-    from deepfake_dist.train.runtime import make_accelerator
 
     make_task = task_class(cfg)
     accelerator = make_accelerator(cfg, engines=make_task.engines)
@@ -152,11 +153,10 @@ def main(argv=None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as run_dir:
         for name in args.models:
-            cfg = bench_config(name, detector_set, run_dir, args.batch_size, args.resolution)
-            gan = model_kind(cfg.model.name) == "gan"
+            model = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())["model"]["name"]
+            gan = model_kind(model) == "gan"
             set_dir = real_set if gan else detector_set  # generators learn from real faces only
-            if gan:
-                cfg = bench_config(name, set_dir, run_dir, args.batch_size, args.resolution)
+            cfg = bench_config(name, set_dir, run_dir, args.batch_size, args.resolution)
             channels = 3
             batch = memory_batch(cfg, set_dir, channels)
             ours, device = platform_step(cfg, batch, channels)

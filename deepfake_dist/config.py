@@ -14,8 +14,9 @@ import types
 import typing
 from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
@@ -55,7 +56,7 @@ class DataConfig:
     # a busy CPU the process launching the GPU's work is not starved by them (BENCHMARKS.md, gpu)
     worker_nice: int = 10
     # workers hand batches to the training process in groups of about this many MiB (at least
-    # one batch): each hand-off costs ~3 ms, a sixth of the work of 32 images at 64 px
+    # one batch): each hand-off has a fixed cost, which larger groups spread (BENCHMARKS.md, loader)
     transfer_mib: float = 8.0
     normalize: Literal["imagenet", "half"] = "imagenet"  # "half": [-1, 1] as generators want
     # training on an unreadable sample or shard: skip it (warned once, counted in the metrics) or
@@ -159,6 +160,38 @@ class ModelConfig:
     name: str = "cnn"
     args: dict = field(default_factory=dict)  # constructor arguments, checked against it
 
+    @cached_property
+    def _entry(self) -> tuple[Callable, dict[str, Any]]:
+        """The registry's constructor and metadata for ``name``: looked up once, then carried by
+        this config (an unknown name is a ``UserError`` naming the closest one)."""
+        from deepfake_dist.models import MODELS
+
+        return MODELS.get(self.name), MODELS.meta(self.name)
+
+    @property
+    def constructor(self) -> Callable:
+        return self._entry[0]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self._entry[1]
+
+    @property
+    def kind(self) -> str:
+        """``detector``, ``gan`` or ``autoencoder``: what picks the training task."""
+        return self.meta["kind"]
+
+    def build(self, **inputs):
+        """The model, from ``inputs`` (what the data decides: channels, resolution) and ``args``."""
+        return self.constructor(**inputs, **self.args)
+
+    def arg(self, name: str, default: Any = None) -> Any:
+        """The value ``name`` will have: from ``args``, else the constructor's default."""
+        if name in self.args:
+            return self.args[name]
+        param = inspect.signature(self.constructor).parameters.get(name)
+        return default if param is None or param.default is param.empty else param.default
+
 
 @dataclass
 class Config:
@@ -213,9 +246,13 @@ def apply_override(raw: dict, item: str, where: str) -> None:
 
 
 def build_config(raw: dict, where: str) -> Config:
+    """The checked config: types and values here, then the task's own sections (``Task.check_config``)."""
     cfg = _build(Config, raw, where, prefix="")
     _check_model_args(cfg, where)
     _check_values(cfg, where)
+    from deepfake_dist.tasks import task_class  # tasks sit above the config: the one import upwards
+
+    task_class(cfg).check_config(cfg, where)
     return cfg
 
 
@@ -328,10 +365,8 @@ def _describe(tp) -> str:
 
 def _check_model_args(cfg: Config, where: str) -> None:
     """Model keys are whatever the registered constructor accepts."""
-    from deepfake_dist.models import MODELS
-
     try:
-        ctor = MODELS.get(cfg.model.name)
+        ctor = cfg.model.constructor
     except UserError as e:
         raise UserError(f"{where}: 'model.name': {e}") from None
     params = inspect.signature(ctor).parameters
@@ -360,45 +395,47 @@ def _checkable(tp) -> bool:
         and Ellipsis not in args and all(_checkable(a) for a in args)
 
 
-def _check_values(cfg: Config, where: str) -> None:
-    positive = {
-        "data.resolution": cfg.data.resolution,
-        "data.batch_size": cfg.data.batch_size,
-        "train.epochs": cfg.train.epochs,
-        "train.grad_accum": cfg.train.grad_accum,
-        "train.log_every": cfg.train.log_every,
-        "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last,
-        "optim.lr": cfg.optim.lr,
-        "train.timeout_s": cfg.train.timeout_s,
-        "train.max_nonfinite": cfg.train.max_nonfinite,
-        "sched.step_size": cfg.sched.step_size,
-        "sched.gamma": cfg.sched.gamma,
-        "gan.d_steps": cfg.gan.d_steps,
-        "samples.grid": cfg.samples.grid,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"{where}: '{key}' must be positive, got {value}")
-    for key, value in {"data.shuffle_buffer": cfg.data.shuffle_buffer, "data.transfer_mib": cfg.data.transfer_mib,
-                       "sched.warmup_steps": cfg.sched.warmup_steps,
-                       "optim.weight_decay": cfg.optim.weight_decay,
-                       "samples.every": cfg.samples.every, "samples.fid_every": cfg.samples.fid_every,
-                       "samples.fid_samples": cfg.samples.fid_samples,
-                       "vae.kl_warmup_steps": cfg.vae.kl_warmup_steps, "vae.kl_weight": cfg.vae.kl_weight}.items():
+def _positive(where: str, values: dict[str, Any], or_null: bool = False) -> None:
+    for key, value in values.items():
+        if value is not None and value <= 0:
+            raise UserError(f"{where}: '{key}' must be positive{' or null' if or_null else ''}, got {value}")
+
+
+def _non_negative(where: str, values: dict[str, Any]) -> None:
+    for key, value in values.items():
         if value < 0:
             raise UserError(f"{where}: '{key}' must be >= 0, got {value}")
+
+
+def _check_values(cfg: Config, where: str) -> None:
+    """Values that mean nothing in any run; what a task needs of them is the task's to say
+    (``Task.check_config``)."""
+    _positive(where, {
+        "data.resolution": cfg.data.resolution, "data.batch_size": cfg.data.batch_size,
+        "train.epochs": cfg.train.epochs, "train.grad_accum": cfg.train.grad_accum,
+        "train.log_every": cfg.train.log_every, "train.timeout_s": cfg.train.timeout_s,
+        "train.max_nonfinite": cfg.train.max_nonfinite, "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last, "optim.lr": cfg.optim.lr,
+        "sched.step_size": cfg.sched.step_size, "sched.gamma": cfg.sched.gamma,
+        "gan.d_steps": cfg.gan.d_steps, "samples.grid": cfg.samples.grid,
+        "distill.temperature": cfg.distill.temperature,
+    })
+    _non_negative(where, {
+        "data.num_workers": cfg.data.num_workers, "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "data.transfer_mib": cfg.data.transfer_mib, "sched.warmup_steps": cfg.sched.warmup_steps,
+        "optim.weight_decay": cfg.optim.weight_decay, "samples.every": cfg.samples.every,
+        "samples.fid_every": cfg.samples.fid_every, "samples.fid_samples": cfg.samples.fid_samples,
+        "vae.kl_warmup_steps": cfg.vae.kl_warmup_steps, "vae.kl_weight": cfg.vae.kl_weight,
+    })
+    _positive(where, {"train.max_steps": cfg.train.max_steps, "checkpoint.every_steps": cfg.checkpoint.every_steps,
+                      "train.early_stopping": cfg.train.early_stopping, "train.grad_clip": cfg.train.grad_clip},
+              or_null=True)
     if not 0 <= cfg.data.worker_nice <= 19:
         raise UserError(f"{where}: 'data.worker_nice' is a niceness increment in 0..19, got {cfg.data.worker_nice}")
     if not 0.0 <= cfg.gan.ema_decay < 1.0:
         raise UserError(f"{where}: 'gan.ema_decay' must be in [0, 1), got {cfg.gan.ema_decay}")
-    for key, value in {"train.max_steps": cfg.train.max_steps, "checkpoint.every_steps": cfg.checkpoint.every_steps,
-                       "train.early_stopping": cfg.train.early_stopping,
-                       "train.grad_clip": cfg.train.grad_clip}.items():
-        if value is not None and value <= 0:
-            raise UserError(f"{where}: '{key}' must be positive or null, got {value}")
-    if cfg.data.num_workers < 0:
-        raise UserError(f"{where}: 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    if not 0.0 <= cfg.distill.alpha <= 1.0:
+        raise UserError(f"{where}: 'distill.alpha' is a weight in [0, 1], got {cfg.distill.alpha}")
     if cfg.data.channels not in ("auto", 1, 3):
         raise UserError(f"{where}: 'data.channels' must be 1, 3 or auto, got {cfg.data.channels}")
     if not cfg.data.train:

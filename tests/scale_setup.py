@@ -100,7 +100,7 @@ def worker_pids(launcher_pid: int) -> dict[int, int]:
 
 
 def logged_train_steps(run_dir: Path) -> list[int]:
-    from deepfake_dist.train.tracking import read_jsonl
+    from deepfake_dist.engine.tracking import read_jsonl
 
     return [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/images_per_s" in r]
 

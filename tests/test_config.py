@@ -34,6 +34,18 @@ def test_defaults_and_overrides_reach_typed_object(write_config):
     assert cfg.data.batch_size == 32  # a default
 
 
+def test_the_model_name_is_looked_up_once_and_carried_by_the_config(write_config, monkeypatch):
+    from deepfake_dist.models import MODELS
+    from deepfake_dist.tasks import task_class
+
+    looked_up, get = [], MODELS.get
+    monkeypatch.setattr(MODELS, "get", lambda name: looked_up.append(name) or get(name))
+    cfg = load_config(write_config())
+    assert cfg.model.kind == "detector" and task_class(cfg).__name__ == "DetectorTask"
+    assert next(cfg.model.build(in_channels=1).parameters()).shape[:2] == (8, 1)  # model.width: 8, one channel
+    assert looked_up == ["cnn"]
+
+
 def test_the_word_no_is_a_choice_not_a_boolean(write_config):
     """YAML 1.1 reads an unquoted ``no`` as false; ``mixed_precision: no`` means Accelerate's "no"."""
     assert load_config(write_config("train:\n  mixed_precision: no\n")).train.mixed_precision == "no"

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from deploy_setup import detector_config, one_thread
 
+from deepfake_dist.errors import UserError
 from deepfake_dist.tasks.distill import distillation_loss
 
 
@@ -29,11 +30,31 @@ def test_soft_loss_is_temperature_scaled_bce_and_vanishes_when_the_student_match
     assert torch.isclose(total, hard)  # alpha = 0: the labels only
 
 
+def test_a_student_that_is_not_a_detector_is_refused_when_the_config_is_loaded(deploy_run, deploy_shards, tmp_path):
+    with pytest.raises(UserError, match="smoke.yaml: .*model.name dcgan is not a detector"):
+        detector_config(deploy_shards[0], tmp_path, "student", f"distill.teacher={deploy_run}", "model={name: dcgan}")
+
+
+@pytest.mark.parametrize("teacher, extra, message", [
+    ("gan", [], "holds a generator model, not a detector"),
+    ("detector", ["data.normalize=half"], "takes 1-channel images normalized 'imagenet', the student gets 1-channel 'half'"),
+])
+def test_a_teacher_that_does_not_fit_is_refused_before_the_run_starts(teacher, extra, message, gan_run, deploy_run,
+                                                                      deploy_shards, tmp_path):
+    from deepfake_dist.train.loop import train
+
+    path = gan_run / "generator.safetensors" if teacher == "gan" else deploy_run
+    cfg = detector_config(deploy_shards[0], tmp_path, "student", f"distill.teacher={path}", *extra)
+    with pytest.raises(UserError, match=message):
+        train(cfg)
+    assert not cfg.run_dir.exists()
+
+
 def _test_auroc(run, shards) -> float:
     from deepfake_dist.data.loader import EvalOptions, eval_loader
     from deepfake_dist.deploy.compress import score
     from deepfake_dist.exported import load_exported
-    from deepfake_dist.train.metrics import binary_metrics
+    from deepfake_dist.engine.metrics import binary_metrics
 
     model, _ = load_exported(run)
     cfg = detector_config(shards, run.parent, "eval")

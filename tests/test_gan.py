@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -16,15 +17,16 @@ from safetensors.torch import load_file
 from deepfake_dist.config import load_config
 from deepfake_dist.data.loader import EvalOptions, eval_loader
 from deepfake_dist.data.prepare import prepare
+from deepfake_dist.engine.runtime import make_accelerator
+from deepfake_dist.engine.step import NONFINITE
+from deepfake_dist.engine.tracking import read_jsonl
 from deepfake_dist.errors import UserError
 from deepfake_dist.exported import load_exported
 from deepfake_dist.fidelity import INCEPTION_FILE, Fidelity, find_inception_weights
 from deepfake_dist.models import create_model
-from deepfake_dist.tasks import NONFINITE, create_task, task_class
+from deepfake_dist.tasks import create_task, task_class
 from deepfake_dist.tasks.gan import GANTask
 from deepfake_dist.train.loop import train
-from deepfake_dist.train.runtime import make_accelerator
-from deepfake_dist.train.tracking import read_jsonl
 
 
 def ema_parameters(checkpoint) -> dict[str, torch.Tensor]:
@@ -105,21 +107,24 @@ def test_conditional_gan_reads_its_label_from_the_sample_json(celeba_folder, tmp
         train(bad)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.normalize=imagenet", "set data.normalize: half"),
-    ("sched.name=cosine", "constant learning rate"),
-    ("model.resolution=64", "remove model.resolution"),
+@pytest.mark.parametrize("config, override, message", [
+    ("dcgan.yaml", "data.normalize=imagenet", "set data.normalize: half"),
+    ("dcgan.yaml", "sched.name=cosine", "constant learning rate"),
+    ("dcgan.yaml", "train.grad_accum=2", "set train.grad_accum: 1"),
+    ("dcgan.yaml", "model.resolution=64", "remove model.resolution"),
+    ("cdcgan.yaml", "gan.condition=null", "cdcgan is conditional; set gan.condition"),
+    ("vae.yaml", "train.monitor=val/auroc_typo", "'train.monitor' is 'val/auroc_typo', which a vae run does not"),
 ])
-def test_bad_gan_settings_are_one_clear_line(real_face_shards, tmp_path, override, message):
-    cfg = load_config(CONFIGS / "dcgan.yaml", tiny_gan(real_face_shards, tmp_path, "bad") + [override])
-    with pytest.raises(UserError, match=message):
-        train(cfg)
+def test_bad_generator_settings_are_refused_when_the_config_is_loaded(real_face_shards, tmp_path, config, override,
+                                                                      message):
+    overrides = (tiny_gan if "gan" in config else tiny)(real_face_shards, tmp_path, "bad") + [override]
+    with pytest.raises(UserError, match=f"^{re.escape(str(CONFIGS / config))}: .*{message}"):
+        load_config(CONFIGS / config, overrides)
 
 
 def test_generators_refuse_fake_training_data(face_shards, tmp_path):
-    cfg = load_config(CONFIGS / "dcgan.yaml", tiny_gan(face_shards, tmp_path, "bad"))
     with pytest.raises(UserError, match="holds .* fake 'train' images; generators learn from real faces only"):
-        train(cfg)
+        load_config(CONFIGS / "dcgan.yaml", tiny_gan(face_shards, tmp_path, "bad"))
 
 
 def test_vae_loss_falls_and_reconstructions_keep_shape_and_range(real_face_shards, tmp_path):

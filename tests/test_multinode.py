@@ -9,7 +9,7 @@ import json
 import pytest
 from scale_setup import ACCELERATE_CONFIGS, ROOT, smoke, start_nodes
 
-from deepfake_dist.train.tracking import read_jsonl
+from deepfake_dist.engine.tracking import read_jsonl
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The training loop on real shards: it learns, checkpoints atomically, and a run killed after a
 checkpoint resumes to exactly the weights of an uninterrupted run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -13,10 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from deepfake_dist.config import load_config
+from deepfake_dist.engine.tracking import read_jsonl
 from deepfake_dist.exported import load_exported
 from deepfake_dist.train.checkpoint import complete_checkpoints
 from deepfake_dist.train.loop import train
-from deepfake_dist.train.tracking import read_jsonl
+from deepfake_dist.train.state import RunState
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
@@ -39,6 +41,20 @@ def test_loss_falls_and_best_model_is_exported(smoke_config, precision):
     assert info["val_metrics"]["auroc"] == summary["best val/auroc"]
     assert set(info["manifests"]) == {cfg.data.train[0]}
     assert (cfg.run_dir / "config.yaml").is_file()
+
+
+def test_run_state_is_the_json_a_checkpoint_holds():
+    state = RunState(epoch=2, step=40, batch=3, best=0.9, best_step=30, stale_epochs=1, skipped_samples=4,
+                     unreadable_shards=1, nonfinite_steps=2)
+    saved = json.loads(json.dumps(state.state_dict()))
+    assert list(saved) == ["epoch", "step", "batch", "best", "best_step", "stale_epochs", "skipped_samples",
+                           "unreadable_shards", "nonfinite_steps"]  # trainer_state.json, as resume reads it
+    loaded = RunState()
+    loaded.load_state_dict(saved)
+    assert loaded == state
+    older = RunState()  # a state written before a counter existed starts that counter at 0
+    older.load_state_dict({k: v for k, v in saved.items() if k != "nonfinite_steps"})
+    assert older.step == 40 and older.nonfinite_steps == 0
 
 
 def test_half_written_checkpoints_are_ignored(tmp_path):

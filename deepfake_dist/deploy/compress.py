@@ -39,10 +39,10 @@ from deepfake_dist.deploy.quantize import (
     save_int8,
     weight_counts,
 )
+from deepfake_dist.engine.metrics import binary_metrics
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.exported import load_exported, resolve, write_exported
 from deepfake_dist.inference import in_channels
-from deepfake_dist.train.metrics import binary_metrics
 
 COLUMNS = {  # JSON key -> table header (narrow enough for an 80-column terminal)
     "step": "step", "file_mb": "MB", "gzip_mb": "gzip MB", "params": "params", "nonzero": "non-zero",

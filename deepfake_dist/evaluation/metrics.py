@@ -1,4 +1,4 @@
-"""Evaluation metrics beyond ``train.metrics.binary_metrics``: EER, confusion matrix, the
+"""Evaluation metrics beyond ``engine.metrics.binary_metrics``: EER, confusion matrix, the
 operating threshold chosen on validation, calibration (ECE, reliability bins) and temperature
 scaling. Fake is the positive class; a sample is called fake when its score is ``> threshold``
 (torchmetrics' convention), so every threshold here is meant with a strict ``>``.
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional import classification as C
 
-from deepfake_dist.train.metrics import binary_metrics
+from deepfake_dist.engine.metrics import binary_metrics
 
 __all__ = ["binary_metrics", "confusion", "detection_metrics", "ece", "eer", "fit_temperature", "reliability",
            "val_threshold"]

@@ -17,11 +17,11 @@ from deepfake_dist.atomic import write_text_atomic
 from deepfake_dist.data.loader import eval_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.data.transforms import denormalize
+from deepfake_dist.engine.tracking import read_jsonl
 from deepfake_dist.evaluation import plots
 from deepfake_dist.evaluation.compare import csv_text
 from deepfake_dist.evaluation.gradcam import find_layer, gradcam, overlay
 from deepfake_dist.evaluation.sources import source_name
-from deepfake_dist.train.tracking import read_jsonl
 
 EXAMPLES_PER_CLASS = 6  # Grad-CAM grid: this many real and this many fake test images
 

@@ -1,6 +1,6 @@
 """Training tasks: what differs between detectors, GANs and autoencoders (their step, what they
-validate, what they export). The loop in ``deepfake_dist.train.loop`` runs any of them; the task
-is picked by the model's ``kind`` in the model registry."""
+validate, what they export, which settings they refuse). The trainer in ``deepfake_dist.train.loop``
+runs any of them; the task is picked by the model's ``kind`` in the model registry."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import pkgutil
 import torch
 from accelerate.utils import DistributedType
 
-from deepfake_dist.registry import Registry
+from deepfake_dist.data.loader import EvalOptions, eval_loader
+from deepfake_dist.errors import UserError
+from deepfake_dist.registry import Registry, closest
 
 TASKS = Registry("task")
-NONFINITE = "nonfinite"  # a train_step's logs: 1.0 (or a device flag) when it skipped its batch (Task.nonfinite_flag)
 
 
 class Task:
-    """What the loop calls. Subclasses register with ``@TASKS.register(kind)``."""
+    """What the trainer calls. Subclasses register with ``@TASKS.register(kind)``."""
 
     # Under DeepSpeed: one engine (plugin) per name, for tasks that step several models apart
     # (a GAN's generator and discriminator); empty: the launcher's single engine.
@@ -28,12 +29,27 @@ class Task:
     def __init__(self, cfg, accelerator, channels: int):
         self.cfg, self.accelerator, self.channels = cfg, accelerator, channels
 
+    @classmethod
+    def check_config(cls, cfg, where: str) -> None:
+        """Refuse settings this task cannot run with; called once the config is built (see
+        ``config.build_config``), before any accelerator or data work. Subclasses check their own
+        sections after calling this. ``train.monitor`` must name a metric the task reports; the
+        default, val/auroc, is left to fall back to the latest model where there is none (a
+        generator without the Inception file)."""
+        monitor, default = cfg.train.monitor, type(cfg.train).monitor  # the class holds the dataclass default
+        if monitor == default or monitor.removeprefix("val/") in cls.metrics:
+            return
+        choices = [f"val/{name}" for name in cls.metrics]
+        raise UserError(f"{where}: 'train.monitor' is {monitor!r}, which a {cfg.model.name} run does not report"
+                        f"{closest(monitor, choices)}; choose one of: {', '.join(choices)}")
+
     def set_total_steps(self, total_steps: int) -> None:
         """Called once the run's length is known (schedules need it)."""
 
     def train_step(self, batch) -> dict[str, float | torch.Tensor]:
         """One batch: forward, backward(s), optimizer step(s); returns what to log. Losses stay
-        0-dim tensors: the loop reads them only at log steps, so logging makes no step wait for the GPU."""
+        0-dim tensors: the trainer reads them only at log steps, so logging makes no step wait for
+        the GPU. A batch skipped for a NaN/inf loss logs ``engine.step.NONFINITE``."""
         raise NotImplementedError
 
     def on_device(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -42,22 +58,13 @@ class Task:
         deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         return model.to(memory_format=memory_format(self.cfg.train.channels_last, self.accelerator.device, deepspeed))
 
-    def nonfinite_flag(self, *values: torch.Tensor) -> torch.Tensor:
-        """1.0 where any of ``values`` (losses, a gradient norm) is NaN/inf on any rank, else 0.0:
-        a 0-dim tensor left on the device, so nothing waits for the GPU to compute it (a fused
-        optimizer takes it as ``found_inf``, the loop reads it at log steps). A collective: every
-        rank must call it."""
-        bad = torch.stack([~torch.isfinite(v).all() for v in values]).any().float().reshape(1)
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum").clamp_(max=1)
-        return bad.reshape(())
-
-    def nonfinite(self, *values: torch.Tensor) -> bool:
-        """``nonfinite_flag`` read now (one wait for the GPU), for steps that must decide on the
-        host. The step then skips its batch on every rank alike (no optimizer step, gradients
-        zeroed), so DDP replicas stay in step, and returns ``{NONFINITE: 1.0}``: the loop counts
-        these and stops after ``train.max_nonfinite`` in a row."""
-        return bool(self.nonfinite_flag(*values).item() > 0)
+    def val_loader(self, whole: bool = False):
+        """The validation split (``data.val_split`` of ``data.val``, or of ``data.train`` when
+        there is none), this rank's share of it; ``whole``: all of it, on every rank."""
+        cfg, acc = self.cfg, self.accelerator
+        rank, world = (0, 1) if whole else (acc.process_index, acc.num_processes)
+        return eval_loader(cfg.data.val or cfg.data.train, cfg.data.val_split, EvalOptions.from_data(cfg.data, self.channels),
+                           rank, world)
 
     def after_step(self, step: int, tracker) -> None:
         """Periodic extras after an optimizer step (e.g. a GAN's sample grid)."""
@@ -86,20 +93,19 @@ class Task:
 
 
 def memory_format(channels_last: bool, device: torch.device, deepspeed: bool) -> torch.memory_format:
-    """NHWC convolutions run on a GPU's tensor cores without transposes (on an H100, resnet18 at
-    224 px trains 2.0x faster in bf16, BENCHMARKS.md); on a CPU, and under DeepSpeed (whose flat
-    parameter buffers are contiguous), the default layout."""
+    """NHWC convolutions run on a GPU's tensor cores without transposes (the gain is in
+    BENCHMARKS.md); on a CPU, and under DeepSpeed (whose flat parameter buffers are contiguous),
+    the default layout."""
     if channels_last and device.type == "cuda" and not deepspeed:
         return torch.channels_last
     return torch.contiguous_format
 
 
 def task_class(cfg) -> type[Task]:
-    from deepfake_dist.models import model_kind
-
+    """A student detector's task when ``distill.teacher`` is set, else the one for the model's kind."""
     for module in pkgutil.iter_modules(__path__):  # every task module registers itself
         importlib.import_module(f"{__name__}.{module.name}")
-    return TASKS.get("distill" if cfg.distill.teacher else model_kind(cfg.model.name))  # distill: a student detector
+    return TASKS.get("distill" if cfg.distill.teacher else cfg.model.kind)
 
 
 def create_task(cfg, accelerator, channels: int) -> Task:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deepfake_dist.data.loader import EvalOptions, eval_loader
-from deepfake_dist.models import create_model
+from deepfake_dist.engine.optim import build_optimizer, build_scheduler
+from deepfake_dist.engine.runtime import plain_module
+from deepfake_dist.engine.step import NONFINITE, OptimizerStep
 from deepfake_dist.models.autoencoder import RECON_LOSSES, vae_loss
-from deepfake_dist.tasks import NONFINITE, TASKS
+from deepfake_dist.tasks import TASKS
 from deepfake_dist.tasks.generative import EXPORT_NAME, GenerativeTask
-from deepfake_dist.train.optim import build_optimizer, build_scheduler
-from deepfake_dist.train.runtime import plain_module
 
 
 @TASKS.register("autoencoder")
@@ -27,42 +26,35 @@ class AutoEncoderTask(GenerativeTask):
 
     def __init__(self, cfg, accelerator, channels: int):
         super().__init__(cfg, accelerator, channels)
-        model = self.on_device(create_model(cfg.model.name, **self.build_args, **cfg.model.args))
+        model = self.on_device(cfg.model.build(**self.build_args))
         opt = build_optimizer(model.parameters(), cfg.optim)
         self.model, self.opt = accelerator.prepare(model, opt)
-        self.sched = None
-        self.step = 0
+        self.optimizer_step = OptimizerStep(accelerator, self.model, self.opt, cfg.train.grad_clip)
+        self.step = 0  # optimizer steps so far (checkpointed): the KL warm-up's clock
 
     def set_total_steps(self, total_steps: int) -> None:
         super().set_total_steps(total_steps)
-        self.sched = self.accelerator.prepare(build_scheduler(self.opt, self.cfg.sched, total_steps))
+        self.optimizer_step.sched = self.accelerator.prepare(build_scheduler(self.opt, self.cfg.sched, total_steps))
 
     def kl_weight(self) -> float:
         warmup = self.cfg.vae.kl_warmup_steps
         return self.cfg.vae.kl_weight * (min(self.step / warmup, 1.0) if warmup else 1.0)
 
+    def loss(self, batch, kl_weight: float) -> tuple[Tensor, dict[str, Tensor]]:
+        out = {k: v.float() if v is not None else None for k, v in self.model(batch.image).items()}
+        losses = vae_loss(out, batch.image.float(), kl_weight, self.cfg.vae.recon)
+        return losses.pop("loss"), {k: v.detach() for k, v in losses.items()}
+
     def train_step(self, batch) -> dict[str, float | torch.Tensor]:
         self.model.train()
         kl_weight = self.kl_weight()
-        with self.accelerator.accumulate(self.model):
-            out = self.model(batch.image)
-            out = {k: v.float() if v is not None else None for k, v in out.items()}
-            losses = vae_loss(out, batch.image.float(), kl_weight, self.cfg.vae.recon)
-            if self.nonfinite(losses["loss"]):  # skipped on every rank, counted by the loop
-                self.opt.zero_grad(set_to_none=True)
-                return {NONFINITE: 1.0, "lr": self.sched.get_last_lr()[0]}
-            self.accelerator.backward(losses["loss"])
-            if self.accelerator.sync_gradients and self.cfg.train.grad_clip:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-            self.opt.step()
-            if self.accelerator.sync_gradients:
-                self.sched.step()
-                self.step += 1
-            self.opt.zero_grad(set_to_none=True)
+        logs = self.optimizer_step(lambda: self.loss(batch, kl_weight))
+        if NONFINITE in logs:  # skipped on every rank, counted by the trainer
+            return logs
         if self.accelerator.sync_gradients:
+            self.step += 1
             self.broadcast_buffers(self.model)
-        return {**{k: v.detach() for k, v in losses.items()}, "kl_weight": kl_weight,
-                "lr": self.sched.get_last_lr()[0]}
+        return {**logs, "kl_weight": kl_weight}
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -71,8 +63,7 @@ class AutoEncoderTask(GenerativeTask):
         model = plain_module(acc, self.model).eval()  # no DDP collectives: ranks may get unequal batches
         loss_fn = RECON_LOSSES[cfg.vae.recon]
         total = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        for batch in eval_loader(cfg.data.val or cfg.data.train, cfg.data.val_split,
-                                 EvalOptions.from_data(cfg.data, self.channels), acc.process_index, acc.num_processes):
+        for batch in self.val_loader():
             x = batch.image.to(acc.device)
             per_image = loss_fn(model(x)["recon"].float(), x, reduction="none").flatten(1).mean(1)
             total += torch.stack([per_image.sum().double(), torch.tensor(len(x), dtype=torch.float64, device=acc.device)])

@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType
 
 from deepfake_dist.data.faces import video_settings
-from deepfake_dist.data.loader import EvalOptions, clip_frames, eval_loader
+from deepfake_dist.data.loader import clip_frames
+from deepfake_dist.engine.metrics import binary_metrics
+from deepfake_dist.engine.optim import build_optimizer, build_scheduler
+from deepfake_dist.engine.step import OptimizerStep
 from deepfake_dist.errors import UserError
-from deepfake_dist.models import MODELS, create_model
 from deepfake_dist.predictions import predict
-from deepfake_dist.tasks import NONFINITE, TASKS, Task
-from deepfake_dist.train.metrics import binary_metrics
-from deepfake_dist.train.optim import build_optimizer, build_scheduler
+from deepfake_dist.tasks import TASKS, Task
 
 CLASS_NAMES = ["real", "fake"]
 
@@ -23,24 +23,29 @@ CLASS_NAMES = ["real", "fake"]
 class DetectorTask(Task):
     metrics = ("auroc", "ap", "accuracy", "precision", "recall", "f1", "loss", "samples")
 
+    @classmethod
+    def check_config(cls, cfg, where: str) -> None:
+        """A clip model trains on clip sets, an image model on image sets."""
+        super().check_config(cfg, where)
+        frames = clip_frames(cfg.data.train)
+        if bool(cfg.model.meta.get("clips")) != bool(frames):
+            hint = (f"it scores clips but {cfg.data.train} hold single images; prepare clip sets with "
+                    "deepfake-dist prepare --source videos:PATH" if not frames else
+                    f"it scores single images but {cfg.data.train} hold clips of {frames} frames; use "
+                    "model.name=temporal, or sets prepared with --frame-level")
+            raise UserError(f"{where}: model.name {cfg.model.name}: {hint}")
+
     def __init__(self, cfg, accelerator, channels: int):
         super().__init__(cfg, accelerator, channels)
         self.frames = clip_frames(cfg.data.train)
-        if bool(MODELS.meta(cfg.model.name).get("clips")) != bool(self.frames):
-            hint = (f"it scores clips but {cfg.data.train} hold single images; prepare clip sets with "
-                    "deepfake-dist prepare --source videos:PATH" if not self.frames else
-                    f"it scores single images but {cfg.data.train} hold clips of {self.frames} frames; use "
-                    "model.name=temporal, or sets prepared with --frame-level")
-            raise UserError(f"model.name {cfg.model.name}: {hint}")
         self.val_loader()  # a validation split that is empty or lacks a shard is refused now, not after an epoch
         model = self.on_device(self._build_model())
         # Without a loss scaler or DeepSpeed (whose backward also steps), a fused optimizer skips
-        # a NaN/inf update on the device, as the GradScaler makes it do: no step waits for the GPU.
-        self.skip_on_device = accelerator.scaler is None and accelerator.distributed_type != DistributedType.DEEPSPEED
-        opt = build_optimizer(model.parameters(), cfg.optim, fused=self.skip_on_device)
+        # a NaN/inf update on the device: see ``OptimizerStep``.
+        skip_on_device = accelerator.scaler is None and accelerator.distributed_type != DistributedType.DEEPSPEED
+        opt = build_optimizer(model.parameters(), cfg.optim, fused=skip_on_device)
         self.model, self.opt = accelerator.prepare(model, opt)
-        self.sched = None
-        self.window_bad = None  # a NaN/inf met in this accumulation window so far (a device flag)
+        self.optimizer_step = OptimizerStep(accelerator, self.model, self.opt, cfg.train.grad_clip, skip_on_device)
 
     def _build_model(self) -> torch.nn.Module:
         """The model, checked with one eval-mode forward of a blank sample: settings it refuses
@@ -49,7 +54,7 @@ class DetectorTask(Task):
         cfg, size = self.cfg, self.cfg.data.resolution
         shape = (1, *([self.frames] if self.frames else []), self.channels, size, size)
         try:
-            model = create_model(cfg.model.name, in_channels=self.channels, **cfg.model.args)
+            model = cfg.model.build(in_channels=self.channels)
         except (TypeError, ValueError) as err:
             raise UserError(f"model {cfg.model.name} cannot be built from model.* {cfg.model.args} "
                             f"({' '.join(str(err).split())[:200]}); fix those settings") from None
@@ -63,7 +68,7 @@ class DetectorTask(Task):
         return model.train()
 
     def set_total_steps(self, total_steps: int) -> None:
-        self.sched = self.accelerator.prepare(build_scheduler(self.opt, self.cfg.sched, total_steps))
+        self.optimizer_step.sched = self.accelerator.prepare(build_scheduler(self.opt, self.cfg.sched, total_steps))
 
     def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The batch's training loss, and extra values to log (distillation changes this)."""
@@ -72,35 +77,7 @@ class DetectorTask(Task):
 
     def train_step(self, batch) -> dict[str, float | torch.Tensor]:
         self.model.train()
-        acc = self.accelerator
-        with acc.accumulate(self.model):
-            loss, logs = self.loss(batch)
-            if not self.skip_on_device and self.nonfinite(loss):  # before a backward that would apply it
-                return self._skip()
-            acc.backward(loss)
-            checks = [loss]
-            if acc.sync_gradients and self.cfg.train.grad_clip:
-                norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-                checks.append(norm)  # inf gradients would reach the weights
-            if self.skip_on_device:  # the loss and the gradient norm, on every rank alike, left on the GPU
-                bad = logs[NONFINITE] = self.nonfinite_flag(*checks)
-                self.window_bad = bad if self.window_bad is None else torch.maximum(self.window_bad, bad)
-                self.opt.optimizer.found_inf = self.window_bad  # the update is skipped where it is 1
-            self.opt.step()
-            if acc.sync_gradients:
-                self.sched.step()
-                self.window_bad = None
-            self.opt.zero_grad(set_to_none=True)
-        return {"loss": loss.detach(), **logs, "lr": self.sched.get_last_lr()[0]}
-
-    def _skip(self) -> dict[str, float]:
-        self.opt.zero_grad(set_to_none=True)
-        return {NONFINITE: 1.0, "lr": self.sched.get_last_lr()[0]}
-
-    def val_loader(self):
-        cfg = self.cfg
-        return eval_loader(cfg.data.val or cfg.data.train, cfg.data.val_split, EvalOptions.from_data(cfg.data, self.channels),
-                           self.accelerator.process_index, self.accelerator.num_processes)
+        return self.optimizer_step(lambda: self.loss(batch))
 
     def validate(self) -> dict[str, float]:
         preds = predict(self.accelerator, self.model, self.val_loader())

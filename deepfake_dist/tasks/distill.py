@@ -7,7 +7,7 @@ one logit (fake positive), i.e. a two-class softmax over (0, logit), for which t
 the sigmoid; so the soft term is the binary cross-entropy between ``sigmoid(s/T)`` and the
 teacher's soft target ``sigmoid(t/T)``, times T^2 (it differs from the KL by the teacher's
 entropy, a constant, so the gradients are the same), and the hard term is the usual BCE.
-Selected by the config: ``distill.teacher`` set -> this task; everything else (loop, launchers,
+Selected by the config: ``distill.teacher`` set -> this task; everything else (trainer, launchers,
 checkpoints, validation, export) is the detector's.
 """
 
@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from deepfake_dist.errors import UserError
 from deepfake_dist.exported import load_exported
 from deepfake_dist.inference import in_channels
-from deepfake_dist.models import model_kind
 from deepfake_dist.tasks import TASKS
 from deepfake_dist.tasks.detector import DetectorTask
 
@@ -35,14 +34,17 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
 
 @TASKS.register("distill")
 class DistillTask(DetectorTask):
+    @classmethod
+    def check_config(cls, cfg, where: str) -> None:
+        """The student is a detector. The teacher file is checked when it is loaded (``__init__``):
+        a trained student's config is rebuilt later (compress, export) without its teacher."""
+        if cfg.model.kind != "detector":
+            raise UserError(f"{where}: distill.teacher is set but model.name {cfg.model.name} is not a detector; "
+                            "the student must be a detector (e.g. cnn or resnet18)")
+        super().check_config(cfg, where)
+
     def __init__(self, cfg, accelerator, channels: int):
         d = cfg.distill
-        if model_kind(cfg.model.name) != "detector":
-            raise UserError(f"distill.teacher is set but model.name {cfg.model.name} is not a detector; "
-                            "the student must be a detector (e.g. cnn or resnet18)")
-        if d.temperature <= 0 or not 0.0 <= d.alpha <= 1.0:
-            raise UserError(f"distill: temperature must be > 0 and alpha in [0, 1], got "
-                            f"temperature={d.temperature}, alpha={d.alpha}")
         super().__init__(cfg, accelerator, channels)
         teacher, info = load_exported(d.teacher)
         if info.get("kind") != "detector":

@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepfake_dist.ema import EMA
+from deepfake_dist.engine.optim import build_optimizer
+from deepfake_dist.engine.runtime import plain_module
+from deepfake_dist.engine.step import NONFINITE, nonfinite
 from deepfake_dist.errors import UserError
-from deepfake_dist.models import create_model
 from deepfake_dist.models.convstacks import gaussian
-from deepfake_dist.tasks import NONFINITE, TASKS
+from deepfake_dist.tasks import TASKS
 from deepfake_dist.tasks.generative import EXPORT_NAME, GenerativeTask
-from deepfake_dist.train.optim import build_optimizer
-from deepfake_dist.train.runtime import plain_module
 
 
 def d_loss(real: Tensor, fake: Tensor, kind: str) -> Tensor:
@@ -60,18 +60,21 @@ def condition_labels(metas: list[dict], key: str, num_classes: int) -> Tensor:
 class GANTask(GenerativeTask):
     engines = ("generator", "discriminator")
 
-    def __init__(self, cfg, accelerator, channels: int):
-        super().__init__(cfg, accelerator, channels)
-        where = f"config '{cfg.name}'"
+    @classmethod
+    def check_config(cls, cfg, where: str) -> None:
+        super().check_config(cfg, where)
         if cfg.train.grad_accum != 1:
             raise UserError(f"{where}: GANs step both networks every batch; set train.grad_accum: 1")
         if cfg.sched.name != "constant" or cfg.sched.warmup_steps:
             raise UserError(f"{where}: GANs train at a constant learning rate; set sched.name: constant, warmup_steps: 0")
-        gan = self.on_device(create_model(cfg.model.name, **self.build_args, **cfg.model.args))
-        self.z_dim, self.num_classes = gan.z_dim, gan.num_classes
-        if self.num_classes and not cfg.gan.condition:
+        if cfg.model.arg("num_classes", 0) and not cfg.gan.condition:
             raise UserError(f"{where}: {cfg.model.name} is conditional; set gan.condition to the json key of "
                             "each sample's class, e.g. attributes.Male")
+
+    def __init__(self, cfg, accelerator, channels: int):
+        super().__init__(cfg, accelerator, channels)
+        gan = self.on_device(cfg.model.build(**self.build_args))
+        self.z_dim, self.num_classes = gan.z_dim, gan.num_classes
         # the EMA copy is taken before prepare: under ZeRO-3 the prepared weights are partitioned
         self.ema = EMA(gan.generator, cfg.gan.ema_decay)
         self.ema.averaged.to(accelerator.device)
@@ -127,14 +130,14 @@ class GANTask(GenerativeTask):
             real_logits = self.D(real, labels).float()
             fake_logits = self.D(fake.detach(), labels).float()
             loss_d = d_loss(real_logits, fake_logits, kind)
-            if self.nonfinite(loss_d):
+            if nonfinite(self.accelerator, loss_d):
                 return self._skip()
             self._update(self.D, self.opt_d, loss_d)
 
         self.D.requires_grad_(False)
         try:
             loss_g = g_loss(self.D(fake, labels).float(), kind)
-            if self.nonfinite(loss_g):
+            if nonfinite(self.accelerator, loss_g):
                 return self._skip()  # the discriminator updates of this batch stay: they were finite
             self._update(self.G, self.opt_g, loss_g)
         finally:
@@ -148,7 +151,7 @@ class GANTask(GenerativeTask):
                 "lr": self.opt_g.param_groups[0]["lr"]}
 
     def _skip(self) -> dict[str, float]:
-        """A NaN/inf loss: no update from it (see ``Task.nonfinite``); the batch counts as a step
+        """A NaN/inf loss: no update from it (see ``engine.step``); the batch counts as a step
         so the next one draws fresh noise."""
         self.opt_d.zero_grad(set_to_none=True)
         self.opt_g.zero_grad(set_to_none=True)

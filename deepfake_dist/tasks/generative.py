@@ -16,13 +16,12 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
 from deepfake_dist.atomic import atomic_path
-from deepfake_dist.data.loader import EvalOptions, eval_loader
+from deepfake_dist.console import console
 from deepfake_dist.data.manifest import load_manifest, split_count
+from deepfake_dist.engine.runtime import broadcast_buffers
 from deepfake_dist.errors import UserError, out_of_space_is_one_line
 from deepfake_dist.fidelity import Fidelity, find_inception_weights, inception, to_uint8_rgb
 from deepfake_dist.tasks import Task
-from deepfake_dist.train.runtime import broadcast_buffers
-from deepfake_dist.console import console
 
 EXPORT_NAME = "generator"
 
@@ -32,9 +31,10 @@ class GenerativeTask(Task):
 
     metrics = ("fid", "kid", "kid_std", "fid_real", "fid_fake")  # with the Inception weights (``fidelity``)
 
-    def __init__(self, cfg, accelerator, channels: int):
-        super().__init__(cfg, accelerator, channels)
-        where = f"config '{cfg.name}'"
+    @classmethod
+    def check_config(cls, cfg, where: str) -> None:
+        """Generators work in [-1, 1], at the shards' size, on real faces only."""
+        super().check_config(cfg, where)
         if cfg.data.normalize != "half":
             raise UserError(f"{where}: generators output [-1, 1]; set data.normalize: half (got {cfg.data.normalize})")
         for key in ("resolution", "channels"):
@@ -45,6 +45,9 @@ class GenerativeTask(Task):
             bad = next(s for s, n in fakes.items() if n)
             raise UserError(f"{where}: data.train set {bad} holds {fakes[bad]} fake '{cfg.data.train_split}' images; "
                             "generators learn from real faces only: list real shard sets in data.train")
+
+    def __init__(self, cfg, accelerator, channels: int):
+        super().__init__(cfg, accelerator, channels)
         self.build_args = {"resolution": cfg.data.resolution, "channels": channels}
         self.samples_dir = Path(cfg.run_dir) / "samples"
         self.total_steps = 0
@@ -100,7 +103,7 @@ class GenerativeTask(Task):
         sets = cfg.data.val or cfg.data.train
         # every rank reads the split and keeps every world-th image, so none is left without data
         seen = 0
-        for batch in eval_loader(sets, cfg.data.val_split, EvalOptions.from_data(cfg.data, self.channels)):
+        for batch in self.val_loader(whole=True):
             mine = [i for i in range(len(batch)) if (seen + i) % world == rank and seen + i < cfg.samples.fid_samples]
             seen += len(batch)
             if mine:

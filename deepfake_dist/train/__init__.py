@@ -1,1 +1,2 @@
-"""The training loop, its checkpoints, metrics and logging; tasks plug in their step."""
+"""The trainer (``loop``), its run state, checkpoints, fault handling and rank heartbeat; tasks
+plug in their step."""

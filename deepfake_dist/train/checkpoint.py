@@ -3,7 +3,7 @@
 A checkpoint is written by every rank into ``checkpoints/.tmp-step-N`` and renamed to
 ``checkpoints/step-N`` by the main process once all ranks are done, so a folder named
 ``step-N`` is always complete: a kill mid-write leaves only a ``.tmp-`` folder, which resume
-ignores (and removes). The loop's own counters go in ``trainer_state.json`` (JSON, not a
+ignores (and removes). The trainer's ``RunState`` goes in ``trainer_state.json`` (JSON, not a
 pickle), and ``checksums.json`` holds the sha256 of every file, so a checkpoint truncated or
 changed since is noticed before it is loaded: ``resume: auto`` then falls back to the previous
 one and says so. Nothing in a checkpoint is unpickled before ``torch.load(weights_only=True)``
@@ -30,12 +30,13 @@ from rich.markup import escape
 from safetensors.torch import load_file, save_file
 
 from deepfake_dist.atomic import write_json_atomic
+from deepfake_dist.console import console
 from deepfake_dist.data.manifest import file_sha256
+from deepfake_dist.engine.runtime import plain_module
 from deepfake_dist.errors import UserError, disk_full, disk_full_error
 from deepfake_dist.exported import write_exported
 from deepfake_dist.models.pretrained import pickled_global
-from deepfake_dist.train.runtime import plain_module
-from deepfake_dist.console import console
+from deepfake_dist.train.state import RunState
 
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "task_state.safetensors"
@@ -61,12 +62,12 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep_last: int,
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: RunState, keep_last: int,
                     tensors: dict[str, torch.Tensor]) -> Path:
     """Save the full training state on all ranks (DeepSpeed needs every rank), then publish it."""
     folder = checkpoint_dir(run_dir)
-    final = folder / f"step-{state['step']}"
-    tmp = folder / f"{_TMP}{state['step']}"
+    final = folder / f"step-{state.step}"
+    tmp = folder / f"{_TMP}{state.step}"
     try:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -77,7 +78,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: dict, keep_l
         if accelerator.is_main_process:
             if tensors:
                 save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
-            write_json_atomic(tmp / STATE_FILE, state)
+            write_json_atomic(tmp / STATE_FILE, state.state_dict())
             write_json_atomic(tmp / CHECKSUMS_FILE, checksums(tmp))
     except Exception as err:
         if not disk_full(err):
@@ -196,11 +197,12 @@ def find_resume(accelerator: Accelerator, run_dir: Path, resume: str) -> Path | 
     return Path(choice[0]) if choice[0] else None
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The loop's counters and the task's extra tensors; models/optimizers are restored in place."""
+def load_checkpoint(accelerator: Accelerator, path: Path, state: RunState) -> dict[str, torch.Tensor]:
+    """Models and optimizers are restored in place, the counters into ``state``; returns the
+    task's extra tensors."""
     accelerator.load_state(str(path))
-    tensors = load_file(str(path / TENSORS_FILE)) if (path / TENSORS_FILE).is_file() else {}
-    return json.loads((path / STATE_FILE).read_text()), tensors
+    state.load_state_dict(json.loads((path / STATE_FILE).read_text()))
+    return load_file(str(path / TENSORS_FILE)) if (path / TENSORS_FILE).is_file() else {}
 
 
 def export_model(accelerator: Accelerator, model: torch.nn.Module, out_dir: Path, info: dict, name: str = "model") -> None:

@@ -11,9 +11,9 @@ from inject import SMOKE, corrupt_image, truncate
 from deepfake_dist.cli import main
 from deepfake_dist.config import load_config
 from deepfake_dist.data.loader import EvalOptions, eval_loader
+from deepfake_dist.engine.tracking import read_jsonl
 from deepfake_dist.errors import UserError
 from deepfake_dist.train.loop import train
-from deepfake_dist.train.tracking import read_jsonl
 
 
 def _damage_train_split(shard_set) -> dict:

@@ -19,13 +19,14 @@ from safetensors.torch import load_file
 
 from deepfake_dist.config import OptimConfig, load_config
 from deepfake_dist.data.loader import EvalOptions, eval_loader
+from deepfake_dist.engine.optim import build_optimizer
+from deepfake_dist.engine.runtime import make_accelerator
+from deepfake_dist.engine.step import NONFINITE
+from deepfake_dist.engine.tracking import read_jsonl
 from deepfake_dist.errors import UserError
-from deepfake_dist.tasks import NONFINITE, create_task
+from deepfake_dist.tasks import create_task
 from deepfake_dist.train.checkpoint import STATE_FILE, complete_checkpoints
 from deepfake_dist.train.loop import train
-from deepfake_dist.train.optim import build_optimizer
-from deepfake_dist.train.runtime import make_accelerator
-from deepfake_dist.train.tracking import read_jsonl
 
 PROBE = ["model.name=nonfinite_probe", "train.log_every=1"]
 

@@ -13,8 +13,8 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
 from deepfake_dist.config import Config
+from deepfake_dist.engine.tracking import tracker_name
 from deepfake_dist.errors import UserError
-from deepfake_dist.train.tracking import tracker_name
 
 
 def launched_world_size() -> int:

@@ -11,7 +11,7 @@ from deepfake_dist.config import OptimConfig, SchedConfig
 
 def build_optimizer(params, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
     """``fused``: torch's single-kernel implementation, which can also skip an update on the
-    device (its ``found_inf``; see ``DetectorTask.train_step``). The implementation stays this
+    device (its ``found_inf``; see ``engine.step.OptimizerStep``). The implementation stays this
     run's choice when a checkpoint is loaded (torch would take the saved run's)."""
     if cfg.name == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
