@@ -186,13 +186,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import json
-
+    from deepfake_dist.atomic import json_text
     from deepfake_dist.scoring import load_scorer, rows_table, score_files
 
     rows = score_files(load_scorer(args.checkpoint), args.paths, frames=args.frames, batch_size=args.batch_size)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json_text(rows, indent=1))
     else:
         out.print(rows_table(rows))
     return 1 if any(r.get("error") for r in rows) else 0
