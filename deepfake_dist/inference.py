@@ -51,6 +51,8 @@ def pillow_pixel_limit() -> int | None:
 
 def _open(data: bytes, max_pixels: int, name: str) -> Image.Image:
     """The image's header, read lazily (nothing decoded), checked against ``max_pixels``."""
+    if not data:
+        raise BadImage(f"{name}: the file is empty; send a JPEG, PNG, WebP or BMP image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size ourselves
@@ -73,8 +75,6 @@ def _open(data: bytes, max_pixels: int, name: str) -> Image.Image:
 def image_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "upload") -> tuple[int, int]:
     """Width and height from the header alone, or ``BadImage`` (what ``open_upload`` would refuse
     before decoding): to size up a request before decoding any of it."""
-    if not data:
-        raise BadImage(f"{name}: the file is empty; send a JPEG, PNG, WebP or BMP image")
     img = _open(data, max_pixels, name)
     img.close()
     return img.size
@@ -85,7 +85,6 @@ def open_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "
     """Untrusted encoded bytes -> a fully decoded, EXIF-rotated PIL image, or ``BadImage``. With
     ``min_side``, a JPEG is decoded at the smallest of its 1/1 to 1/8 scales whose shorter side
     is still at least ``min_side`` (a scale the model's resize then averages away)."""
-    image_size(data, max_pixels, name)  # refused before anything is decoded
     img = _open(data, max_pixels, name)
     try:
         if min_side and img.format == "JPEG":

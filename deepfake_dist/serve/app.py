@@ -26,6 +26,7 @@ import hmac
 import io
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -54,7 +55,7 @@ from deepfake_dist.inference import (
     open_upload,
     pillow_pixel_limit,
 )
-from deepfake_dist.serve.detector import load_served
+from deepfake_dist.serve.detector import ServedModel, load_served
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 MAX_BATCH = 32  # images per /v1/detect/batch request
@@ -123,6 +124,67 @@ class Gate:
         return None
 
 
+@dataclass
+class Detection:
+    """A request's images checked, decoded one at a time, scored (and explained): CPU work, run
+    in the thread pool. ``min_side``: how small a JPEG may be decoded (``inference.open_upload``)."""
+
+    served: ServedModel
+    max_bytes: int
+    max_pixels: int
+    request_pixels: int
+    min_side: int
+    face_crop: bool
+    margin: float
+
+    def __call__(self, uploads: list[UploadFile], names: list[str], explain: bool) -> list[dict]:
+        start = time.perf_counter()
+        self.check(uploads, names)
+        inputs, faces, pictures = zip(*(self.model_input(u, label, explain) for u, label in zip(uploads, names)))
+        inputs = torch.stack(inputs)
+        probabilities = self.served.probabilities(inputs)
+        nan = [label for label, p in zip(names, probabilities) if p != p]  # NaN is the one value unequal to itself
+        if nan:
+            raise HTTPException(500, f"the model scored NaN for {', '.join(nan[:5])}: it is broken; serve another")
+        heat = self.served.explain(inputs) if explain else None
+        latency = (time.perf_counter() - start) * 1000
+        results = []
+        for i, (face, p) in enumerate(zip(faces, probabilities)):
+            row = {"filename": names[i], "fake_probability": p, "is_fake": p > self.served.threshold,
+                   "threshold": self.served.threshold, "model": self.served.info["model"], "latency_ms": latency}
+            if face is not None:
+                row["face"] = face
+            if heat is not None:
+                row["gradcam_png"] = _overlay_png(pictures[i], heat[i])
+            results.append(row)
+        return results
+
+    def read(self, upload: UploadFile, label: str) -> bytes:
+        upload.file.seek(0)
+        data = upload.file.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:
+            raise BadImage(f"{label}: over the {self.max_bytes}-byte limit per image", 413)
+        return data
+
+    def check(self, uploads: list[UploadFile], names: list[str]) -> None:
+        """Every image's size, format and pixels from its header, before any is decoded."""
+        total = 0
+        for upload, label in zip(uploads, names):
+            width, height = image_size(self.read(upload, label), self.max_pixels, label)
+            total += width * height
+        if total > self.request_pixels:
+            raise BadImage(f"the images of this request hold {total} pixels, over the limit of {self.request_pixels} "
+                           "per request; send fewer or smaller images", 413)
+
+    def model_input(self, upload: UploadFile, label: str, explain: bool) -> tuple[torch.Tensor, dict | None, Image.Image | None]:
+        """One image decoded and made the model's input, its face (with face cropping) and, with
+        ``explain``, the small picture its overlay is drawn on; the decoded image is let go on return."""
+        img = open_upload(self.read(upload, label), self.max_pixels, label, self.min_side)
+        crop, face = largest_face(img, self.margin) if self.face_crop else (img, None)
+        picture = center_crop_resize(to_mode(crop, "RGB"), OVERLAY_SIZE) if explain else None
+        return model_input(crop, self.served.info), face, picture
+
+
 def create_app(checkpoint: str | Path, onnx: bool = False, token: str | None = None, max_bytes: int = 10_000_000,
                max_pixels: int = DEFAULT_MAX_PIXELS, face_crop: bool = False, max_request_pixels: int | None = None,
                max_concurrent: int = 2, max_queue: int = 32) -> FastAPI:
@@ -132,10 +194,13 @@ def create_app(checkpoint: str | Path, onnx: bool = False, token: str | None = N
     _check_limits(token, max_pixels, max_concurrent, max_queue)
     served = load_served(checkpoint, onnx=onnx)
     name = served.info["model"]
-    margin = (served.info.get("video") or {}).get("margin", FACE_MARGIN)  # crop faces as its training sets were
     min_side = REDUCE_GAP * int(served.info["resolution"])
-    min_side = max(min_side, FACE_SEARCH_SIDE) if face_crop else min_side
-    request_pixels = max_request_pixels or max_pixels
+    detection = Detection(served, max_bytes, max_pixels, max_request_pixels or max_pixels,
+                          max(min_side, FACE_SEARCH_SIDE) if face_crop else min_side, face_crop,
+                          (served.info.get("video") or {}).get("margin", FACE_MARGIN))  # crop faces as its sets were
+    limits = {"max_bytes": max_bytes, "max_pixels": max_pixels, "max_request_pixels": detection.request_pixels,
+              "max_batch": MAX_BATCH, "max_concurrent": max_concurrent, "max_queue": max_queue,
+              "formats": list(ACCEPTED_FORMATS)}
     app = FastAPI(title="deepfake_dist detector", version=__version__,
                   description=f"Real-vs-fake face detection with '{name}' ({served.backend}). "
                               f"Send a JPEG, PNG, WebP or BMP image as multipart field 'file'.")
@@ -145,60 +210,12 @@ def create_app(checkpoint: str | Path, onnx: bool = False, token: str | None = N
     _add_error_handlers(app)
     slots = asyncio.Semaphore(max_concurrent)
 
-    def read(upload: UploadFile, label: str) -> bytes:
-        upload.file.seek(0)
-        data = upload.file.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise BadImage(f"{label}: over the {max_bytes}-byte limit per image", 413)
-        return data
-
-    def check_request(uploads: list[UploadFile], names: list[str]) -> None:
-        """Every image's size, format and pixels from its header, before any is decoded."""
-        total = 0
-        for upload, label in zip(uploads, names):
-            width, height = image_size(read(upload, label), max_pixels, label)
-            total += width * height
-        if total > request_pixels:
-            raise BadImage(f"the images of this request hold {total} pixels, over the limit of {request_pixels} "
-                           "per request; send fewer or smaller images", 413)
-
-    def model_input_of(upload: UploadFile, label: str, explain: bool) -> tuple[torch.Tensor, dict | None, Image.Image]:
-        """One image decoded and made the model's input, its face (with face cropping) and, with
-        ``explain``, the small picture its overlay is drawn on; the decoded image is let go on return."""
-        img = open_upload(read(upload, label), max_pixels, label, min_side)
-        crop, face = largest_face(img, margin) if face_crop else (img, None)
-        picture = center_crop_resize(to_mode(crop, "RGB"), OVERLAY_SIZE) if explain else None
-        return model_input(crop, served.info), face, picture
-
-    def detect(uploads: list[UploadFile], names: list[str], explain: bool) -> list[dict]:
-        """Check, decode, crop, score (and explain): CPU work, run in the thread pool."""
-        start = time.perf_counter()
-        check_request(uploads, names)
-        inputs, faces, pictures = zip(*(model_input_of(u, label, explain) for u, label in zip(uploads, names)))
-        inputs = torch.stack(inputs)
-        probabilities = served.probabilities(inputs)
-        nan = [label for label, p in zip(names, probabilities) if p != p]  # NaN is the one value unequal to itself
-        if nan:
-            raise HTTPException(500, f"the model scored NaN for {', '.join(nan[:5])}: it is broken; serve another")
-        heat = served.explain(inputs) if explain else None
-        latency = (time.perf_counter() - start) * 1000
-        results = []
-        for i, (face, p) in enumerate(zip(faces, probabilities)):
-            row = {"filename": names[i], "fake_probability": p, "is_fake": p > served.threshold,
-                   "threshold": served.threshold, "model": name, "latency_ms": latency}
-            if face is not None:
-                row["face"] = face
-            if heat is not None:
-                row["gradcam_png"] = _overlay_png(pictures[i], heat[i])
-            results.append(row)
-        return results
-
     async def scored(uploads: list[UploadFile], names: list[str], explain: bool) -> list[dict]:
         if explain and served.torch_model is None:
             raise HTTPException(400, "explain=true needs the PyTorch weights: put model.safetensors next to the "
                                      "ONNX file, or serve without --onnx")
         async with slots:
-            return await run_in_threadpool(detect, uploads, names, explain)
+            return await run_in_threadpool(detection, uploads, names, explain)
 
     @app.post("/v1/detect", summary="Score one image")
     async def detect_one(file: Annotated[UploadFile, File(description="JPEG, PNG, WebP or BMP image")],
@@ -222,10 +239,7 @@ def create_app(checkpoint: str | Path, onnx: bool = False, token: str | None = N
             "in_channels": in_channels(info), "normalize": info.get("normalize"),
             "manifests": info.get("manifests", {}), "step": info.get("step"),
             "val_metrics": info.get("val_metrics", {}), "explain": served.torch_model is not None,
-            "face_crop": face_crop, "limits": {"max_bytes": max_bytes, "max_pixels": max_pixels,
-                                               "max_request_pixels": request_pixels, "max_batch": MAX_BATCH,
-                                               "max_concurrent": max_concurrent, "max_queue": max_queue,
-                                               "formats": list(ACCEPTED_FORMATS)}})
+            "face_crop": face_crop, "limits": limits})
 
     @app.get("/healthz", summary="Liveness")
     def healthz():
