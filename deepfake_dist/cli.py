@@ -185,13 +185,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import json
-
+    from deepfake_dist.atomic import json_text
     from deepfake_dist.scoring import load_scorer, rows_table, score_files
 
     rows = score_files(load_scorer(args.checkpoint), args.paths, frames=args.frames, batch_size=args.batch_size)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json_text(rows, indent=1))
     else:
         out.print(rows_table(rows))
     return 1 if any(r.get("error") for r in rows) else 0
@@ -270,7 +269,9 @@ def cmd_serve(args) -> int:
     from deepfake_dist.serve.app import serve
 
     serve(args.checkpoint, onnx=args.onnx, host=args.host, port=args.port, token=args.token,
-          max_bytes=args.max_bytes, max_pixels=args.max_pixels, face_crop=args.face_crop)
+          token_file=args.token_file, max_bytes=args.max_bytes, max_pixels=args.max_pixels,
+          max_request_pixels=args.max_request_pixels, max_concurrent=args.max_concurrent,
+          max_queue=args.max_queue, face_crop=args.face_crop)
     return 0
 
 
@@ -306,10 +307,18 @@ def _add_serve(sub):
     p.add_argument("--onnx", action="store_true", help="score with ONNX Runtime (RUN/model.onnx or the .onnx given)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /v1 endpoints")
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /v1 endpoints (ps shows a command "
+                   "line: prefer --token-file or the DEEPFAKE_DIST_TOKEN environment variable)")
+    p.add_argument("--token-file", dest="token_file", help="read the token from the first line of this file")
     p.add_argument("--max-bytes", dest="max_bytes", type=int, default=10_000_000, help="largest upload per image")
     p.add_argument("--max-pixels", dest="max_pixels", type=int, help="largest image (width x height) to decode; "
                    "default 40 million")
+    p.add_argument("--max-request-pixels", dest="max_request_pixels", type=int,
+                   help="most pixels all images of one request may hold; default --max-pixels")
+    p.add_argument("--max-concurrent", dest="max_concurrent", type=int, default=2,
+                   help="requests decoded and scored at once (each holds one decoded image)")
+    p.add_argument("--max-queue", dest="max_queue", type=int, default=32,
+                   help="requests waiting beyond those; more get 503 with Retry-After")
     p.add_argument("--face-crop", dest="face_crop", action="store_true",
                    help="detect the largest face (OpenCV Haar cascade) and score its crop")
     p.set_defaults(fn=cmd_serve)

@@ -8,14 +8,20 @@ and ``normalize`` from its JSON.
 
 Uploads are untrusted: ``open_upload`` accepts only a few formats, checks the pixel count from
 the header *before* decoding (decompression bombs), and decodes fully so that a truncated file
-fails here with a ``BadImage`` that says what is wrong.
+fails here with a ``BadImage`` that says what is wrong (a PNG whose data ends early included,
+which Pillow decodes without complaint). Given the side the model needs, a large JPEG is decoded
+at a reduced scale (Pillow's ``draft``: 1/2 to 1/8, in the decoder), which spares the server
+most of its memory and time; other formats cannot be decoded smaller.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import struct
 import threading
 import warnings
+import zlib
 
 import torch
 from PIL import Image, ImageOps
@@ -26,6 +32,8 @@ from deepfake_dist.errors import UserError
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 DEFAULT_MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to ~120 MB of RGB
+REDUCE_GAP = 8  # a JPEG is decoded no smaller than this many times the model's input side, so
+# the bicubic resize after it still averages over many pixels, as on the full image
 
 
 class BadImage(UserError):
@@ -36,30 +44,98 @@ class BadImage(UserError):
         self.status = status
 
 
-def open_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "upload") -> Image.Image:
-    """Untrusted encoded bytes -> a fully decoded, EXIF-rotated PIL image, or ``BadImage``."""
+def pillow_pixel_limit() -> int | None:
+    """The pixel count over which Pillow refuses to open an image (``DecompressionBombError``)."""
+    return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+
+
+def _open(data: bytes, max_pixels: int, name: str) -> Image.Image:
+    """The image's header, read lazily (nothing decoded), checked against ``max_pixels``."""
     if not data:
         raise BadImage(f"{name}: the file is empty; send a JPEG, PNG, WebP or BMP image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size ourselves
             img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except Image.DecompressionBombError:
-        raise BadImage(f"{name}: the image has too many pixels (limit {max_pixels})", 413) from None
+    except Image.DecompressionBombError as e:  # over Pillow's own limit, whatever max_pixels says
+        raise BadImage(f"{name}: refused before decoding, as Pillow refuses possible decompression bombs ({e})",
+                       413) from None
     except Exception:  # noqa: BLE001 - UnidentifiedImageError and whatever a broken header raises
         raise BadImage(f"{name}: not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)})", 415) from None
     width, height = img.size
     if width * height > max_pixels:
+        img.close()
         raise BadImage(f"{name}: {width}x{height} is {width * height} pixels, over the limit of {max_pixels}", 413)
     if width < 1 or height < 1:
-        raise BadImage(f"{name}: the image has no pixels ({width}x{height})")
-    try:
-        img.load()
-        return ImageOps.exif_transpose(img)
-    except Exception as e:  # noqa: BLE001 - truncated data, bad chunks, decoder errors
-        raise BadImage(f"{name}: the {img.format} image is damaged or truncated ({e})") from None
-    finally:
         img.close()
+        raise BadImage(f"{name}: the image has no pixels ({width}x{height})")
+    return img
+
+
+def image_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "upload") -> tuple[int, int]:
+    """Width and height from the header alone, or ``BadImage`` (what ``open_upload`` would refuse
+    before decoding): to size up a request before decoding any of it."""
+    img = _open(data, max_pixels, name)
+    img.close()
+    return img.size
+
+
+def open_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "upload",
+                min_side: int | None = None) -> Image.Image:
+    """Untrusted encoded bytes -> a fully decoded, EXIF-rotated PIL image, or ``BadImage``. With
+    ``min_side``, a JPEG is decoded at the smallest of its 1/1 to 1/8 scales whose shorter side
+    is still at least ``min_side`` (a scale the model's resize then averages away)."""
+    img = _open(data, max_pixels, name)
+    try:
+        if min_side and img.format == "JPEG":
+            scale = min_side / min(img.size)
+            img.draft(None, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+        img.load()
+        if img.format == "PNG" and not _png_rows_complete(data):
+            raise ValueError("its image data ends before its last row")
+        ImageOps.exif_transpose(img, in_place=True)  # not a copy: one decoded image in memory
+        return img
+    except Exception as e:  # noqa: BLE001 - truncated data, bad chunks, decoder errors
+        img.close()
+        raise BadImage(f"{name}: the {img.format} image is damaged or truncated ({e})") from None
+
+
+_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_rows_complete(data: bytes) -> bool:
+    """Whether a PNG's image data (its IDAT chunks, inflated) holds every row its header declares.
+    Pillow decodes a zlib stream that ends early without an error, the missing rows left black."""
+    pos, header, chunks = 8, None, []
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IHDR":
+            header = data[pos + 8:pos + 21]
+        elif kind == b"IDAT":
+            chunks.append(data[pos + 8:pos + 8 + length])
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if header is None or len(header) < 13:
+        return False
+    width, height, depth, colour, interlace = struct.unpack(">IIBB2xB", header)
+    bits = depth * _CHANNELS.get(colour, 4)
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    expected = 0
+    for x0, y0, dx, dy in passes:
+        columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if columns > 0 and rows > 0:
+            expected += rows * (1 + (columns * bits + 7) // 8)  # each row: a filter byte, then its pixels
+    inflater, produced = zlib.decompressobj(), 0
+    try:
+        for chunk in chunks:
+            while chunk and produced < expected:  # a megabyte at a time: counted, not kept
+                produced += len(inflater.decompress(chunk, 1 << 20))
+                chunk = inflater.unconsumed_tail
+    except zlib.error:
+        return False
+    return produced >= expected
 
 
 def in_channels(info: dict) -> int:
@@ -72,10 +148,6 @@ def model_input(img: Image.Image, info: dict) -> torch.Tensor:
     channels, resolution = in_channels(info), int(info["resolution"])
     face = imageio.preprocess(img, "L" if channels == 1 else "RGB", resolution)
     return transforms.eval_transform(resolution, channels, info["normalize"])(pil_to_tensor(face))
-
-
-def bytes_to_input(data: bytes, info: dict, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "upload") -> torch.Tensor:
-    return model_input(open_upload(data, max_pixels, name), info)
 
 
 FACE_MARGIN = 0.25  # of the face box, added on every side before the square crop

@@ -4,7 +4,8 @@ Each rank reads its own shards (see ``data.loader.EvalStream``) so ranks may hol
 counts. A wrapped model's forward can be collective (DDP syncs buffers, ZeRO-3 gathers
 parameters), so a rank that runs out keeps calling it on a throw-away batch until every rank is
 done (a "join"). One ``gather_object`` at the end joins the scores; a duplicate key is an error,
-which is how we know no sample was counted twice.
+which is how we know no sample was counted twice. So is a NaN score: every metric, and the
+choice of the best model, would be silently wrong (see ``engine.metrics.binary_metrics``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+
+from deepfake_dist.errors import UserError
 
 
 @dataclass
@@ -57,9 +60,18 @@ def predict(accelerator: Accelerator, model: torch.nn.Module, loader) -> Predict
         raise RuntimeError("a sample was scored twice across ranks; the shard split is broken")
     order = sorted(range(len(rows)), key=lambda i: keys[i])  # independent of the number of ranks
     rows = [rows[i] for i in order]
+    _refuse_nan([r[2] for r in rows if r[0] != r[0]], len(rows))  # NaN is the one value unequal to itself
     return Predictions(
         torch.tensor([r[0] for r in rows]),
         torch.tensor([r[1] for r in rows], dtype=torch.long),
         [r[2] for r in rows],
         [r[3] for r in rows],
     )
+
+
+def _refuse_nan(keys: list[str], total: int) -> None:
+    if keys:
+        raise UserError(f"the model scored NaN for {len(keys)} of {total} samples ({', '.join(keys[:5])}"
+                        f"{', ...' if len(keys) > 5 else ''}); metrics over them would be wrong. NaN or inf is in its "
+                        "weights or BatchNorm statistics (see train/nonfinite_steps in the run's metrics), or the "
+                        "input overflows its precision: use an earlier checkpoint, or set train.mixed_precision=no")

@@ -46,7 +46,7 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
         return img
     if img.mode.startswith("I;16"):  # 16-bit grey PNGs: keep the high byte
         img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
     return img.convert(mode)
 

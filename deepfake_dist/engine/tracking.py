@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from deepfake_dist.atomic import json_text
 from deepfake_dist.config import Config, to_dict
 from deepfake_dist.console import console
 from deepfake_dist.errors import out_of_space_is_one_line
@@ -64,7 +65,7 @@ class Tracker:
         if self.main:
             record = {"step": step, "time": time.time(), **values}
             with out_of_space_is_one_line(str(self.jsonl), self.jsonl.parent), open(self.jsonl, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json_text(record, indent=None) + "\n")
         self.accelerator.log(values, step=step)
 
     def advance(self, step: int, epoch: int, stats: dict) -> None:

@@ -44,13 +44,19 @@ def confusion(scores: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5
 def val_threshold(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """The threshold that maximises balanced accuracy (Youden's J = TPR - FPR) on these scores.
 
-    Meant for the validation split only. Returned as the midpoint between the ROC point's
-    score and the next lower score, so ``score > threshold`` reproduces that ROC point."""
+    Meant for the validation split only. Chosen in float32, the precision the metrics (and the
+    server) compare scores in: the midpoint between the ROC point's score and the next lower
+    score, or the next float32 below the ROC point's score when the midpoint rounds onto it
+    (adjacent scores). So ``score > threshold`` reproduces that ROC point, in float32 and in
+    float64 alike (a float32 value is exact in a Python float and in JSON)."""
     fpr, tpr, thresholds = C.binary_roc(scores.float().cpu(), labels.long().cpu())
     i = int(torch.argmax(tpr.double() - fpr.double()))
+    upper = thresholds[i]
+    threshold = torch.nextafter(upper, torch.tensor(-math.inf, dtype=upper.dtype))
     if i + 1 < len(thresholds):
-        return float((thresholds[i].double() + thresholds[i + 1].double()) / 2)
-    return math.nextafter(float(thresholds[i]), -math.inf)
+        middle = ((upper.double() + thresholds[i + 1].double()) / 2).to(upper.dtype)
+        threshold = middle if middle < upper else threshold
+    return float(threshold)
 
 
 def detection_metrics(scores: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from deepfake_dist.atomic import write_text_atomic
+from deepfake_dist.atomic import write_json_atomic, write_text_atomic
 from deepfake_dist.data.loader import eval_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.data.transforms import denormalize
@@ -173,6 +172,6 @@ def write_outputs(out: Path, scored: list, data: list[str], split: str, val_spli
     summary = {"command": command, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "split": split,
                "val_split": val_split, "world_size": rows[0]["world_size"], "data": sets, "figures": figures,
                "runs": [{"run": s.run, "checkpoint": s.checkpoint, **s.result} for s in scored]}
-    write_text_atomic(out / "results.json", json.dumps(summary, indent=1, default=str))
+    write_json_atomic(out / "results.json", summary, indent=1)
     if report:
         write_report(out, summary)

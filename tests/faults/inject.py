@@ -1,10 +1,13 @@
-"""Ways the fault-injection suite damages files: cut short, overwritten, replaced by a pickle
-that runs code when unpickled."""
+"""Ways the fault-injection suite damages files: cut short, overwritten, a tar header rewritten
+with a valid checksum, replaced by a pickle that runs code when unpickled; and a deadline for
+code that must not hang."""
 
 from __future__ import annotations
 
 import io
+import signal
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +34,41 @@ def corrupt_image(shard: Path, index: int = 0) -> str:
                 info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return key
+
+
+HEADER_FIELDS = {"size": (124, 136), "type": (156, 157)}
+
+
+def rewrite_header(shard: Path, index: int, **fields: bytes) -> int:
+    """Overwrite fields of the ``index``-th member's header (``size=b"-0000001000"``) and give it
+    a valid checksum, as a crafted shard would have; returns the header's byte offset."""
+    with tarfile.open(shard) as tar:
+        offset = tar.getmembers()[index].offset_data - 512
+    data = bytearray(shard.read_bytes())
+    for name, value in fields.items():
+        start, end = HEADER_FIELDS[name]
+        data[offset + start:offset + end] = value.ljust(end - start, b"\0")
+    data[offset + 148:offset + 156] = b" " * 8
+    data[offset + 148:offset + 156] = b"%06o\0 " % sum(data[offset:offset + 512])
+    shard.write_bytes(bytes(data))
+    return offset
+
+
+@contextmanager
+def deadline(seconds: float):
+    """Raise TimeoutError in the block after ``seconds`` (SIGALRM: the main thread, POSIX): a read
+    that loops forever fails the test instead of hanging it. The alarm repeats every 0.1 s until
+    the block is left, in case code running at that moment (a gc callback) swallows the error."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.1)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class _Payload:
