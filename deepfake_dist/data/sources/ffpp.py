@@ -61,7 +61,7 @@ def open_ffpp(arg: str, label: str | None, compression: str = "c23", methods: st
 
     videos, skipped = [], []
     for method, folder in dirs.items():
-        for name, path in sorted(videos_in(folder).items()):
+        for path in sorted(videos_in(folder).values()):
             split = _split_of(path.stem, method, id_split, pair_split)
             if split is None:
                 skipped.append({"input": str(path), "reason": "its ids are in no pair of train.json, val.json or test.json"})
