@@ -13,7 +13,10 @@ frame, 256 px PNG); ``--frames`` overrides the frames a video.
   share, the wall-clock speed-up only says how many cores were free; so the speed-up on free
   cores is also estimated from CPU times: a run's critical path is the main process's CPU time
   plus that of its busiest worker (the workers' CPU time, split between them as a poll of
-  their CPU counters says).
+  their CPU counters says). Every process runs OpenCV on ``--opencv-threads`` threads (1 by
+  default, so that the figures are per process, as ``bench ddp`` runs one thread a process;
+  0: OpenCV's default, all cores, which lets its face detection use a free core in a lone
+  process and makes the CPU-time estimate meaningless).
 * Stages, in this process on the first ``--stage-videos`` videos, in CPU seconds: decoding the
   sampled frames (``faces.sample_frames``: every frame up to the last sampled one is decoded),
   face detection on them, then tracking and cropping, and resizing + PNG encoding of the crops
@@ -25,12 +28,14 @@ frame, 256 px PNG); ``--frames`` overrides the frames a video.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import threading
 import time
 from pathlib import Path
 
+import cv2
 import psutil
 
 from benchmarks.common import REPO, console, interleaved, machine, median_of, paired_ratio, parser, print_table, write_result
@@ -181,7 +186,12 @@ def main() -> None:
                    help="videos a shard (5: the default replica's 60 videos in 12 shards, 6 a worker for 2)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--stage-videos", dest="stage_videos", type=int, default=12)
+    p.add_argument("--opencv-threads", dest="opencv_threads", type=int, default=1,
+                   help="OpenCV threads in every process (0: OpenCV's default)")
     args = p.parse_args()
+    if args.opencv_threads:  # this process, and the spawned workers when they import OpenCV
+        os.environ["OPENCV_FOR_THREADS_NUM"] = str(args.opencv_threads)
+        cv2.setNumThreads(args.opencv_threads)
     started = machine()
     root = build(args)
     spec = f"{args.dataset}:{root}"

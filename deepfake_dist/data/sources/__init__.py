@@ -53,7 +53,9 @@ def open_source(spec: str, label: str | None = None, options: dict[str, Any] | N
     if unknown:
         takers = [SOURCES.meta(n)["usage"] for n in SOURCES.names() if unknown[0] in SOURCES.meta(n).get("options", ())]
         flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
-        raise UserError(f"{flags}: only for {' | '.join(takers) or 'no'} sources, not {spec}; drop them")
+        if not takers:
+            raise UserError(f"{flags}: no source kind takes it; drop it")
+        raise UserError(f"{flags}: only for {' | '.join(takers)} sources, not {spec}; drop them")
     source = fn(arg, label, **options)
     source.spec = spec
     dupes = [k for k, n in Counter(item.key for item in source.items).items() if n > 1]
