@@ -93,13 +93,15 @@ def _add_train(sub):
 
 def _add_prepare(sub):
     p = sub.add_parser("prepare", help="turn a face dataset into WebDataset shards with a manifest")
-    p.add_argument("--source", required=True, help="builtin:lfw | celeba:PATH | folder:PATH | videos:PATH")
+    p.add_argument("--source", required=True, help="builtin:lfw | celeba:PATH | folder:PATH | videos:PATH | "
+                   "ffpp:PATH | celebdf:PATH | dfdc:PATH | dfdcp:PATH")
     p.add_argument("--out", required=True, help="output folder, e.g. shards/lfw")
-    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--resolution", type=int, help="pixels (default 64; 256 for ffpp, celebdf, dfdc, dfdcp)")
     p.add_argument("--format", choices=["jpg", "png"], default="png",
                    help="png (lossless) by default, so real and generated sets carry no compression difference")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
-    p.add_argument("--shard-size", dest="shard_size", type=int, default=1000)
+    p.add_argument("--shard-size", dest="shard_size", type=int,
+                   help="inputs (images, videos) per shard (default 1000; 32 videos for ffpp, celebdf, dfdc, dfdcp)")
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions for unsplit sources")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--label", choices=["real", "fake"], help="label of a flat folder")
@@ -120,10 +122,16 @@ def _add_prepare(sub):
     v.add_argument("--face-config", dest="face_config", help="its network description, e.g. deploy.prototxt for Caffe")
     v.add_argument("--frame-level", dest="frame_level", action="store_true", default=None,
                    help="one sample per frame (for image detectors) instead of one per clip")
+    b = p.add_argument_group("ffpp:PATH, celebdf:PATH, dfdc:PATH, dfdcp:PATH (their published layouts and splits; "
+                             "default: 32 frames a video spread uniformly, one sample a frame, 256 px)")
+    b.add_argument("--compression", choices=["raw", "c23", "c40"], help="ffpp: the videos' level (default c23)")
+    b.add_argument("--methods", help="ffpp: comma-separated manipulations (default Deepfakes,Face2Face,FaceSwap,"
+                   "NeuralTextures; also FaceShifter, DeepFakeDetection)")
     p.set_defaults(fn=cmd_prepare)
 
 
-_VIDEO_OPTIONS = ("frames", "clips_per_video", "sampling", "frame_step", "margin", "face_model", "face_config", "frame_level")
+_VIDEO_OPTIONS = ("frames", "clips_per_video", "sampling", "frame_step", "margin", "face_model", "face_config", "frame_level",
+                  "compression", "methods")
 
 
 def cmd_generate(args) -> int:
@@ -157,7 +165,8 @@ def _add_generate(sub):
     p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions of the shard set")
-    p.add_argument("--shard-size", dest="shard_size", type=int, default=1000)
+    p.add_argument("--shard-size", dest="shard_size", type=int,
+                   help="inputs (images, videos) per shard (default 1000; 32 videos for ffpp, celebdf, dfdc, dfdcp)")
     p.add_argument("--encoding", choices=["png", "jpg"], default="png", help="image format inside the shards")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_generate)

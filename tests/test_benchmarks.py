@@ -60,6 +60,15 @@ def test_ddp_two_gloo_processes(tmp_path, bench_data):
     assert row["images_per_s"] > 0 and row["runs"][0]["steps"] == [2, 4]
 
 
+def test_video_prepare_on_a_tiny_ffpp_replica(tmp_path, bench_data):
+    pytest.importorskip("cv2", reason="videos need the video extra (opencv-python-headless<5)")
+    results = _run("video_prepare", tmp_path, bench_data, "--pairs", "1", "0", "0", "--size", "160x120",
+                   "--video-frames", "8", "--frames", "4", "--workers", "1", "--stage-videos", "2")
+    assert results["videos"] == 10 and results["workers"]["1"]["samples"] == 10 * 4
+    assert results["workers"]["1"]["videos_per_s"] > 0 and results["workers"]["1"]["shards"] == 2
+    assert sum(results["stages"]["share"].values()) == pytest.approx(1.0) and results["stages"]["videos"] == 2
+
+
 def test_gpu_skips_without_cuda_and_runs_on_cpu_when_asked(tmp_path, bench_data, capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "gpu", "--out", str(tmp_path / "none")]) == 0

@@ -189,7 +189,7 @@ def test_dnn_face_model_from_a_local_file(videos, tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"not a network")
     with pytest.raises(UserError, match="--face-model .*bad.onnx"):
         prepare(f"videos:{listing}", tmp_path / "bad", options={"face_model": str(tmp_path / "bad.onnx")})
-    with pytest.raises(UserError, match="--frames: only for videos"):
+    with pytest.raises(UserError, match="--frames: only for .*videos:PATH"):
         prepare(f"folder:{videos}", tmp_path / "folder", options={"frames": 4})
 
 

@@ -35,8 +35,9 @@ def _face() -> np.ndarray:
 
 
 def write_video(path: Path, frames: int = 24, fake: bool = False, face: bool = True, seed: int = 0,
-                size: tuple[int, int] = SIZE, fps: float = 10.0) -> Path:
-    """Write an mp4 (mp4v) of ``frames`` frames; the face drifts right and down by a seeded amount."""
+                size: tuple[int, int] = SIZE, fps: float = 10.0, portrait: np.ndarray | None = None) -> Path:
+    """Write an mp4 (mp4v) of ``frames`` frames; the face drifts right and down by a seeded amount.
+    ``portrait``: the face to paste (RGB, square), the astronaut's by default."""
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = size
@@ -46,7 +47,8 @@ def write_video(path: Path, frames: int = 24, fake: bool = False, face: bool = T
     x0, y0 = (30 + rng.integers(0, 6)) * scale, (26 + rng.integers(0, 4)) * scale
     dx, dy = (1.5 + rng.random()) * scale, (0.3 + 0.3 * rng.random()) * scale
     side = round(FACE * scale)
-    base = cv2.resize(_face(), (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
+    portrait = _face() if portrait is None else portrait
+    base = cv2.resize(portrait, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
     for i in range(frames):
         frame = np.full((h, w, 3), level(i), np.uint8)
         if face:

@@ -11,7 +11,8 @@ Per video, in the worker that writes its shard:
 1. plan the frame indices of each clip from the frame count: ``step`` takes K frames every n-th
    frame (clips centred in N equal parts of the video), ``uniform`` spreads all N*K frames
    evenly over the video and cuts them into N clips; clips never overlap, so a short video
-   gives fewer clips (recorded) or none (skipped);
+   gives fewer clips (recorded) or none (skipped; with ``keep_short`` it gives one shorter clip
+   of the frames it has, recorded with its count);
 2. decode exactly those frames in one sequential pass (grab/retrieve: exact indices, no seeking);
 3. detect faces on each sampled frame: OpenCV's bundled Haar cascade, or a DNN SSD face
    detector (``cv2.dnn``) from a local model file;
@@ -31,7 +32,7 @@ A video that cannot be decoded, is too short for one clip or shows no face raise
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ class VideoOptions:
     face_model: str | None = None  # a local cv2.dnn face detector file; None: the Haar cascade
     face_config: str | None = None  # its network description, when the model format needs one
     frame_level: bool = False  # one sample per frame instead of one per clip
+    keep_short: bool = False  # a video shorter than one clip yields the frames it has (frame level only)
 
     def __post_init__(self):
         for name, low in (("frames", 1), ("clips_per_video", 1), ("frame_step", 1)):
@@ -87,6 +89,8 @@ class VideoOptions:
                 )
         if self.face_config is not None and self.face_model is None:
             raise UserError(f"--face-config {self.face_config}: give the model too (--face-model PATH)")
+        if self.keep_short and not self.frame_level:  # a clip model needs every clip at full length
+            raise UserError("keep_short needs frame_level: a clip-level set holds only full clips")
 
     def settings(self) -> dict[str, Any]:
         """What the manifest records: these options, the detector (with the model file's
@@ -102,6 +106,9 @@ class VideoOptions:
             }
         return {"crop": "face", **out, "track_iou": TRACK_IOU, "min_detected": MIN_DETECTED, "box_smoothing": SMOOTH,
                 "detect_max_side": DETECT_MAX_SIDE}
+
+
+VIDEO_OPTIONS = tuple(f.name for f in fields(VideoOptions))  # the keyword options of a video source kind
 
 
 def _cv2():
@@ -121,8 +128,11 @@ def is_video_file(path: Path) -> bool:
 
 def clip_indices(n_frames: int, opts: VideoOptions) -> list[list[int]]:
     """Frame indices of each clip, in time order (non-overlapping clips; fewer than
-    ``clips_per_video`` when the video is too short, none when not even one fits)."""
+    ``clips_per_video`` when the video is too short, none when not even one fits, or with
+    ``keep_short`` one clip of the frames there are)."""
     k, n_clips = opts.frames, opts.clips_per_video
+    if opts.keep_short and 0 < n_frames < (k if opts.sampling == "uniform" else (k - 1) * opts.frame_step + 1):
+        return [list(range(0, n_frames, 1 if opts.sampling == "uniform" else opts.frame_step))]
     if opts.sampling == "uniform":
         n_clips = min(n_clips, n_frames // k)
         total = n_clips * k
@@ -384,6 +394,9 @@ def cut_samples(video: VideoFaces, opts: VideoOptions) -> Expanded:
     if len(video.clips) < opts.clips_per_video:
         dropped.append({"part": f"clips {len(video.clips)}-{opts.clips_per_video - 1}",
                         "reason": f"{video.n_frames} frames: room for {len(video.clips)} clip(s) of {_span_text(opts)}"})
+    if len(video.clips[0]) < opts.frames:  # a short video kept (``keep_short``)
+        dropped.append({"part": f"{opts.frames - len(video.clips[0])} of {opts.frames} frames",
+                        "reason": f"short video: {video.n_frames} frame(s), {len(video.clips[0])} sampled"})
     samples = []
     for number, (clip, track) in enumerate(zip(video.clips, video.tracks)):
         detected = [i in track for i in clip]

@@ -19,13 +19,15 @@ from deepfake_dist.data.sources.base import Source
 from deepfake_dist.engine.distributed import distributed_state
 from deepfake_dist.errors import UserError
 
+RESOLUTION, SHARD_SIZE = 64, 1000  # when neither the caller nor the source kind gives one
+
 
 def prepare(
     source: str,
     out: str | Path,
-    resolution: int = 64,
+    resolution: int | None = None,
     fmt: str = "png",
-    shard_size: int = 1000,
+    shard_size: int | None = None,
     split: Sequence[float] | str = (0.8, 0.1, 0.1),
     workers: int = 1,
     label: str | None = None,
@@ -43,7 +45,9 @@ def prepare(
     apply to items whose split the source does not fix; ``command`` is recorded in the manifest
     (default: the equivalent ``deepfake-dist prepare`` command); ``progress`` shows a rich bar
     on the main process; ``options`` are the source kind's own (``videos``: ``data.faces.VideoOptions``
-    fields, None values ignored). Raises ``UserError`` for bad arguments, a bad source or a
+    fields, None values ignored). ``resolution`` and ``shard_size`` (inputs a shard) left ``None``
+    take the source kind's standard (256 px and 32 videos for the benchmark datasets), else 64
+    and 1000. Raises ``UserError`` for bad arguments, a bad source or a
     non-empty ``out`` without ``overwrite`` -- before any file is written.
     """
     fmt = _check_args(fmt, resolution, shard_size, workers, quality)
@@ -52,6 +56,8 @@ def prepare(
     state = distributed_state()
     writer = ShardSetWriter(out, overwrite, state, workers)
     src = open_source(source, label, options)
+    resolution = resolution or src.resolution or RESOLUTION
+    shard_size = shard_size or src.shard_size or SHARD_SIZE
     options = {k: v for k, v in (options or {}).items() if v is not None}
     encoding = Encoding("L" if src.channels == 1 else "RGB", resolution, fmt, quality)
     writer.write(writer.jobs(plan_shards(src.items, fractions, seed, shard_size), encoding), progress)
@@ -65,13 +71,14 @@ def prepare(
     return writer.finish(fields, src.skipped, len(src.items) + len(src.skipped))
 
 
-def _check_args(fmt: str, resolution: int, shard_size: int, workers: int, quality: int) -> str:
-    """The shard image format, normalised (``jpeg`` -> ``jpg``); a bad argument is a UserError."""
+def _check_args(fmt: str, resolution: int | None, shard_size: int | None, workers: int, quality: int) -> str:
+    """The shard image format, normalised (``jpeg`` -> ``jpg``); a bad argument is a UserError
+    (``None`` resolution or shard size: the default, which needs no check)."""
     fmt = {"jpeg": "jpg"}.get(str(fmt).lower(), str(fmt).lower())
     if fmt not in imageio.FORMATS:
         raise UserError(f"--format {fmt}: expected one of {', '.join(imageio.FORMATS)}")
     for name, value, low in (("--resolution", resolution, 8), ("--shard-size", shard_size, 1), ("--workers", workers, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
             raise UserError(f"{name} {value}: expected an integer >= {low}")
     if not isinstance(quality, int) or not 1 <= quality <= 100:
         raise UserError(f"--quality {quality}: expected an integer from 1 to 100")

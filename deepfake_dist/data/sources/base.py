@@ -20,7 +20,9 @@ class Source:
     """An opened source: its items, its colour hint and the inputs rejected while listing.
 
     ``frames``: images per sample when they are clips (``None``: one image per sample);
-    ``preprocessing``: the source's own settings, recorded in the manifest's ``preprocessing``."""
+    ``preprocessing``: the source's own settings, recorded in the manifest's ``preprocessing``;
+    ``resolution``, ``shard_size``: what ``prepare`` uses when its caller gives none (``None``:
+    prepare's own defaults), for kinds whose field has a standard (the benchmark datasets)."""
 
     spec: str
     items: list[Item]
@@ -28,6 +30,8 @@ class Source:
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"input", "reason"}
     frames: int | None = None
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    resolution: int | None = None
+    shard_size: int | None = None  # inputs (videos) a shard
 
     def __iter__(self) -> Iterator[Item]:
         return iter(self.items)

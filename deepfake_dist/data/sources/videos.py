@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from deepfake_dist.data.common import LABELS, SPLIT_DIRS, Item
-from deepfake_dist.data.faces import VIDEO_EXTENSIONS, VideoOptions, check_detector, is_video_file, video_samples
+from deepfake_dist.data.faces import VIDEO_EXTENSIONS, VIDEO_OPTIONS, VideoOptions, check_detector, is_video_file, video_samples
 from deepfake_dist.data.sources.base import Source, generator_of, labelled_files, unique_keys
 from deepfake_dist.errors import UserError
+
+OPTIONS = VIDEO_OPTIONS
 
 
 def _read_csv(spec: str, file: Path) -> tuple[list[tuple[Path, str | None, str, str | None]], list[dict[str, str]]]:
