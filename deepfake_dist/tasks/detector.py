@@ -37,7 +37,8 @@ class DetectorTask(Task):
         # Without a loss scaler or DeepSpeed (whose backward also steps), a fused optimizer skips
         # a NaN/inf update on the device, as the GradScaler makes it do: no step waits for the GPU.
         self.skip_on_device = accelerator.scaler is None and accelerator.distributed_type != DistributedType.DEEPSPEED
-        opt = build_optimizer(model.parameters(), cfg.optim, fused=self.skip_on_device)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # not a frozen part (a probe's backbone)
+        opt = build_optimizer(trainable, cfg.optim, fused=self.skip_on_device)
         self.model, self.opt = accelerator.prepare(model, opt)
         self.sched = None
         self.window_bad = None  # a NaN/inf met in this accumulation window so far (a device flag)
