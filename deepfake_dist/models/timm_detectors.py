@@ -45,6 +45,8 @@ class TimmFeatures(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.net(x)
         if out.ndim == 3:  # (B, tokens, dim): the patch tokens on their grid
+            if self.patch_size is None:
+                raise ValueError(f"timm's {type(self.net).__name__} gives tokens on no patch grid: no map to classify")
             h, w = (-(-n // p) if self.padded else n // p for n, p in zip(x.shape[-2:], self.patch_size))
             return out[:, self.prefix_tokens :].transpose(1, 2).unflatten(2, (h, w))
         return out.permute(0, 3, 1, 2) if self.channels_last else out
