@@ -7,6 +7,7 @@ weights come from safetensors (never a pickle) and the architecture from the JSO
 
 from __future__ import annotations
 
+import inspect
 import json
 from operator import attrgetter
 from pathlib import Path
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from deepfake_dist.atomic import atomic_path, write_json_atomic
 from deepfake_dist.errors import UserError
-from deepfake_dist.models import create_model
+from deepfake_dist.models import MODELS, create_model
 
 
 def write_exported(state: dict[str, torch.Tensor], out_dir: Path, info: dict, name: str = "model") -> Path:
@@ -61,7 +62,7 @@ def load_exported(path: str | Path, name: str = "model") -> tuple[torch.nn.Modul
     """
     weights, _ = resolve(path, name)
     info = load_info(path, name)
-    model = create_model(info["model"], **info.get("build_args", {}), **info.get("model_args", {}))
+    model = build_model(info)
     target = attrgetter(info["module"])(model) if info.get("module") else model
     try:
         state = load_file(str(weights))
@@ -73,6 +74,15 @@ def load_exported(path: str | Path, name: str = "model") -> tuple[torch.nn.Modul
                         "their .json must come from the same export: export the run again")
     target.load_state_dict(state)
     return target.eval(), info
+
+
+def build_model(info: dict) -> torch.nn.Module:
+    """The architecture a model's JSON describes, reading no pretrained weights file (the export
+    holds every weight, so a machine that serves the model need not have the files it started from)."""
+    args = {**info.get("build_args", {}), **info.get("model_args", {})}
+    if "pretrained" in inspect.signature(MODELS.get(info["model"])).parameters:
+        args["pretrained"] = False
+    return create_model(info["model"], **args)
 
 
 def mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], show: int = 3) -> str:

@@ -66,7 +66,7 @@ def test_int8_quantizes_the_convolutions_and_keeps_accuracy(int8_report, deploy_
     report, out = int8_report
     fp32, int8 = report["rows"]
     assert int8["test_images"] == 80
-    assert int8["quantized_convolutions"] == 4  # every conv of the 4-block cnn
+    assert int8["quantized_convolutions"] == 4 and int8["step"] == "int8 4/4 conv"  # every conv of the 4-block cnn
     assert abs(int8["accuracy"] - fp32["accuracy"]) <= 0.02, (fp32["accuracy"], int8["accuracy"])
     assert fp32["accuracy"] >= 0.85  # a model that learned something, so the comparison means something
     assert int8["file_mb"] < 0.5 * fp32["file_mb"]
@@ -77,11 +77,12 @@ def test_int8_quantizes_the_convolutions_and_keeps_accuracy(int8_report, deploy_
     assert not any(type(m) is nn.Conv2d for m in model.modules())
 
 
-def test_int8_convolutions_for_resnet18_and_the_untraceable_hybrid():
-    """FX traces resnet18 whole; the hybrid (min over shapes) falls back to its traceable parts."""
+def test_int8_convolutions_for_resnet18_npr_and_the_untraceable_hybrid():
+    """FX traces resnet18 and npr (whose bottlenecks call one ReLU on inputs of different widths)
+    whole; the hybrid (min over shapes) falls back to its traceable parts."""
     from deepfake_dist.deploy.quantize import quantize_int8, quantized_convolutions
 
-    for name, convs in (("resnet18", 20), ("hybrid", 50)):
+    for name, convs in (("resnet18", 20), ("npr", 24), ("hybrid", 50)):
         model = create_model(name, in_channels=1).eval()
         x = torch.randn(2, 1, 32, 32)
         with warnings.catch_warnings():
@@ -89,6 +90,35 @@ def test_int8_convolutions_for_resnet18_and_the_untraceable_hybrid():
             q = quantize_int8(model, x, [x])
         assert quantized_convolutions(q) >= convs, name
         assert torch.allclose(q(x), model(x), atol=0.5)
+
+
+class Gained(nn.Sequential):
+    def gain(self) -> float:
+        return 2.0
+
+
+class CallsAMethodOfATracedChild(nn.Module):
+    """FX cannot trace its forward (a branch on a value), so its child is traced alone, and the
+    traced child has lost the method the forward calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = Gained(nn.Conv2d(1, 4, 3), nn.ReLU())
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x):
+        y = self.body(x) * self.body.gain()
+        return self.fc(y.mean((2, 3)) if y.sum() > 0 else -y.mean((2, 3))).squeeze(1)
+
+
+def test_int8_that_torch_cannot_apply_keeps_the_float_model_and_says_why(tmp_path):
+    from deepfake_dist.deploy.compress import int8_step, markdown_table
+
+    x = torch.randn(2, 1, 8, 8)
+    row = int8_step(CallsAMethodOfATracedChild().eval(), [x], {}, tmp_path, None, 1)
+    assert row["step"] == "int8 not possible: float kept" and "AttributeError" in row["int8_error"]
+    assert not (tmp_path / "model-int8.pt").exists()
+    assert f"int8 not possible: float kept: {row['int8_error']}" in markdown_table([row])
 
 
 def test_compress_cli_prunes_fine_tunes_and_writes_the_table(deploy_run, tmp_path, capsys):

@@ -18,6 +18,9 @@ CASES = [
     ("hybrid", {"channels": 32}, (2, 3, 64, 64)),
     ("vit", {"image_size": 32, "depth": 1, "dim": 32, "heads": 2}, (2, 3, 32, 32)),
     ("temporal", {"backbone": "cnn", "backbone_args": {"width": 8}}, (2, 3, 1, 32, 32)),
+    ("npr", {"block": "basic"}, (2, 1, 32, 32)),
+    ("timm", {"arch": "test_vit"}, (2, 3, 64, 64)),  # patch tokens on their 4x4 grid
+    ("probe", {"backbone": "test_efficientnet", "pretrained": False}, (2, 1, 64, 64)),  # through a frozen backbone
 ]
 
 

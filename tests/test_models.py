@@ -12,7 +12,11 @@ from deepfake_dist.errors import UserError
 from deepfake_dist.models import MODELS, create_model, model_kind
 from deepfake_dist.models.autoencoder import vae_loss
 
-IMAGE_DETECTORS = ["cnn", "resnet18", "densenet121", "hybrid", "vit"]
+# name -> constructor arguments (timm models small enough for every size here)
+IMAGE_DETECTORS = {
+    "cnn": {}, "resnet18": {}, "densenet121": {}, "hybrid": {}, "vit": {}, "npr": {},
+    "timm": {"arch": "test_efficientnet"}, "probe": {"backbone": "test_convnext", "pretrained": False},
+}
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +36,11 @@ def test_registry_lists_every_model_with_its_kind():
         "hybrid": "detector",
         "vit": "detector",
         "temporal": "detector",
+        "npr": "detector",
+        "timm": "detector",
+        "xception": "detector",
+        "efficientnet_b4": "detector",
+        "probe": "detector",
         "dcgan": "gan",
         "cdcgan": "gan",
         "ae": "autoencoder",
@@ -65,7 +74,7 @@ def test_bad_arguments_name_the_value_and_the_choices():
 @pytest.mark.parametrize("name", IMAGE_DETECTORS)
 @pytest.mark.parametrize("size,in_channels", [(64, 3), (64, 1), (128, 3), (128, 1)])
 def test_detector_contract(name, size, in_channels):
-    model = create_model(name, in_channels=in_channels).eval()
+    model = create_model(name, in_channels=in_channels, **IMAGE_DETECTORS[name]).eval()
     x = torch.randn(2, in_channels, size, size)
     seen = {}
     layer = model.get_submodule(model.gradcam_layer)
@@ -84,12 +93,12 @@ def test_detector_contract(name, size, in_channels):
 
 @pytest.mark.parametrize("name", IMAGE_DETECTORS)
 def test_detectors_take_small_non_square_inputs_and_train_every_parameter(name):
-    model = create_model(name, dropout=0.2)
+    model = create_model(name, dropout=0.2, **IMAGE_DETECTORS[name])
     logits = model(torch.randn(2, 3, 32, 48))
     assert logits.shape == (2,)
     logits.sum().backward()
-    idle = [n for n, p in model.named_parameters() if p.grad is None]
-    assert idle == []  # DDP fails on parameters that never get a gradient
+    idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert idle == []  # DDP fails on trainable parameters that never get a gradient (a probe's backbone is frozen)
 
 
 @pytest.mark.parametrize("fusion", ["concat", "attention"])

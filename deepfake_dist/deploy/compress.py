@@ -7,7 +7,8 @@ the model's own shard sets. The table is printed and saved as ``compress.json`` 
 
 - ``model.safetensors`` + ``model.json``: the pruned (and fine-tuned) float model, loadable by
   ``exported.load_exported`` like any exported model (so it can be exported to ONNX or served);
-- ``model-int8.pt`` + ``model-int8.json``: the int8 model (see ``deploy.quantize``).
+- ``model-int8.pt`` + ``model-int8.json``: the int8 model (see ``deploy.quantize``); its row says
+  how many convolutions run in int8, or, for a model torch cannot quantize, why it stays float.
 
 Fine-tuning runs the normal trainer (``train.loop.train``) on the checkpoint's stored config,
 starting from the pruned weights; its updates fill the pruned weights back in, so the result is
@@ -169,19 +170,35 @@ def compress(checkpoint: str | Path, out: str | Path, prune: float = 0.0, struct
             batches = [b.image for _, b in zip(range(calibration_batches), calibration)]
             if not batches:
                 raise UserError(f"no '{cfg.data.train_split}' images in {cfg.data.train} to calibrate int8 with")
-            qmodel = quantize_int8(model, batches[0], batches)
-            layers = quantized_layers(qmodel)
-            qinfo = {**info, "quantization": {"dtype": "int8", "backend": "x86", "layers": layers,
-                                              "calibration_images": sum(len(b) for b in batches)}}
-            path = save_int8(qmodel, out / "model-int8.pt")
-            write_json_atomic(out / "model-int8.json", qinfo)
-            row = measure("int8", qmodel, path, info, test, weight_counts(qmodel), threads)
-            rows.append({**row, "quantized_layers": layers, "quantized_convolutions": quantized_convolutions(qmodel)})
+            rows.append(int8_step(model, batches, info, out, test, threads))
 
         report = {"settings": settings, "rows": rows, "machine": machine_info()}
         write_json_atomic(out / "compress.json", report)
         write_text_atomic(out / "compress.md", markdown_table(rows))
         return report
+
+
+def int8_step(model: torch.nn.Module, batches: list[torch.Tensor], info: dict, out: Path, test,
+              threads: int | None) -> dict:
+    """Quantize, save ``model-int8.pt`` and measure it. The step's name says how many convolutions
+    run in int8 (the rest of the model stays float); a model torch cannot quantize keeps only
+    its float model, and the row says so and why."""
+    convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    try:
+        qmodel = quantize_int8(model, batches[0], batches)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch.ao fails in many ways on forwards it cannot handle
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        return {"step": "int8 not possible: float kept", "int8_error": reason}
+    layers = quantized_layers(qmodel)
+    qinfo = {**info, "quantization": {"dtype": "int8", "backend": "x86", "layers": layers,
+                                      "calibration_images": sum(len(b) for b in batches)}}
+    path = save_int8(qmodel, out / "model-int8.pt")
+    write_json_atomic(out / "model-int8.json", qinfo)
+    quantized = quantized_convolutions(qmodel)
+    row = measure(f"int8 {quantized}/{convolutions} conv", qmodel, path, info, test, weight_counts(qmodel), threads)
+    return {**row, "quantized_layers": layers, "quantized_convolutions": quantized}
 
 
 def machine_info() -> dict:
@@ -199,16 +216,22 @@ def _cell(key: str, value) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
+def _notes(rows: list[dict]) -> list[str]:
+    """Why a step has no figures (int8 that torch could not apply)."""
+    return [f"{r['step']}: {r['int8_error']}" for r in rows if r.get("int8_error")]
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(k, r.get(k)) for k in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    notes = _notes(rows)
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def rich_table(rows: list[dict]):
     from rich.table import Table
 
-    table = Table(title="compress: test split, CPU latency (ms, median)")
+    table = Table(title="compress: test split, CPU latency (ms, median)", caption="\n".join(_notes(rows)) or None)
     for key, header in COLUMNS.items():
         table.add_column(header, justify="left" if key == "step" else "right", no_wrap=True)
     for r in rows:

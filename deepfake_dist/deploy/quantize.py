@@ -31,8 +31,8 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from deepfake_dist.atomic import atomic_path
 from deepfake_dist.errors import UserError
+from deepfake_dist.exported import build_model
 from deepfake_dist.inference import in_channels
-from deepfake_dist.models import create_model
 
 BACKEND = "x86"  # fbgemm kernels with x86 tuning
 _PREPARED = "_int8_prepared"  # marks submodules that went through prepare_fx
@@ -46,9 +46,14 @@ def qconfig_mapping() -> QConfigMapping:
 
 
 def _inputs_of(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, tuple]:
-    """The positional inputs each submodule receives in one forward pass (what FX needs)."""
+    """The positional inputs each submodule receives in one forward pass (what FX needs): those
+    of its first call, for a module called more than once (the ReLU of a ResNet bottleneck)."""
     seen: dict[nn.Module, tuple] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod, args)) for m in model.modules()]
+
+    def record(module: nn.Module, args: tuple) -> None:  # returns None: a pre-hook's result would replace the inputs
+        seen.setdefault(module, args)
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules()]
     try:
         with torch.no_grad():
             model(example)
@@ -70,7 +75,7 @@ def _prepare(module: nn.Module, inputs: dict[nn.Module, tuple]) -> nn.Module:
     if not any(True for _ in module.children()):  # traced bare, a layer becomes a functional call
         module = nn.Sequential(module)
     try:
-        prepared = prepare_fx(module, qconfig_mapping(), example_inputs=args)
+        prepared = _with_attributes(prepare_fx(module, qconfig_mapping(), example_inputs=args), module)
         setattr(prepared, _PREPARED, True)
         return prepared
     except Exception:  # noqa: BLE001 - torch.fx TraceError and friends: an untraceable forward
@@ -82,9 +87,18 @@ def _prepare(module: nn.Module, inputs: dict[nn.Module, tuple]) -> nn.Module:
         return module
 
 
+def _with_attributes(traced: nn.Module, original: nn.Module) -> nn.Module:
+    """A traced module keeps only what its own forward used, but an untraceable parent may read
+    the original's plain attributes (timm's ViT reads ``patch_embed.grid_size``): carry them over."""
+    for key, value in vars(original).items():
+        if not key.startswith("_") and key != "training" and not hasattr(traced, key):
+            setattr(traced, key, value)
+    return traced
+
+
 def _convert(module: nn.Module) -> nn.Module:
     if getattr(module, _PREPARED, False):
-        return convert_fx(module)
+        return _with_attributes(convert_fx(module), module)
     for name, child in module.named_children():
         setattr(module, name, _convert(child))
     return module
@@ -184,7 +198,7 @@ def load_int8(path: str | Path, info: dict) -> nn.Module:
     """Rebuild the int8 structure from ``info`` (a model JSON) and load ``path`` without
     unpickling code (``weights_only=True``)."""
     torch.backends.quantized.engine = BACKEND
-    model = create_model(info["model"], **info.get("build_args", {}), **info.get("model_args", {})).eval()
+    model = build_model(info).eval()
     example = torch.zeros(example_shape(info, 2))
     with warnings.catch_warnings():  # deprecation, and observers that never saw data
         warnings.simplefilter("ignore")

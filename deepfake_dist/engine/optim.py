@@ -12,7 +12,9 @@ from deepfake_dist.config import OptimConfig, SchedConfig
 def build_optimizer(params, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
     """``fused``: torch's single-kernel implementation, which can also skip an update on the
     device (its ``found_inf``; see ``engine.step.OptimizerStep``). The implementation stays this
-    run's choice when a checkpoint is loaded (torch would take the saved run's)."""
+    run's choice when a checkpoint is loaded (torch would take the saved run's). Frozen
+    parameters (a probe's backbone) are left out: no state is kept for what never trains."""
+    params = [p for p in params if p.requires_grad]
     if cfg.name == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                               fused=fused or None)

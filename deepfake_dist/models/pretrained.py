@@ -1,7 +1,7 @@
 """Load weights offline and without unpickling code.
 
-``pretrained=True`` takes torchvision's ImageNet file from the local torch hub cache (never the
-network) and says where to put it when it is missing; ``pretrained="PATH"`` reads a local
+``pretrained=True`` takes the published file (torchvision's or timm's ImageNet weights) from the
+local torch hub cache (never the network) and says where to put it when it is missing; ``pretrained="PATH"`` reads a local
 ``.safetensors`` file, or a ``.pth``/``.pt`` through ``torch.load(weights_only=True)``, which
 refuses pickled objects. Every mismatch is a one-line ``UserError`` that names the file.
 """
@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
@@ -23,21 +24,32 @@ from torchvision.models import WeightsEnum
 from deepfake_dist.errors import UserError
 
 Pretrained = bool | str | os.PathLike
-# (module to fill, torchvision ImageNet weights, key prefix in the file to strip)
-ImagenetPart = tuple[nn.Module, WeightsEnum, str]
 
 
-def imagenet_file(weights: WeightsEnum) -> Path:
-    """The torchvision ImageNet file in ``<torch hub dir>/checkpoints/``, or a UserError that
-    names the file, the folder and the URL to fetch it from."""
-    name = weights.url.rsplit("/", 1)[-1]
+@dataclass(frozen=True)
+class HubFile:
+    """A published weights file: where to fetch it, and its name in ``<torch hub dir>/checkpoints/``."""
+
+    url: str
+    name: str
+
+
+# (module to fill, its published weights or None where none are, key prefix in the file to strip)
+ImagenetPart = tuple[nn.Module, WeightsEnum | HubFile | None, str]
+
+
+def imagenet_file(weights: WeightsEnum | HubFile, otherwise: str = "or set pretrained to false") -> Path:
+    """The published file in ``<torch hub dir>/checkpoints/``, or a UserError that names the
+    file, the folder, the URL to fetch it from and ``otherwise``, the other way out."""
+    if isinstance(weights, WeightsEnum):
+        weights = HubFile(weights.url, weights.url.rsplit("/", 1)[-1])
     folder = Path(torch.hub.get_dir()) / "checkpoints"
-    path = folder / name
+    path = folder / weights.name
     if not path.is_file():
         raise UserError(
-            f"ImageNet weights file '{name}' is not in {folder} (nothing is downloaded): fetch "
-            f"{weights.url} where there is network, copy it into that folder (or point TORCH_HOME "
-            f"at a folder whose hub/checkpoints holds it), or set pretrained to false"
+            f"pretrained weights file '{weights.name}' is not in {folder} (nothing is downloaded): fetch "
+            f"{weights.url} where there is network, save it as {path} (or point TORCH_HOME at a folder "
+            f"whose hub/checkpoints holds it), {otherwise}"
         )
     return path
 
@@ -79,11 +91,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 def load_pretrained(model: nn.Module, pretrained: Pretrained, name: str, imagenet: Sequence[ImagenetPart] = ()) -> None:
     """Fill ``model`` as ``pretrained`` says: False keeps the random init; True loads each
     ImageNet part from the hub cache; a path loads the whole model's state dict, or, for a model
-    with one ImageNet backbone, that backbone's torchvision-format file kept anywhere."""
+    with one ImageNet backbone, that backbone's file in its library's format kept anywhere."""
     if pretrained is False or pretrained is None:
         return
     if pretrained is True:
-        if not imagenet:
+        if not imagenet or any(weights is None for _, weights, _ in imagenet):
             raise UserError(
                 f"model '{name}' has no ImageNet weights: set pretrained to false or to a "
                 f"weights file (.safetensors or .pth)"
@@ -96,7 +108,7 @@ def load_pretrained(model: nn.Module, pretrained: Pretrained, name: str, imagene
     state = read_state_dict(path)
     if len(imagenet) == 1 and missing_keys(model, state):
         module, _, strip = imagenet[0]
-        load_into(module, state, path, strip, target="this model or its torchvision backbone")
+        load_into(module, state, path, strip, target="this model or its backbone")
     else:
         load_into(model, state, path)
 
@@ -111,7 +123,7 @@ def load_into(
 ) -> None:
     """Copy ``state`` (keys minus ``strip``) into ``module``: every weight must be there with its
     shape; extra entries (an ImageNet head, layers a trunk does not use) are ignored. RGB first-conv
-    kernels are summed for grey (1-channel) inputs."""
+    kernels are summed for grey (1-channel) inputs (see ``fit_weight``)."""
     if strip:
         state = {k[len(strip) :]: v for k, v in state.items() if k.startswith(strip)}
     missing = missing_keys(module, state)
@@ -122,7 +134,7 @@ def load_into(
         )
     fitted = {}
     for key, want in module.state_dict().items():
-        got = fit_in_channels(state[key], want.shape) if key in state else want
+        got = fit_weight(state[key], want.shape) if key in state else want
         if got.shape != want.shape:
             raise UserError(
                 f"{source} does not fit {target}: '{key}' has shape {tuple(got.shape)}, "
@@ -132,9 +144,13 @@ def load_into(
     module.load_state_dict(fitted)
 
 
-def fit_in_channels(weight: Tensor, shape: torch.Size) -> Tensor:
-    """An RGB conv kernel for a conv with another number of input channels: the RGB sum shared
-    equally, so a grey image repeated over the channels gives the RGB response."""
+def fit_weight(weight: Tensor, shape: torch.Size) -> Tensor:
+    """A file's tensor in the layout the model needs, where only the layout differs: a 1x1 conv
+    kernel stored as a matrix (Cadene's Xception file, the one FaceForensics++ and DeepfakeBench
+    start from), or an RGB conv kernel for a conv with another number of input channels (the RGB
+    sum shared equally, so a grey image repeated over the channels gives the RGB response)."""
+    if weight.ndim == 2 and len(shape) == 4 and tuple(shape[2:]) == (1, 1) and weight.shape == shape[:2]:
+        return weight[:, :, None, None]
     if (
         weight.ndim == 4
         and len(shape) == 4
