@@ -29,7 +29,7 @@ from deepfake_dist.data.manifest import file_sha256
 from deepfake_dist.data.shard_writer import Encoding, ShardSetWriter, created_info, parse_split, plan_shards
 from deepfake_dist.engine.distributed import distributed_state
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
-from deepfake_dist.exported import load_exported, resolve
+from deepfake_dist.models.exported import load_exported, resolve
 from deepfake_dist.tasks.generative import EXPORT_NAME
 
 FORMATS = ("shards", "png")

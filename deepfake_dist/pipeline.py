@@ -97,7 +97,7 @@ def _manifest_ids(sets) -> dict[str, str]:
 
 def _weights_sha(checkpoint: str, name: str) -> str:
     from deepfake_dist.data.manifest import file_sha256
-    from deepfake_dist.exported import resolve
+    from deepfake_dist.models.exported import resolve
 
     return file_sha256(resolve(checkpoint, name)[0])
 
@@ -235,9 +235,9 @@ class CompareStage(Stage):
     stamped = False
 
     def run(self, ctx: dict) -> dict:
+        from deepfake_dist.console import console
         from deepfake_dist.engine.distributed import distributed_state
         from deepfake_dist.evaluation.compare import comparison_table
-        from deepfake_dist.console import console
 
         evaluation = next((r for r in reversed(ctx["results"]) if "rows" in r), None)
         if evaluation is None:

@@ -108,7 +108,7 @@ def test_compress_cli_prunes_fine_tunes_and_writes_the_table(deploy_run, tmp_pat
     assert "| original |" in (out / "compress.md").read_text()
     assert "original" in capsys.readouterr().out
     # the fine-tuned model went through the normal trainer and is an ordinary exported model
-    from deepfake_dist.exported import load_exported
+    from deepfake_dist.models.exported import load_exported
 
     model, info = load_exported(out)
     assert info["compression"]["finetune_epochs"] == 1
@@ -121,9 +121,9 @@ def test_compress_needs_a_step(deploy_run, tmp_path):
 
 
 def test_onnx_export_matches_pytorch_on_real_test_images(deploy_run, deploy_shards, tmp_path):
+    from deepfake_dist.data.uploads import model_input
     from deepfake_dist.deploy.onnx_export import load_onnx
-    from deepfake_dist.exported import load_exported
-    from deepfake_dist.inference import model_input
+    from deepfake_dist.models.exported import load_exported
 
     path = tmp_path / "model.onnx"
     assert main(["export", "--checkpoint", str(deploy_run), "--onnx", str(path)]) == 0

@@ -22,7 +22,7 @@ from deepfake_dist.evaluation import evaluate
 from deepfake_dist.evaluation import metrics as M
 from deepfake_dist.evaluation.compare import COLUMNS, comparison_table
 from deepfake_dist.evaluation.robustness import PERTURBATIONS
-from deepfake_dist.exported import load_exported, load_info
+from deepfake_dist.models.exported import load_exported, load_info
 
 ROOT = Path(__file__).resolve().parent.parent
 

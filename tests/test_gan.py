@@ -21,9 +21,9 @@ from deepfake_dist.engine.runtime import make_accelerator
 from deepfake_dist.engine.step import NONFINITE
 from deepfake_dist.engine.tracking import read_jsonl
 from deepfake_dist.errors import UserError
-from deepfake_dist.exported import load_exported
-from deepfake_dist.fidelity import INCEPTION_FILE, Fidelity, find_inception_weights
+from deepfake_dist.evaluation.fidelity import INCEPTION_FILE, Fidelity, find_inception_weights
 from deepfake_dist.models import create_model
+from deepfake_dist.models.exported import load_exported
 from deepfake_dist.tasks import create_task, task_class
 from deepfake_dist.tasks.gan import GANTask
 from deepfake_dist.train.loop import train

@@ -24,10 +24,10 @@ from deepfake_dist.data.prepare import prepare
 from deepfake_dist.data.transforms import TrainAugment
 from deepfake_dist.errors import UserError
 from deepfake_dist.evaluation.metrics import detection_metrics
+from deepfake_dist.evaluation.predictions import Predictions
 from deepfake_dist.evaluation.video import video_predictions
-from deepfake_dist.exported import load_exported
 from deepfake_dist.models import create_model
-from deepfake_dist.predictions import Predictions
+from deepfake_dist.models.exported import load_exported
 from deepfake_dist.train.loop import train
 
 cv2 = pytest.importorskip("cv2", reason="videos need the video extra (opencv-python-headless<5)")

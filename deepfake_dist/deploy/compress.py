@@ -30,6 +30,7 @@ import torch
 from deepfake_dist.atomic import write_json_atomic, write_text_atomic
 from deepfake_dist.config import apply_override, build_config
 from deepfake_dist.data.loader import EvalOptions, eval_loader
+from deepfake_dist.data.uploads import in_channels
 from deepfake_dist.deploy.prune import parameter_counts, prune_model, sparsity
 from deepfake_dist.deploy.quantize import (
     example_shape,
@@ -41,8 +42,7 @@ from deepfake_dist.deploy.quantize import (
 )
 from deepfake_dist.engine.metrics import binary_metrics
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
-from deepfake_dist.exported import load_exported, resolve, write_exported
-from deepfake_dist.inference import in_channels
+from deepfake_dist.models.exported import load_exported, resolve, write_exported
 
 COLUMNS = {  # JSON key -> table header (narrow enough for an 80-column terminal)
     "step": "step", "file_mb": "MB", "gzip_mb": "gzip MB", "params": "params", "nonzero": "non-zero",

@@ -19,9 +19,9 @@ import torch
 
 from deepfake_dist.atomic import atomic_path, write_json_atomic
 from deepfake_dist.data.imageio import is_image_file, open_image
+from deepfake_dist.data.uploads import in_channels, model_input
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
-from deepfake_dist.exported import load_exported
-from deepfake_dist.inference import in_channels, model_input
+from deepfake_dist.models.exported import load_exported
 
 INPUT, OUTPUT = "image", "logit"
 PARITY_IMAGES = 64

@@ -17,17 +17,17 @@ from pathlib import Path
 
 import torch
 
+from deepfake_dist.console import console
 from deepfake_dist.data.loader import EvalOptions, clip_frames, eval_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
+from deepfake_dist.data.uploads import in_channels
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.evaluation import metrics as M
+from deepfake_dist.evaluation.predictions import Predictions, predict
 from deepfake_dist.evaluation.robustness import PERTURBATIONS
 from deepfake_dist.evaluation.sources import per_source
 from deepfake_dist.evaluation.video import aggregate_scores, video_predictions
-from deepfake_dist.exported import load_exported, resolve
-from deepfake_dist.inference import in_channels
-from deepfake_dist.predictions import Predictions, predict
-from deepfake_dist.console import console
+from deepfake_dist.models.exported import load_exported, resolve
 
 SUMMARY_KEYS = ("accuracy", "precision", "recall", "f1", "auroc", "ap", "eer")
 

@@ -41,8 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deepfake_dist import __version__
 from deepfake_dist.atomic import finite
 from deepfake_dist.data.imageio import center_crop_resize, to_mode
-from deepfake_dist.errors import UserError
-from deepfake_dist.inference import (
+from deepfake_dist.data.uploads import (
     ACCEPTED_FORMATS,
     DEFAULT_MAX_PIXELS,
     FACE_MARGIN,
@@ -55,7 +54,8 @@ from deepfake_dist.inference import (
     open_upload,
     pillow_pixel_limit,
 )
-from deepfake_dist.serve.detector import ServedModel, load_served
+from deepfake_dist.deploy.scorer import ServedModel, load_served
+from deepfake_dist.errors import UserError
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 MAX_BATCH = 32  # images per /v1/detect/batch request

@@ -20,7 +20,7 @@ from deepfake_dist.console import console
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.engine.runtime import broadcast_buffers
 from deepfake_dist.errors import UserError, out_of_space_is_one_line
-from deepfake_dist.fidelity import Fidelity, find_inception_weights, inception, to_uint8_rgb
+from deepfake_dist.evaluation.fidelity import Fidelity, find_inception_weights, inception, to_uint8_rgb
 from deepfake_dist.tasks import Task
 
 EXPORT_NAME = "generator"

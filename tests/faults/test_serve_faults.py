@@ -27,8 +27,8 @@ from PIL import Image
 from scale_setup import free_port
 
 from deepfake_dist.cli import main
+from deepfake_dist.data.uploads import BadImage, open_upload, pillow_pixel_limit
 from deepfake_dist.errors import UserError
-from deepfake_dist.inference import BadImage, open_upload, pillow_pixel_limit
 from deepfake_dist.serve.app import TOKEN_ENV, create_app, resolve_token
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -70,7 +70,7 @@ def load_served(checkpoint: str | Path, onnx: bool = False) -> ServedModel:
     """A detector from a run folder / ``.safetensors`` file, or with ``onnx`` from a run folder
     holding ``model.onnx`` / an ``.onnx`` file (its PyTorch weights are used for Grad-CAM when
     ``model.safetensors`` sits next to it)."""
-    from deepfake_dist.exported import load_exported
+    from deepfake_dist.models.exported import load_exported
 
     if not onnx:
         model, info = load_exported(checkpoint)

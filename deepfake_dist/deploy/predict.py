@@ -22,10 +22,10 @@ from PIL import Image
 from deepfake_dist.atomic import atomic_path
 from deepfake_dist.data import imageio
 from deepfake_dist.data.faces import VIDEO_EXTENSIONS, cut_samples, is_video_file, options_from_settings, video_faces
+from deepfake_dist.data.uploads import in_channels, model_input
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.evaluation.video import aggregate_scores
-from deepfake_dist.exported import load_exported
-from deepfake_dist.inference import in_channels, model_input
+from deepfake_dist.models.exported import load_exported
 
 
 @dataclass
