@@ -33,12 +33,11 @@ import torch
 
 from deepfake_dist.atomic import write_json_atomic
 from deepfake_dist.data.loader import EvalOptions, eval_loader
-from deepfake_dist.data.uploads import in_channels
 from deepfake_dist.deploy.compress import cpu_latency_ms, score, stored_config, test_sets
 from deepfake_dist.deploy.onnx_export import export_onnx
 from deepfake_dist.deploy.quantize import example_shape, quantize_int8, quantized_layers
 from deepfake_dist.engine.metrics import binary_metrics
-from deepfake_dist.models.exported import load_exported, resolve
+from deepfake_dist.models.exported import in_channels, load_exported, resolve
 
 
 def machine() -> dict:

@@ -186,7 +186,8 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from deepfake_dist.atomic import json_text
-    from deepfake_dist.deploy.predict import load_scorer, rows_table, score_files
+    from deepfake_dist.deploy.predict import rows_table, score_files
+    from deepfake_dist.deploy.scorer import load_scorer
 
     rows = score_files(load_scorer(args.checkpoint), args.paths, frames=args.frames, batch_size=args.batch_size)
     if args.json:
@@ -197,7 +198,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from deepfake_dist.deploy.predict import explain_files, load_scorer
+    from deepfake_dist.deploy.predict import explain_files
+    from deepfake_dist.deploy.scorer import load_scorer
 
     for row in explain_files(load_scorer(args.checkpoint), args.images, args.out, layer=args.layer):
         out.print(f"{escape(row['path'])}: p(fake) {row['probability']:.4f} ({row['verdict']}) -> {escape(row['overlay'])}")

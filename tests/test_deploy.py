@@ -121,8 +121,8 @@ def test_compress_needs_a_step(deploy_run, tmp_path):
 
 
 def test_onnx_export_matches_pytorch_on_real_test_images(deploy_run, deploy_shards, tmp_path):
-    from deepfake_dist.data.uploads import model_input
     from deepfake_dist.deploy.onnx_export import load_onnx
+    from deepfake_dist.deploy.scorer import model_input
     from deepfake_dist.models.exported import load_exported
 
     path = tmp_path / "model.onnx"

@@ -1,7 +1,7 @@
 """Videos -> face crops: the frame and face pipeline. Every video source kind
 (``data.sources.videos``) cuts its videos with ``video_samples``, and scoring a video
 (``deepfake-dist predict``) with ``video_faces`` + ``cut_samples``, so inference sees what
-training saw; a still image's face is found with ``face_detector`` and ``crop_face``.
+training saw; a still image's face is found and cropped the same way (``largest_face``).
 
 A video yields several samples (``Expanded``): one per clip (K frames, members ``f000.<fmt>``,
 ``f001.<fmt>``, ... in time order) or, with ``frame_level``, one per frame.
@@ -31,6 +31,7 @@ A video that cannot be decoded, is too short for one clip or shows no face raise
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from deepfake_dist.data import imageio
 from deepfake_dist.data.common import Expanded, Sample
 from deepfake_dist.data.manifest import file_sha256, load_manifest
 from deepfake_dist.errors import UserError
@@ -342,6 +344,23 @@ def crop_face(rgb: np.ndarray, box: Box, margin: float) -> Image.Image:
     left, top = round(cx - side / 2), round(cy - side / 2)
     size = max(round(side), 1)
     return Image.fromarray(rgb).crop((left, top, left + size, top + size))
+
+
+STILL_MARGIN = 0.25  # of the face box, added on every side of a still image's face crop
+_STILL = threading.Lock()
+
+
+def largest_face(img: Image.Image, margin: float = STILL_MARGIN) -> tuple[Image.Image, dict]:
+    """A still image's largest face, found and cropped as a video's are (OpenCV's Haar cascade,
+    ``crop_face``), and what was found: ``{"detected", "faces", "box": [x, y, w, h]}``. With no
+    face the whole image comes back (``detected`` false), so the caller can still score it."""
+    rgb = np.asarray(imageio.to_mode(img, "RGB"))
+    with _STILL:  # the server calls this from many threads; OpenCV's detector is shared, not thread-safe
+        boxes = face_detector()(rgb)
+    if not boxes:
+        return img, {"detected": False, "faces": 0, "box": None}
+    box = max(boxes, key=lambda b: b[2] * b[3])
+    return crop_face(rgb, box, margin), {"detected": True, "faces": len(boxes), "box": [round(v) for v in box]}
 
 
 # --------------------------------------------------------------------------------- samples

@@ -6,7 +6,8 @@ the model's own shard sets. The table is printed and saved as ``compress.json`` 
 ``compress.md`` in the output folder, next to the results:
 
 - ``model.safetensors`` + ``model.json``: the pruned (and fine-tuned) float model, loadable by
-  ``exported.load_exported`` like any exported model (so it can be exported to ONNX or served);
+  ``models.exported.load_exported`` like any exported model (so it can be exported to ONNX or
+  served);
 - ``model-int8.pt`` + ``model-int8.json``: the int8 model (see ``deploy.quantize``).
 
 Fine-tuning runs the normal trainer (``train.loop.train``) on the checkpoint's stored config,
@@ -30,7 +31,6 @@ import torch
 from deepfake_dist.atomic import write_json_atomic, write_text_atomic
 from deepfake_dist.config import apply_override, build_config
 from deepfake_dist.data.loader import EvalOptions, eval_loader
-from deepfake_dist.data.uploads import in_channels
 from deepfake_dist.deploy.prune import parameter_counts, prune_model, sparsity
 from deepfake_dist.deploy.quantize import (
     example_shape,
@@ -42,7 +42,7 @@ from deepfake_dist.deploy.quantize import (
 )
 from deepfake_dist.engine.metrics import binary_metrics
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
-from deepfake_dist.models.exported import load_exported, resolve, write_exported
+from deepfake_dist.models.exported import in_channels, load_exported, resolve, write_exported
 
 COLUMNS = {  # JSON key -> table header (narrow enough for an 80-column terminal)
     "step": "step", "file_mb": "MB", "gzip_mb": "gzip MB", "params": "params", "nonzero": "non-zero",

@@ -3,7 +3,7 @@
 The graph is exported with ``torch.onnx.export(dynamo=True)`` with a dynamic batch axis (input
 ``image`` (B, C, H, W) -> output ``logit`` (B,)), then run with onnxruntime on real images: the
 test split of the model's own shard sets, or a folder of images preprocessed exactly as the
-server does (``inference.model_input``). The largest absolute logit difference must be at most
+server does (``deploy.scorer.model_input``). The largest absolute logit difference must be at most
 ``atol`` (1e-4), at batch 1 and at a larger batch, or the file is removed and the command fails.
 Metadata goes next to it as ``NAME.json``: the model's JSON plus an ``onnx`` section.
 """
@@ -19,9 +19,9 @@ import torch
 
 from deepfake_dist.atomic import atomic_path, write_json_atomic
 from deepfake_dist.data.imageio import is_image_file, open_image
-from deepfake_dist.data.uploads import in_channels, model_input
+from deepfake_dist.deploy.scorer import model_input
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
-from deepfake_dist.models.exported import load_exported
+from deepfake_dist.models.exported import in_channels, load_exported
 
 INPUT, OUTPUT = "image", "logit"
 PARITY_IMAGES = 64

@@ -1,19 +1,16 @@
-"""Score your own files with an exported detector: images, folders of them, and videos.
+"""The ``predict`` and ``explain`` commands: score your own files with an exported detector
+(images, folders of them, and videos), or draw what drove its verdict on images.
 
-Images go through ``inference.model_input`` (the training preprocessing: prepare's crop and
-resize, then the eval transform), the same function the HTTP server uses. A video goes through
-``data.faces`` exactly as ``prepare --source videos:`` cuts it (frame sampling, face track,
-crop), with the settings the model's training sets recorded: a clip model scores the clips, an
-image model ``--frames`` evenly spaced face crops (frames with no face are skipped and counted);
-the video's probability is the mean over them (``evaluation.video.aggregate_scores``, as
-``evaluate`` scores videos). Probabilities are ``sigmoid(logit / temperature)`` with the temperature
-``evaluate`` fitted on validation (1 until then); the verdict compares them with the stored
-threshold.
+Images go through ``Scorer.input`` (``deploy.scorer``: the training preprocessing), as the HTTP
+server's do. A video goes through ``data.faces`` exactly as ``prepare --source videos:`` cuts it
+(frame sampling, face track, crop), with the settings the model's training sets recorded: a clip
+model scores the clips, an image model ``--frames`` evenly spaced face crops (frames with no face
+are skipped and counted); the video's probability is the mean over them
+(``evaluation.video.aggregate_scores``, as ``evaluate`` scores videos).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,43 +19,10 @@ from PIL import Image
 from deepfake_dist.atomic import atomic_path
 from deepfake_dist.data import imageio
 from deepfake_dist.data.faces import VIDEO_EXTENSIONS, cut_samples, is_video_file, options_from_settings, video_faces
-from deepfake_dist.data.uploads import in_channels, model_input
+from deepfake_dist.deploy.scorer import Scorer
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.evaluation.video import aggregate_scores
-from deepfake_dist.models.exported import load_exported
-
-
-@dataclass
-class Scorer:
-    """An exported detector and what is needed to feed it files."""
-
-    model: torch.nn.Module
-    info: dict  # the model's JSON
-
-    @property
-    def threshold(self) -> float:
-        return float(self.info.get("threshold", 0.5))
-
-    @property
-    def temperature(self) -> float:
-        return float(self.info.get("temperature", 1.0))
-
-    def input(self, image: Image.Image) -> torch.Tensor:
-        return model_input(image, self.info)
-
-    @torch.no_grad()
-    def probabilities(self, inputs: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Probability of fake for a stack of model inputs (B, C, H, W), or clips (B, T, C, H, W)."""
-        logits = torch.cat([self.model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
-        return torch.sigmoid(logits.float() / self.temperature)
-
-
-def load_scorer(checkpoint: str | Path) -> Scorer:
-    model, info = load_exported(checkpoint)
-    if info.get("kind") != "detector":
-        raise UserError(f"{checkpoint}: holds a {info.get('kind', 'unknown')} model, not a detector; "
-                        "pass a detector's run folder or model.safetensors")
-    return Scorer(model, info)
+from deepfake_dist.models.exported import in_channels
 
 
 def collect_files(paths: list[str | Path]) -> list[Path]:
@@ -97,7 +61,7 @@ def video_inputs(scorer: Scorer, path: Path, frames: int = 16) -> tuple[torch.Te
 
 
 def _row(scorer: Scorer, path: Path, kind: str, probability: float | None, **extra) -> dict:
-    verdict = None if probability is None else ("fake" if probability > scorer.threshold else "real")
+    verdict = None if probability is None else scorer.verdict(probability)
     return {"path": str(path), "kind": kind, "probability": probability, "verdict": verdict,
             "threshold": scorer.threshold, **extra}
 
@@ -160,7 +124,7 @@ def explain_files(scorer: Scorer, paths: list[str | Path], out: str | Path, laye
                   size: int = 256) -> list[dict]:
     """Grad-CAM overlays for image files: ``out/<name>-gradcam.png`` (``size`` px) per image;
     returns one row per image (path, probability, verdict, overlay)."""
-    from deepfake_dist.evaluation.gradcam import find_layer, gradcam, overlay
+    from deepfake_dist.evaluation.gradcam import find_layer, overlay
 
     name, _ = find_layer(scorer.model, layer)
     out = Path(out)
@@ -173,7 +137,7 @@ def explain_files(scorer: Scorer, paths: list[str | Path], out: str | Path, laye
     for i, path in enumerate(files):
         image = imageio.open_image(path)
         x = scorer.input(image)[None]
-        heat = gradcam(scorer.model, x, name)[0]
+        heat = scorer.explain(x, name)[0]
         face = imageio.preprocess(image, "L" if in_channels(scorer.info) == 1 else "RGB", x.shape[-1])
         target = out / (f"{path.stem}-gradcam.png" if stems.count(path.stem) == 1 else f"{i:03d}-{path.stem}-gradcam.png")
         with out_of_space_is_one_line(f"the overlay {target}", out, OUTPUTS_WHOLE), atomic_path(target) as tmp:

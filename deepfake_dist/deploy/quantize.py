@@ -30,9 +30,9 @@ from torch.ao.quantization import QConfigMapping, default_dynamic_qconfig, get_d
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from deepfake_dist.atomic import atomic_path
-from deepfake_dist.data.uploads import in_channels
 from deepfake_dist.errors import UserError
 from deepfake_dist.models import create_model
+from deepfake_dist.models.exported import in_channels
 
 BACKEND = "x86"  # fbgemm kernels with x86 tuning
 _PREPARED = "_int8_prepared"  # marks submodules that went through prepare_fx

@@ -1,8 +1,8 @@
 """``evaluate``: score exported detectors on shard sets across ranks and write the results.
 
-Every rank scores its own shards (``predictions.predict`` gathers them with no sample lost or
-counted twice), so every rank holds the same predictions and computes the same numbers; only
-the main process writes files and draws pictures. The operating threshold and the temperature
+Every rank scores its own shards (``evaluation.predictions.predict`` gathers them with no sample
+lost or counted twice), so every rank holds the same predictions and computes the same numbers;
+only the main process writes files and draws pictures. The operating threshold and the temperature
 come from the validation split; the test split is scored once and never tunes anything.
 """
 
@@ -20,14 +20,13 @@ import torch
 from deepfake_dist.console import console
 from deepfake_dist.data.loader import EvalOptions, clip_frames, eval_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
-from deepfake_dist.data.uploads import in_channels
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.evaluation import metrics as M
 from deepfake_dist.evaluation.predictions import Predictions, predict
 from deepfake_dist.evaluation.robustness import PERTURBATIONS
 from deepfake_dist.evaluation.sources import per_source
 from deepfake_dist.evaluation.video import aggregate_scores, video_predictions
-from deepfake_dist.models.exported import load_exported, resolve
+from deepfake_dist.models.exported import in_channels, load_exported, resolve
 
 SUMMARY_KEYS = ("accuracy", "precision", "recall", "f1", "auroc", "ap", "eer")
 

@@ -11,11 +11,11 @@
   while ``max_concurrent`` are being scored and ``max_queue`` wait a 503 with ``Retry-After``.
   Then the images' headers are checked (format, pixels per image and per request) before any
   is decoded; each image is then decoded alone (a large JPEG at a reduced scale, see
-  ``inference.open_upload``) and made the model's input at once, so memory is bounded by
+  ``data.uploads.open_upload``) and made the model's input at once, so memory is bounded by
   ``max_concurrent`` decoded images. Every problem is a JSON ``{"detail": ..., "code": ...}``,
   never a traceback or a path.
-- A score is fake when ``p > threshold``, as ``predict`` and the metrics call it.
-- Preprocessing is ``inference.model_input``: the exact training preprocessing.
+- The model is ``deploy.scorer.Scorer``, the one ``predict`` scores with: the exact training
+  preprocessing, the same probabilities, and fake when ``p > threshold``.
 """
 
 from __future__ import annotations
@@ -40,22 +40,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepfake_dist import __version__
 from deepfake_dist.atomic import finite
+from deepfake_dist.data.faces import STILL_MARGIN, largest_face
 from deepfake_dist.data.imageio import center_crop_resize, to_mode
 from deepfake_dist.data.uploads import (
     ACCEPTED_FORMATS,
     DEFAULT_MAX_PIXELS,
-    FACE_MARGIN,
     REDUCE_GAP,
     BadImage,
     image_size,
-    in_channels,
-    largest_face,
-    model_input,
     open_upload,
     pillow_pixel_limit,
 )
-from deepfake_dist.deploy.scorer import ServedModel, load_served
+from deepfake_dist.deploy.scorer import Scorer, load_scorer
 from deepfake_dist.errors import UserError
+from deepfake_dist.models.exported import in_channels
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 MAX_BATCH = 32  # images per /v1/detect/batch request
@@ -127,9 +125,9 @@ class Gate:
 @dataclass
 class Detection:
     """A request's images checked, decoded one at a time, scored (and explained): CPU work, run
-    in the thread pool. ``min_side``: how small a JPEG may be decoded (``inference.open_upload``)."""
+    in the thread pool. ``min_side``: how small a JPEG may be decoded (``data.uploads.open_upload``)."""
 
-    served: ServedModel
+    served: Scorer
     max_bytes: int
     max_pixels: int
     request_pixels: int
@@ -142,7 +140,7 @@ class Detection:
         self.check(uploads, names)
         inputs, faces, pictures = zip(*(self.model_input(u, label, explain) for u, label in zip(uploads, names)))
         inputs = torch.stack(inputs)
-        probabilities = self.served.probabilities(inputs)
+        probabilities = self.served.probabilities(inputs).tolist()
         nan = [label for label, p in zip(names, probabilities) if p != p]  # NaN is the one value unequal to itself
         if nan:
             raise HTTPException(500, f"the model scored NaN for {', '.join(nan[:5])}: it is broken; serve another")
@@ -182,7 +180,7 @@ class Detection:
         img = open_upload(self.read(upload, label), self.max_pixels, label, self.min_side)
         crop, face = largest_face(img, self.margin) if self.face_crop else (img, None)
         picture = center_crop_resize(to_mode(crop, "RGB"), OVERLAY_SIZE) if explain else None
-        return model_input(crop, self.served.info), face, picture
+        return self.served.input(crop), face, picture
 
 
 def create_app(checkpoint: str | Path, onnx: bool = False, token: str | None = None, max_bytes: int = 10_000_000,
@@ -192,12 +190,15 @@ def create_app(checkpoint: str | Path, onnx: bool = False, token: str | None = N
     ``max_concurrent`` requests decode and score at once, ``max_queue`` more wait; the images of
     one request hold at most ``max_request_pixels`` pixels (default: ``max_pixels``)."""
     _check_limits(token, max_pixels, max_concurrent, max_queue)
-    served = load_served(checkpoint, onnx=onnx)
+    served = load_scorer(checkpoint, onnx=onnx)
+    if served.info.get("model") == "temporal":
+        raise UserError(f"{checkpoint}: a temporal (video clip) detector; the server scores single images, "
+                        "use deepfake-dist predict for videos")
     name = served.info["model"]
     min_side = REDUCE_GAP * int(served.info["resolution"])
     detection = Detection(served, max_bytes, max_pixels, max_request_pixels or max_pixels,
                           max(min_side, FACE_SEARCH_SIDE) if face_crop else min_side, face_crop,
-                          (served.info.get("video") or {}).get("margin", FACE_MARGIN))  # crop faces as its sets were
+                          (served.info.get("video") or {}).get("margin", STILL_MARGIN))  # crop faces as its sets were
     limits = {"max_bytes": max_bytes, "max_pixels": max_pixels, "max_request_pixels": detection.request_pixels,
               "max_batch": MAX_BATCH, "max_concurrent": max_concurrent, "max_queue": max_queue,
               "formats": list(ACCEPTED_FORMATS)}
@@ -211,7 +212,7 @@ def create_app(checkpoint: str | Path, onnx: bool = False, token: str | None = N
     slots = asyncio.Semaphore(max_concurrent)
 
     async def scored(uploads: list[UploadFile], names: list[str], explain: bool) -> list[dict]:
-        if explain and served.torch_model is None:
+        if explain and served.model is None:
             raise HTTPException(400, "explain=true needs the PyTorch weights: put model.safetensors next to the "
                                      "ONNX file, or serve without --onnx")
         async with slots:
@@ -238,7 +239,7 @@ def create_app(checkpoint: str | Path, onnx: bool = False, token: str | None = N
             "temperature": served.temperature, "resolution": info.get("resolution"),
             "in_channels": in_channels(info), "normalize": info.get("normalize"),
             "manifests": info.get("manifests", {}), "step": info.get("step"),
-            "val_metrics": info.get("val_metrics", {}), "explain": served.torch_model is not None,
+            "val_metrics": info.get("val_metrics", {}), "explain": served.model is not None,
             "face_crop": face_crop, "limits": limits})
 
     @app.get("/healthz", summary="Liveness")

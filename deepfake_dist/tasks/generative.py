@@ -29,7 +29,7 @@ EXPORT_NAME = "generator"
 class GenerativeTask(Task):
     """Subclasses build their models and implement ``train_step`` and ``sample``."""
 
-    metrics = ("fid", "kid", "kid_std", "fid_real", "fid_fake")  # with the Inception weights (``fidelity``)
+    metrics = ("fid", "kid", "kid_std", "fid_real", "fid_fake")  # with the Inception weights (``evaluation.fidelity``)
 
     @classmethod
     def check_config(cls, cfg, where: str) -> None:
