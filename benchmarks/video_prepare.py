@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from video_data import write_video  # noqa: E402 - from the tests folder, added above
 
-from deepfake_dist.data.prepare import prepare  # noqa: E402
 from deepfake_dist.data.faces import VideoOptions, clip_indices  # noqa: E402
+from deepfake_dist.data.prepare import prepare  # noqa: E402
+from deepfake_dist.options import PrepareOptions  # noqa: E402
 
 
 def _cpu_seconds() -> float:
@@ -55,8 +56,8 @@ def main() -> None:
         results = []
         for workers in args.workers:
             start, cpu = time.perf_counter(), _cpu_seconds()
-            manifest = prepare(f"videos:{root}", Path(tmp) / f"out-{workers}", resolution=args.resolution,
-                               workers=workers, overwrite=True)
+            manifest = prepare(PrepareOptions(source=f"videos:{root}", out=Path(tmp) / f"out-{workers}",
+                                              resolution=args.resolution, workers=workers, overwrite=True))
             seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
             clips_written = sum(manifest["counts"][s]["total"] for s in ("train", "val", "test"))
             results.append({"workers": workers, "seconds": round(seconds, 2), "videos_per_s": round(args.videos / seconds, 2),

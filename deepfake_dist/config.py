@@ -215,8 +215,8 @@ class Config:
         return Path(self.output_dir) / self.name
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a YAML config, apply ``key.sub=value`` overrides, and check everything."""
+def read_yaml(path: str | Path) -> dict:
+    """The mapping at the top of a YAML file (a config or a pipeline); an empty file is ``{}``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file '{path}' not found; pass an existing YAML file, e.g. configs/smoke.yaml")
@@ -226,6 +226,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply ``key.sub=value`` overrides, and check everything."""
+    return parse_config(read_yaml(path), path, overrides)
+
+
+def parse_config(raw: dict, path: str | Path, overrides: list[str] = ()) -> Config:
+    """The checked config from ``raw`` (read from ``path``) with ``key.sub=value`` overrides applied."""
     for item in overrides:
         apply_override(raw, item, where=f"{path} (override '{item}')")
     return build_config(raw, where=str(path))

@@ -15,6 +15,7 @@ from deepfake_dist.cli import main
 from deepfake_dist.deploy.prune import parameter_counts, prunable, prune_model, sparsity
 from deepfake_dist.errors import UserError
 from deepfake_dist.models import create_model
+from deepfake_dist.options import CompressOptions
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +58,7 @@ def int8_report(deploy_run, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("int8")
     with one_thread():
-        return compress(deploy_run, out, quantize="int8", calibration_batches=4), out
+        return compress(CompressOptions(checkpoint=deploy_run, out=out, quantize="int8", calibration_batches=4)), out
 
 
 def test_int8_quantizes_the_convolutions_and_keeps_accuracy(int8_report, deploy_run):

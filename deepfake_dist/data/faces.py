@@ -43,6 +43,7 @@ from deepfake_dist.data import imageio
 from deepfake_dist.data.common import Expanded, Sample
 from deepfake_dist.data.manifest import file_sha256, load_manifest
 from deepfake_dist.errors import UserError
+from deepfake_dist.options import option
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 SAMPLINGS = ("step", "uniform")
@@ -59,17 +60,19 @@ Box = tuple[float, float, float, float]  # x, y, w, h in frame pixels
 
 @dataclass(frozen=True)
 class VideoOptions:
-    """How clips are cut from a video; field names are ``deepfake-dist prepare``'s flags
-    (``clips_per_video`` -> ``--clips-per-video``). Recorded in the manifest."""
+    """How clips are cut from a video: a ``videos:`` source's options, ``deepfake-dist prepare``'s
+    flags (``clips_per_video`` -> ``--clips-per-video``) and a prepare stage's ``options``.
+    Recorded in the manifest."""
 
-    frames: int = 8  # K frames per clip
-    clips_per_video: int = 4  # N clips per video (fewer when the video is short)
-    frame_step: int = 2  # "step" sampling: every n-th frame
-    sampling: str = "step"  # "step" (consecutive, every n-th) | "uniform" (spread over the video)
-    margin: float = 0.15  # added on each side, as a fraction of the face box (0.15: a 1.3x crop)
-    face_model: str | None = None  # a local cv2.dnn face detector file; None: the Haar cascade
-    face_config: str | None = None  # its network description, when the model format needs one
-    frame_level: bool = False  # one sample per frame instead of one per clip
+    frames: int = option(8, "frames per clip")
+    clips_per_video: int = option(4, "clips per video, fewer when it is short")
+    frame_step: int = option(2, "n for --sampling step")
+    sampling: str = option("step", "step: consecutive frames, every n-th; uniform: spread over the video",
+                           choices=SAMPLINGS)
+    margin: float = option(0.15, "face crop margin on each side, fraction of the box")
+    face_model: str | None = option(None, "a local cv2.dnn SSD face detector (default: OpenCV's Haar cascade)")
+    face_config: str | None = option(None, "its network description, e.g. deploy.prototxt for Caffe")
+    frame_level: bool = option(False, "one sample per frame (for image detectors) instead of one per clip")
 
     def __post_init__(self):
         for name, low in (("frames", 1), ("clips_per_video", 1), ("frame_step", 1)):

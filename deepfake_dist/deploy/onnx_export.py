@@ -22,6 +22,7 @@ from deepfake_dist.data.imageio import is_image_file, open_image
 from deepfake_dist.deploy.scorer import model_input
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.models.exported import in_channels, load_exported
+from deepfake_dist.options import ExportOptions
 
 INPUT, OUTPUT = "image", "logit"
 PARITY_IMAGES = 64
@@ -61,14 +62,14 @@ def onnx_session(path: str | Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, images: str | Path | None = None,
-                overrides: list[str] = (), opset: int = 18, atol: float = 1e-4) -> dict:
-    """Write ``out`` (.onnx) and ``out.json``; returns the ``onnx`` metadata section."""
-    out = Path(out)
+def export_onnx(opts: ExportOptions, atol: float = 1e-4) -> dict:
+    """Write ``opts.onnx`` (.onnx) and its ``.json`` next to it; returns the ``onnx`` metadata
+    section. ONNX Runtime must agree with PyTorch within ``atol`` (largest logit difference)."""
+    checkpoint, out, opset = opts.checkpoint, Path(opts.onnx), opts.opset
     if out.suffix != ".onnx":
         raise UserError(f"--onnx {out}: the file name must end in .onnx, e.g. model.onnx")
     model, info = load_exported(checkpoint)
-    inputs, source = parity_images(info, images, overrides)
+    inputs, source = parity_images(info, opts.images, opts.overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     example = inputs[:2] if len(inputs) >= 2 else inputs.repeat(2, *[1] * (inputs.dim() - 1))
     with out_of_space_is_one_line(f"the ONNX model {out}", out.parent, OUTPUTS_WHOLE), \

@@ -19,10 +19,11 @@ from PIL import Image
 from deepfake_dist.atomic import atomic_path
 from deepfake_dist.data import imageio
 from deepfake_dist.data.faces import VIDEO_EXTENSIONS, cut_samples, is_video_file, options_from_settings, video_faces
-from deepfake_dist.deploy.scorer import Scorer
+from deepfake_dist.deploy.scorer import Scorer, load_scorer
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.evaluation.video import aggregate_scores
 from deepfake_dist.models.exported import in_channels
+from deepfake_dist.options import ExplainOptions, PredictOptions
 
 
 def collect_files(paths: list[str | Path]) -> list[Path]:
@@ -42,7 +43,7 @@ def collect_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def video_inputs(scorer: Scorer, path: Path, frames: int = 16) -> tuple[torch.Tensor, dict]:
+def video_inputs(scorer: Scorer, path: Path, frames: int) -> tuple[torch.Tensor, dict]:
     """Model inputs cut from a video as the model's training sets were: its clips (N, T, C, R, R)
     for a clip model, else ``frames`` evenly spaced face crops (N, C, R, R); and what was found
     (frames scored, sampled frames without a face)."""
@@ -66,10 +67,11 @@ def _row(scorer: Scorer, path: Path, kind: str, probability: float | None, **ext
             "threshold": scorer.threshold, **extra}
 
 
-def score_files(scorer: Scorer, paths: list[str | Path], frames: int = 16, batch_size: int = 64) -> list[dict]:
-    """One row per file, in order: path, kind (image/video), probability of fake and verdict;
-    a file that cannot be read gets an ``error`` (and no probability) and the others go on.
-    Images are scored in batches of ``batch_size`` as they are read."""
+def score_files(opts: PredictOptions) -> list[dict]:
+    """One row per file of ``opts.paths``, in order: path, kind (image/video), probability of fake
+    and verdict; a file that cannot be read gets an ``error`` (and no probability) and the others
+    go on. Images are scored in batches of ``batch_size`` as they are read."""
+    scorer, batch_size = load_scorer(opts.checkpoint), opts.batch_size
     rows: list[dict] = []
     pending: list[tuple[int, torch.Tensor]] = []
 
@@ -79,7 +81,7 @@ def score_files(scorer: Scorer, paths: list[str | Path], frames: int = 16, batch
             rows[slot] = _row(scorer, Path(rows[slot]["path"]), "image", p)
         pending.clear()
 
-    for path in collect_files(paths):
+    for path in collect_files(opts.paths):
         kind = "video" if is_video_file(path) else "image"
         try:
             if kind == "image" and scorer.info.get("frames"):
@@ -91,7 +93,7 @@ def score_files(scorer: Scorer, paths: list[str | Path], frames: int = 16, batch
                 if len(pending) == batch_size:
                     flush()
                 continue
-            inputs, found = video_inputs(scorer, path, frames)
+            inputs, found = video_inputs(scorer, path, opts.frames)
             p = aggregate_scores(scorer.probabilities(inputs, batch_size))
             rows.append(_row(scorer, path, kind, float(p), **found))
         except UserError:
@@ -120,18 +122,18 @@ def rows_table(rows: list[dict]):
     return table
 
 
-def explain_files(scorer: Scorer, paths: list[str | Path], out: str | Path, layer: str | None = None,
-                  size: int = 256) -> list[dict]:
-    """Grad-CAM overlays for image files: ``out/<name>-gradcam.png`` (``size`` px) per image;
-    returns one row per image (path, probability, verdict, overlay)."""
+def explain_files(opts: ExplainOptions, size: int = 256) -> list[dict]:
+    """Grad-CAM overlays for the image files of ``opts.images``: ``out/<name>-gradcam.png``
+    (``size`` px) per image; returns one row per image (path, probability, verdict, overlay)."""
     from deepfake_dist.evaluation.gradcam import find_layer, overlay
 
-    name, _ = find_layer(scorer.model, layer)
-    out = Path(out)
+    scorer = load_scorer(opts.checkpoint)
+    name, _ = find_layer(scorer.model, opts.layer)
+    out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = [p for p in collect_files(paths) if not is_video_file(p)]
+    files = [p for p in collect_files(opts.images) if not is_video_file(p)]
     if not files:
-        raise UserError(f"explain takes images; none among {', '.join(map(str, paths))}")
+        raise UserError(f"explain takes images; none among {', '.join(map(str, opts.images))}")
     stems = [p.stem for p in files]
     rows = []
     for i, path in enumerate(files):
