@@ -82,7 +82,7 @@ def cpu_latency_ms(run: Callable[[torch.Tensor], object], shape: tuple[int, ...]
     """Median wall time of ``run(x)`` for a random input of ``shape`` with ``threads`` intra-op
     threads (None: torch's default): 2 warm-up calls, then repeats until ``budget_s`` or
     ``max_runs`` (at least 3). One thread by default: on a shared or small CPU, several threads
-    spin against other processes and the figures swing by 100x."""
+    spin against other processes and the figures swing by orders of magnitude."""
     x = torch.randn(shape)
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
