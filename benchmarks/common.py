@@ -33,6 +33,7 @@ from rich.table import Table
 
 from deepfake_dist.atomic import write_json_atomic
 from deepfake_dist.data.manifest import MANIFEST_NAME, file_sha256, load_manifest, manifest_id
+from deepfake_dist.options import PrepareOptions
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -226,8 +227,8 @@ def face_set(root: Path, train: int, val: int | None = None, shard_size: int = 2
         (images / label).mkdir(parents=True, exist_ok=True)
         face_image(i, fake=label == "fake").save(images / label / f"face_{i:06d}.png")
     total = train + val
-    prepare(f"folder:{images}", out, resolution=64, shard_size=shard_size, split=(train / total, val / total, 0.0),
-            overwrite=True, workers=workers)
+    prepare(PrepareOptions(source=f"folder:{images}", out=out, resolution=64, shard_size=shard_size,
+                           split=(train / total, val / total, 0.0), overwrite=True, workers=workers))
     shutil.rmtree(images)
     return out
 

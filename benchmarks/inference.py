@@ -37,8 +37,8 @@ from deepfake_dist.deploy.compress import cpu_latency_ms, score, stored_config, 
 from deepfake_dist.deploy.onnx_export import export_onnx
 from deepfake_dist.deploy.quantize import example_shape, quantize_int8, quantized_layers
 from deepfake_dist.engine.metrics import binary_metrics
-from deepfake_dist.exported import load_exported, resolve
-from deepfake_dist.inference import in_channels
+from deepfake_dist.models.exported import in_channels, load_exported, resolve
+from deepfake_dist.options import ExportOptions
 
 
 def machine() -> dict:
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     qmodel = quantize_int8(model, batches[0], batches)
 
     work = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
-    onnx_meta = export_onnx(args.checkpoint, work / "model.onnx", overrides=args.overrides)
+    onnx_meta = export_onnx(ExportOptions(checkpoint=args.checkpoint, onnx=work / "model.onnx", overrides=args.overrides))
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -50,6 +50,7 @@ from deepfake_dist.data.faces import (
 )
 from deepfake_dist.data.prepare import RESOLUTION, prepare
 from deepfake_dist.data.sources import open_source
+from deepfake_dist.options import PrepareOptions
 
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -120,8 +121,8 @@ def scaling(spec: str, args, videos: int) -> dict:
             poll = _WorkerPoll()
             (own, kids), start = _cpu(), time.perf_counter()
             poll.start()
-            manifest = prepare(spec, out / str(workers), workers=workers, shard_size=args.shard_size, overwrite=True,
-                               options=options)
+            manifest = prepare(PrepareOptions(source=spec, out=str(out / str(workers)), workers=workers,
+                                              shard_size=args.shard_size, overwrite=True, options=options))
             wall = time.perf_counter() - start
             own, kids = (now - before for now, before in zip(_cpu(), (own, kids)))
             critical = own + kids * poll.busiest_share()

@@ -15,6 +15,7 @@ import typing
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import cached_property
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -215,8 +216,8 @@ class Config:
         return Path(self.output_dir) / self.name
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a YAML config, apply ``key.sub=value`` overrides, and check everything."""
+def read_yaml(path: str | Path) -> dict:
+    """The mapping at the top of a YAML file (a config or a pipeline); an empty file is ``{}``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file '{path}' not found; pass an existing YAML file, e.g. configs/smoke.yaml")
@@ -226,6 +227,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply ``key.sub=value`` overrides, and check everything."""
+    return parse_config(read_yaml(path), path, overrides)
+
+
+def parse_config(raw: dict, path: str | Path, overrides: list[str] = ()) -> Config:
+    """The checked config from ``raw`` (read from ``path``) with ``key.sub=value`` overrides applied."""
     for item in overrides:
         apply_override(raw, item, where=f"{path} (override '{item}')")
     return build_config(raw, where=str(path))
@@ -395,41 +406,33 @@ def _checkable(tp) -> bool:
         and Ellipsis not in args and all(_checkable(a) for a in args)
 
 
-def _positive(where: str, values: dict[str, Any], or_null: bool = False) -> None:
-    for key, value in values.items():
-        if value is not None and value <= 0:
-            raise UserError(f"{where}: '{key}' must be positive{' or null' if or_null else ''}, got {value}")
+# Numbers that mean nothing in any run below these bounds; what a task needs of them is the
+# task's to say (``Task.check_config``).
+POSITIVE = ("data.resolution", "data.batch_size", "train.epochs", "train.grad_accum", "train.log_every",
+            "train.timeout_s", "train.max_nonfinite", "checkpoint.every_epochs", "checkpoint.keep_last", "optim.lr",
+            "sched.step_size", "sched.gamma", "gan.d_steps", "samples.grid", "distill.temperature")
+NON_NEGATIVE = ("data.num_workers", "data.shuffle_buffer", "data.transfer_mib", "sched.warmup_steps",
+                "optim.weight_decay", "samples.every", "samples.fid_every", "samples.fid_samples",
+                "vae.kl_warmup_steps", "vae.kl_weight")
+POSITIVE_OR_NULL = ("train.max_steps", "checkpoint.every_steps", "train.early_stopping", "train.grad_clip")
 
 
-def _non_negative(where: str, values: dict[str, Any]) -> None:
-    for key, value in values.items():
-        if value < 0:
+def _check_bounds(cfg: Config, where: str) -> None:
+    for key in (*POSITIVE, *NON_NEGATIVE, *POSITIVE_OR_NULL):
+        value = attrgetter(key)(cfg)
+        if value is None:
+            continue
+        if key in NON_NEGATIVE and value < 0:
             raise UserError(f"{where}: '{key}' must be >= 0, got {value}")
+        if key not in NON_NEGATIVE and value <= 0:
+            raise UserError(f"{where}: '{key}' must be positive{' or null' if key in POSITIVE_OR_NULL else ''}, "
+                            f"got {value}")
 
 
 def _check_values(cfg: Config, where: str) -> None:
     """Values that mean nothing in any run; what a task needs of them is the task's to say
     (``Task.check_config``)."""
-    _positive(where, {
-        "data.resolution": cfg.data.resolution, "data.batch_size": cfg.data.batch_size,
-        "train.epochs": cfg.train.epochs, "train.grad_accum": cfg.train.grad_accum,
-        "train.log_every": cfg.train.log_every, "train.timeout_s": cfg.train.timeout_s,
-        "train.max_nonfinite": cfg.train.max_nonfinite, "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last, "optim.lr": cfg.optim.lr,
-        "sched.step_size": cfg.sched.step_size, "sched.gamma": cfg.sched.gamma,
-        "gan.d_steps": cfg.gan.d_steps, "samples.grid": cfg.samples.grid,
-        "distill.temperature": cfg.distill.temperature,
-    })
-    _non_negative(where, {
-        "data.num_workers": cfg.data.num_workers, "data.shuffle_buffer": cfg.data.shuffle_buffer,
-        "data.transfer_mib": cfg.data.transfer_mib, "sched.warmup_steps": cfg.sched.warmup_steps,
-        "optim.weight_decay": cfg.optim.weight_decay, "samples.every": cfg.samples.every,
-        "samples.fid_every": cfg.samples.fid_every, "samples.fid_samples": cfg.samples.fid_samples,
-        "vae.kl_warmup_steps": cfg.vae.kl_warmup_steps, "vae.kl_weight": cfg.vae.kl_weight,
-    })
-    _positive(where, {"train.max_steps": cfg.train.max_steps, "checkpoint.every_steps": cfg.checkpoint.every_steps,
-                      "train.early_stopping": cfg.train.early_stopping, "train.grad_clip": cfg.train.grad_clip},
-              or_null=True)
+    _check_bounds(cfg, where)
     if not 0 <= cfg.data.worker_nice <= 19:
         raise UserError(f"{where}: 'data.worker_nice' is a niceness increment in 0..19, got {cfg.data.worker_nice}")
     if not 0.0 <= cfg.gan.ema_decay < 1.0:

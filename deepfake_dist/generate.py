@@ -14,8 +14,8 @@ Within a rank, images are generated ``batch_size`` at a time in the order the wr
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,8 @@ from deepfake_dist.data.manifest import file_sha256
 from deepfake_dist.data.shard_writer import Encoding, ShardSetWriter, created_info, parse_split, plan_shards
 from deepfake_dist.engine.distributed import distributed_state
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
-from deepfake_dist.exported import load_exported, resolve
+from deepfake_dist.models.exported import load_exported, resolve
+from deepfake_dist.options import GenerateOptions, command_line
 from deepfake_dist.tasks.generative import EXPORT_NAME
 
 FORMATS = ("shards", "png")
@@ -100,48 +101,39 @@ def _check(num_images: int, batch_size: int, truncation: float | None, fmt: str)
         raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
 
 
-def generate(
-    checkpoint: str | Path,
-    num_images: int,
-    out: str | Path,
-    fmt: str = "shards",
-    truncation: float | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
-    split: Sequence[float] | str = (0.8, 0.1, 0.1),
-    shard_size: int = 1000,
-    encoding: str = "png",
-    overwrite: bool = False,
-    command: str | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Write exactly ``num_images`` fakes from ``checkpoint`` (a run folder or a
-    ``generator.safetensors``) into ``out``: a shard set (``fmt="shards"``; returns its
-    manifest) or ``<key>.png`` files (``fmt="png"``; returns ``{"out", "images", "keys"}``).
-    Call it on every rank: each makes its share. Raises ``UserError`` for bad input."""
-    _check(num_images, batch_size, truncation, fmt)
+def generate(opts: GenerateOptions, *, command: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Write exactly ``opts.num_images`` fakes from ``opts.checkpoint`` (a run folder or a
+    ``generator.safetensors``): a shard set in ``out`` (``format="shards"``; returns its
+    manifest) or ``<key>.png`` files in ``output_dir`` (or ``out``) (``format="png"``; returns
+    ``{"out", "images", "keys"}``). Call it on every rank: each makes its share. ``command`` is
+    recorded in the manifest (default: the equivalent ``deepfake-dist generate`` command).
+    Raises ``UserError`` for bad input."""
+    checkpoint, num_images, seed, truncation = opts.checkpoint, opts.num_images, opts.seed, opts.truncation
+    target = opts.output_dir if opts.format == "png" and opts.output_dir else opts.out
+    if target is None:
+        raise UserError("--out is required (a shard set folder, e.g. shards/lfw-dcgan-fake), or --output_dir with "
+                        "--format png")
+    _check(num_images, opts.batch_size, truncation, opts.format)
     weights, _ = resolve(checkpoint, EXPORT_NAME)
     model, info = load_exported(checkpoint, EXPORT_NAME)
     state = distributed_state()
-    synth = Synthesizer(model, info, state.device, seed, truncation, batch_size)
+    synth = Synthesizer(model, info, state.device, seed, truncation, opts.batch_size)
     run = run_name(info, weights)
     width = max(6, len(str(num_images - 1)))
     keys = [f"{run}-{i:0{width}d}" for i in range(num_images)]
-    out = Path(out)
-    command = command or shlex.join(["deepfake-dist", "generate", "--checkpoint", str(checkpoint),
-                                     "--num-images", str(num_images), "--out", str(out), "--format", fmt,
-                                     "--seed", str(seed)] + (["--truncation", str(truncation)] if truncation else []))
-    if fmt == "png":
+    out = Path(target)
+    command = command or command_line("generate", replace(opts, overwrite=False))
+    if opts.format == "png":
         return _write_pngs(synth, keys, out, state)
 
-    fractions = parse_split(split)
-    writer = ShardSetWriter(out, overwrite, state)
+    fractions = parse_split(opts.split)
+    writer = ShardSetWriter(out, opts.overwrite, state)
     meta = {"source": "generator", "label": "fake", "generator": info["model"], "run": run,
             "step": info.get("step"), "seed": seed, **({"truncation": truncation} if truncation else {})}
     items = [Item(key, None, LABELS["fake"], partial(synth.image, i), {**meta, "index": i, **_class(synth, i, info)},
                   f"{run}#{i}") for i, key in enumerate(keys)]
-    jobs = writer.jobs(plan_shards(items, fractions, seed, shard_size),
-                       Encoding(synth.mode, int(info["resolution"]), encoding, 95))
+    jobs = writer.jobs(plan_shards(items, fractions, seed, opts.shard_size),
+                       Encoding(synth.mode, int(info["resolution"]), opts.encoding, 95))
     synth.expect([item.meta["index"] for job in jobs for plan in job.shards for item in plan.items])
     writer.write(jobs, progress)
     fields = None
@@ -150,7 +142,7 @@ def generate(
             "name": out.resolve().name,
             "source": f"generator:{checkpoint}",
             "resolution": int(info["resolution"]),
-            "format": encoding,
+            "format": opts.encoding,
             "channels": 1 if synth.mode == "L" else 3,
             "mode": synth.mode,
             "frames": None,
@@ -159,7 +151,7 @@ def generate(
                           "weights_sha256": file_sha256(weights), "manifests": info.get("manifests", {}),
                           "seed": seed, "truncation": truncation, "num_images": num_images},
             "split": {"fractions": list(fractions), "seed": seed, "assigned_by_fractions": num_images},
-            "shard_size": shard_size,
+            "shard_size": opts.shard_size,
             "label": "fake",
             "created": created_info(command, 1, state.num_processes),
         }

@@ -10,17 +10,22 @@
       - evaluate: {checkpoints: ["${runs}/hybrid"], data: [...], out: "${runs}/evaluation"}
       - compare: {}
 
-``deepfake-dist train --config FILE [vars.NAME=VALUE ...]`` (and ``launch/train.py``) runs it.
-A stage kind is a class in ``STAGES``. Each stage's identity is a hash of its resolved settings
-and of what it reads (manifest ids of shard sets, sha256 of model weights); it is recorded in
-a stamp file when the stage starts ("running") and when it ends ("done"). On a rerun a stage
-whose stamp is "done" with the same identity and whose outputs exist is skipped; a "running"
-one continues (training resumes from its last checkpoint); a changed one is rebuilt from
-scratch. Outputs a pipeline did not write (no stamp) are never overwritten: that is an error.
+``deepfake-dist run FILE [vars.NAME=VALUE ...]`` runs it, and so does ``deepfake-dist train
+--config FILE`` (and ``launch/train.py``): ``experiment_kind`` tells a pipeline from a training
+config by the file's top-level keys. A stage kind is a class in ``STAGES``; one that runs a
+command takes that command's options (``deepfake_dist.options``) as its keys.
+
+Each stage's identity is a hash of its resolved settings and of what it reads (manifest ids of
+shard sets, sha256 of model weights); it is recorded in a stamp file when the stage starts
+("running") and when it ends ("done"). On a rerun a stage whose stamp is "done" with the same
+identity and whose outputs exist is skipped; a "running" one continues (training resumes from
+its last checkpoint); a changed one is rebuilt from scratch. Outputs a pipeline did not write
+(no stamp) are never overwritten: that is an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -29,11 +34,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
-import yaml
-
-from deepfake_dist.config import apply_override
+from deepfake_dist.config import Config, apply_override, read_yaml
 from deepfake_dist.envvars import temporary_env
 from deepfake_dist.errors import UserError
+from deepfake_dist.options import EvaluateOptions, GenerateOptions, PrepareOptions, stage_keys
 from deepfake_dist.registry import Registry, closest
 
 STAGES = Registry("stage")
@@ -41,21 +45,29 @@ TOP_KEYS = ("name", "vars", "stamps", "stages")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def is_pipeline(path: str | Path) -> bool:
-    """A YAML file with a top-level ``stages:`` list (anything unreadable is left to the config loader)."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(raw, dict) and "stages" in raw
+def experiment_kind(raw: dict, path: str | Path) -> str:
+    """What a YAML file (its top-level mapping ``raw``) holds: ``"pipeline"`` when it has a key
+    only pipelines have (``stages``, ``vars``, ``stamps``), ``"config"`` (a training config) when
+    it has a config section or nothing yet; anything else is neither, a UserError."""
+    sections = [f.name for f in dataclasses.fields(Config)]
+    if any(key in raw for key in TOP_KEYS if key not in sections):
+        return "pipeline"
+    if not raw or any(key in sections for key in raw):
+        return "config"
+    key = str(next(iter(raw)))
+    raise UserError(f"{path}: neither a training config nor a pipeline: unknown key '{key}'"
+                    f"{closest(key, sections + list(TOP_KEYS))}; a training config has {', '.join(sections)}; "
+                    f"a pipeline has {', '.join(TOP_KEYS)}")
 
 
 class Stage:
-    """One step. Subclasses declare ``required`` / ``optional`` keys (with defaults) and say
-    what they read and write; ``run`` is called on every rank."""
+    """One step. Subclasses declare ``required`` / ``optional`` keys (with defaults; a command's
+    from its options, ``options.stage_keys``) and say what they read and write; ``run`` is
+    called on every rank."""
 
     required: ClassVar[tuple[str, ...]] = ()
     optional: ClassVar[dict[str, Any]] = {}
+    options: ClassVar[type | None] = None  # the options dataclass of the command the stage runs
     stamped = True  # False: always runs (cheap, prints)
 
     def __init__(self, spec: dict, where: str):
@@ -97,20 +109,13 @@ def _manifest_ids(sets) -> dict[str, str]:
 
 def _weights_sha(checkpoint: str, name: str) -> str:
     from deepfake_dist.data.manifest import file_sha256
-    from deepfake_dist.exported import resolve
+    from deepfake_dist.models.exported import resolve
 
     return file_sha256(resolve(checkpoint, name)[0])
 
 
-@STAGES.register("prepare")
-class PrepareStage(Stage):
-    """``data.prepare.prepare`` into ``out``; ``options``: the source kind's own (``videos:``:
-    frames, clips_per_video, sampling, frame_step, margin, face_model, frame_level)."""
-
-    required = ("source", "out")
-    optional: ClassVar[dict[str, Any]] = {
-        "resolution": 64, "format": "png", "shard_size": 1000, "split": [0.8, 0.1, 0.1], "workers": 1,
-        "label": None, "seed": 0, "quality": 95, "options": {}}
+class ShardSetStage(Stage):
+    """A stage that writes a shard set into ``out``; it is done when the manifest is there."""
 
     def outputs(self) -> list[Path]:
         return [Path(self.spec["out"]) / "manifest.json"]
@@ -118,14 +123,22 @@ class PrepareStage(Stage):
     def owned(self) -> list[Path]:
         return [Path(self.spec["out"])]
 
+    def result(self, manifest: dict) -> dict:
+        return {"written": [str(self.spec["out"])], "id": manifest["id"], "counts": manifest["counts"]}
+
+
+@STAGES.register("prepare")
+class PrepareStage(ShardSetStage):
+    """``data.prepare.prepare`` into ``out``; ``options``: the source kind's own (``videos:``:
+    ``data.faces.VideoOptions``, e.g. frames, clips_per_video, frame_level)."""
+
+    options = PrepareOptions
+    required, optional = stage_keys(options)
+
     def run(self, ctx: dict) -> dict:
         from deepfake_dist.data.prepare import prepare
 
-        s = self.spec
-        manifest = prepare(s["source"], s["out"], resolution=s["resolution"], fmt=s["format"],
-                           shard_size=s["shard_size"], split=s["split"], workers=s["workers"], label=s["label"],
-                           seed=s["seed"], quality=s["quality"], overwrite=True, progress=True, options=s["options"])
-        return {"written": [str(s["out"])], "id": manifest["id"], "counts": manifest["counts"]}
+        return self.result(prepare(PrepareOptions(**self.spec, overwrite=True), progress=True))
 
 
 @STAGES.register("train")
@@ -170,41 +183,29 @@ class TrainStage(Stage):
 
 
 @STAGES.register("generate")
-class GenerateStage(Stage):
+class GenerateStage(ShardSetStage):
     """``generate.generate``: a trained generator's fakes as a shard set."""
 
-    required = ("checkpoint", "num_images", "out")
-    optional: ClassVar[dict[str, Any]] = {
-        "truncation": None, "seed": 0, "batch_size": 64, "split": [0.8, 0.1, 0.1], "shard_size": 1000, "encoding": "png"}
+    options = GenerateOptions
+    required, optional = stage_keys(options, also_required=("out",))
 
     def inputs(self) -> dict[str, str]:
         from deepfake_dist.tasks.generative import EXPORT_NAME
 
         return {str(self.spec["checkpoint"]): _weights_sha(self.spec["checkpoint"], EXPORT_NAME)}
 
-    def outputs(self) -> list[Path]:
-        return [Path(self.spec["out"]) / "manifest.json"]
-
-    def owned(self) -> list[Path]:
-        return [Path(self.spec["out"])]
-
     def run(self, ctx: dict) -> dict:
         from deepfake_dist.generate import generate
 
-        s = self.spec
-        manifest = generate(s["checkpoint"], s["num_images"], s["out"], truncation=s["truncation"], seed=s["seed"],
-                            batch_size=s["batch_size"], split=s["split"], shard_size=s["shard_size"],
-                            encoding=s["encoding"], overwrite=True, progress=True)
-        return {"written": [str(s["out"])], "id": manifest["id"], "counts": manifest["counts"]}
+        return self.result(generate(GenerateOptions(**self.spec, overwrite=True), progress=True))
 
 
 @STAGES.register("evaluate")
 class EvaluateStage(Stage):
     """``evaluation.evaluate`` of detectors on ``split`` of ``data``."""
 
-    required = ("checkpoints", "data", "out")
-    optional: ClassVar[dict[str, Any]] = {
-        "split": "test", "val_split": "val", "robustness": True, "explain": True, "report": True, "batch_size": 64}
+    options = EvaluateOptions
+    required, optional = stage_keys(options, also_required=("out",))
 
     def inputs(self) -> dict[str, str]:
         weights = {str(c): _weights_sha(c, "model") for c in self.spec["checkpoints"]}
@@ -219,12 +220,9 @@ class EvaluateStage(Stage):
     def run(self, ctx: dict) -> dict:
         from deepfake_dist.evaluation import evaluate
 
-        s = self.spec
-        result = evaluate([str(c) for c in s["checkpoints"]], [str(d) for d in s["data"]], s["split"], s["out"],
-                          val_split=s["val_split"], robustness=s["robustness"], explain=s["explain"],
-                          report=s["report"], batch_size=s["batch_size"])
-        return {"written": [str(result["out"])], "rows": result["rows"], "data": [str(d) for d in s["data"]],
-                "split": s["split"]}
+        result = evaluate(EvaluateOptions(**self.spec))
+        return {"written": [str(result["out"])], "rows": result["rows"], "data": [str(d) for d in self.spec["data"]],
+                "split": self.spec["split"]}
 
 
 @STAGES.register("compare")
@@ -235,9 +233,9 @@ class CompareStage(Stage):
     stamped = False
 
     def run(self, ctx: dict) -> dict:
+        from deepfake_dist.console import console
         from deepfake_dist.engine.distributed import distributed_state
         from deepfake_dist.evaluation.compare import comparison_table
-        from deepfake_dist.console import console
 
         evaluation = next((r for r in reversed(ctx["results"]) if "rows" in r), None)
         if evaluation is None:
@@ -277,10 +275,14 @@ def _interpolate(value: Any, variables: dict, where: str) -> Any:
 
 
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> dict:
+    """The checked pipeline in the YAML file ``path`` (see ``parse_pipeline``)."""
+    return parse_pipeline(read_yaml(path), path, overrides)
+
+
+def parse_pipeline(raw: dict, path: str | Path, overrides: list[str] = ()) -> dict:
     """The checked pipeline: ``{"name", "stamps", "stages": [(kind, spec, where)]}`` with
     variables substituted; ``overrides`` are ``key=value`` on the raw file (e.g. ``vars.x=1``)."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) or {}
     for item in overrides:
         apply_override(raw, item, where=f"{path} (override '{item}')")
     unknown = [k for k in raw if k not in TOP_KEYS]
@@ -349,9 +351,9 @@ def _one_process_group():
         _fresh_state().destroy_process_group()
 
 
-def run_pipeline(path: str | Path, overrides: list[str] = ()) -> int:
-    """Run every stage in order on this rank; 0 when done, 3 when a stage stopped on request."""
-    pipeline = load_pipeline(path, overrides)
+def run_pipeline(pipeline: dict) -> int:
+    """Run every stage of a checked pipeline (``load_pipeline``) in order on this rank; 0 when
+    done, 3 when a stage stopped on request."""
     with _one_process_group():
         return _run_stages(pipeline)
 

@@ -107,11 +107,12 @@ def face_shards(tmp_path_factory) -> Path:
     from datasets import write_face_folder
 
     from deepfake_dist.data.prepare import prepare
+    from deepfake_dist.options import PrepareOptions
 
     root = tmp_path_factory.mktemp("face_shards")
     folder = write_face_folder(root / "faces", 60, 60)
     out = root / "shards" / "faces"
-    prepare(f"folder:{folder}", out, resolution=32, fmt="png", shard_size=16)
+    prepare(PrepareOptions(source=f"folder:{folder}", out=out, resolution=32, format="png", shard_size=16))
     return out
 
 
@@ -156,9 +157,11 @@ def detectors(eval_sets, tmp_path_factory) -> list[str]:
 def evaluated(detectors, eval_sets, tmp_path_factory) -> dict:
     """One full single-process ``evaluate`` of both detectors (robustness, Grad-CAM, report)."""
     from deepfake_dist.evaluation import evaluate
+    from deepfake_dist.options import EvaluateOptions
 
     out = tmp_path_factory.mktemp("evaluation") / "eval"
-    return evaluate(detectors, eval_sets["data"], out=out, batch_size=8, num_workers=0, command="pytest evaluated")
+    opts = EvaluateOptions(checkpoints=detectors, data=eval_sets["data"], out=out, batch_size=8, workers=0)
+    return evaluate(opts, command="pytest evaluated")
 
 
 @pytest.fixture(scope="session")
@@ -182,9 +185,10 @@ def real_face_shards(tmp_path_factory) -> Path:
     """The 100 LFW faces bundled with scikit-image, all real, grey 32 px, 10 per shard, split
     0.8/0.1/0.1: what the generators train on."""
     from deepfake_dist.data.prepare import prepare
+    from deepfake_dist.options import PrepareOptions
 
     out = tmp_path_factory.mktemp("real_faces") / "lfw"
-    prepare("builtin:lfw", out, resolution=32, fmt="png", shard_size=10)
+    prepare(PrepareOptions(source="builtin:lfw", out=out, resolution=32, format="png", shard_size=10))
     return out
 
 

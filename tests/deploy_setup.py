@@ -21,10 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def make_deploy_shards(root: Path) -> tuple[Path, Path]:
     """(shard set, image folder with real/ and fake/)."""
     from deepfake_dist.data.prepare import prepare
+    from deepfake_dist.options import PrepareOptions
 
     folder = write_face_folder(root / "faces", 100, 100)
     out = root / "shards" / "faces"
-    prepare(f"folder:{folder}", out, resolution=32, fmt="png", shard_size=20, split=(0.5, 0.1, 0.4))
+    prepare(PrepareOptions(source=f"folder:{folder}", out=out, resolution=32, format="png", shard_size=20, split=(0.5, 0.1, 0.4)))
     return out, folder
 
 

@@ -17,15 +17,17 @@ GENERATOR = "gen_x"
 
 def make_eval_sets(root: Path) -> dict:
     from deepfake_dist.data.prepare import prepare
+    from deepfake_dist.options import PrepareOptions
 
     faces = write_face_folder(root / "faces", 60, 60)
-    prepare(f"folder:{faces}", root / "shards" / "faces", resolution=32, fmt="png", shard_size=5)
+    prepare(PrepareOptions(source=f"folder:{faces}", out=root / "shards" / "faces", resolution=32, format="png", shard_size=5))
     gen = root / "gen" / "fake" / GENERATOR
     gen.mkdir(parents=True)
     lfw = lfw_faces()
     for i in range(30):
         Image.fromarray(toy_fake(lfw[(i + 20) % len(lfw)], 100 + i)).save(gen / f"g_{i:03d}.png")
-    prepare(f"folder:{root / 'gen'}", root / "shards" / "gen", resolution=32, fmt="png", shard_size=4)
+    prepare(PrepareOptions(source=f"folder:{root / 'gen'}", out=root / "shards" / "gen", resolution=32, format="png",
+                           shard_size=4))
     return {"faces_folder": faces, "data": [str(root / "shards" / "faces"), str(root / "shards" / "gen")]}
 
 

@@ -51,7 +51,7 @@ def part(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 def main() -> None:
     from accelerate import Accelerator
 
-    from deepfake_dist.fidelity import Fidelity
+    from deepfake_dist.evaluation.fidelity import Fidelity
 
     acc = Accelerator(cpu=True)
     real, fake = fixed_images()

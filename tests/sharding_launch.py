@@ -9,8 +9,9 @@ import argparse
 
 from accelerate import PartialState
 
-from deepfake_dist.engine.distributed import exit_process
 from deepfake_dist.data.prepare import prepare
+from deepfake_dist.engine.distributed import exit_process
+from deepfake_dist.options import PrepareOptions
 
 
 def main() -> None:
@@ -21,7 +22,8 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--split", default="0.8,0.1,0.1")
     args = parser.parse_args()
-    manifest = prepare(args.source, args.out, shard_size=args.shard_size, split=args.split, workers=args.workers)
+    manifest = prepare(PrepareOptions(source=args.source, out=args.out, shard_size=args.shard_size, split=args.split,
+                                      workers=args.workers))
     # one write with its newline: the ranks share the launcher's stdout, and unbuffered (as the
     # launcher runs them) print's separate write of the newline let two ranks' lines run together
     print(f"rank {PartialState().process_index} id {manifest['id']}\n", end="", flush=True)

@@ -21,11 +21,12 @@ from deepfake_dist.cli import main
 from deepfake_dist.data.common import LABEL_NAMES
 from deepfake_dist.data.manifest import shard_urls, verify
 from deepfake_dist.data.prepare import prepare
+from deepfake_dist.options import PrepareOptions
 from deepfake_dist.data.sources import open_source
 from deepfake_dist.errors import UserError
 from deepfake_dist.evaluation.sources import per_source
 from deepfake_dist.evaluation.video import video_predictions
-from deepfake_dist.predictions import Predictions
+from deepfake_dist.evaluation.predictions import Predictions
 
 pytest.importorskip("cv2", reason="videos need the video extra (opencv-python-headless<5)")
 import benchmark_replicas as replicas  # noqa: E402 - after the skip: it imports cv2
@@ -257,7 +258,8 @@ def test_evaluation_groups_them_per_method_and_per_video(ffpp_set):
 
 
 def test_short_and_faceless_videos_are_listed_and_the_rest_is_prepared(dfdc, tmp_path):
-    manifest = prepare(f"dfdc:{dfdc.root}", tmp_path / "dfdc", resolution=32, workers=2, options=FAST)
+    manifest = prepare(PrepareOptions(source=f"dfdc:{dfdc.root}", out=str(tmp_path / "dfdc"), resolution=32, workers=2,
+                                      options=FAST))
     skipped = {Path(s["input"]).name: s for s in manifest["skipped"]}
     assert set(skipped) == {"gone.mp4", "noface.mp4", "short.mp4"}
     assert "no face found" in skipped["noface.mp4"]["reason"]
@@ -276,7 +278,7 @@ def test_colour_stays_rgb_from_the_video_to_the_shard(tmp_path):
         (root / folder).mkdir(parents=True)
     replicas.write_colour_video(root / "original_videos" / "c.mp4")
     (root / "dataset.json").write_text(json.dumps({"original_videos/c.mp4": {"label": "real", "set": "test"}}))
-    prepare(f"dfdcp:{root}", tmp_path / "out", options={"frames": 2, "margin": 0.5})
+    prepare(PrepareOptions(source=f"dfdcp:{root}", out=str(tmp_path / "out"), options={"frames": 2, "margin": 0.5}))
     (sample, _) = _samples(tmp_path / "out", "test")
     crop = np.asarray(Image.open(io.BytesIO(sample["png"])), dtype=float)
     assert crop.shape == (256, 256, 3)  # the benchmark datasets' size

@@ -27,7 +27,7 @@ from scale_setup import (
 from deepfake_dist.config import Config, DataConfig, TrainConfig
 from deepfake_dist.engine.runtime import _fill_deepspeed_config
 from deepfake_dist.errors import UserError
-from deepfake_dist.exported import load_exported
+from deepfake_dist.models.exported import load_exported
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="DeepSpeed is not installed (pip install 'deepfake_dist[deepspeed]')")

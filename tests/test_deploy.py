@@ -15,6 +15,7 @@ from deepfake_dist.cli import main
 from deepfake_dist.deploy.prune import parameter_counts, prunable, prune_model, sparsity
 from deepfake_dist.errors import UserError
 from deepfake_dist.models import create_model
+from deepfake_dist.options import CompressOptions
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +58,7 @@ def int8_report(deploy_run, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("int8")
     with one_thread():
-        return compress(deploy_run, out, quantize="int8", calibration_batches=4), out
+        return compress(CompressOptions(checkpoint=deploy_run, out=out, quantize="int8", calibration_batches=4)), out
 
 
 def test_int8_quantizes_the_convolutions_and_keeps_accuracy(int8_report, deploy_run):
@@ -138,7 +139,7 @@ def test_compress_cli_prunes_fine_tunes_and_writes_the_table(deploy_run, tmp_pat
     assert "| original |" in (out / "compress.md").read_text()
     assert "original" in capsys.readouterr().out
     # the fine-tuned model went through the normal trainer and is an ordinary exported model
-    from deepfake_dist.exported import load_exported
+    from deepfake_dist.models.exported import load_exported
 
     model, info = load_exported(out)
     assert info["compression"]["finetune_epochs"] == 1
@@ -152,8 +153,8 @@ def test_compress_needs_a_step(deploy_run, tmp_path):
 
 def test_onnx_export_matches_pytorch_on_real_test_images(deploy_run, deploy_shards, tmp_path):
     from deepfake_dist.deploy.onnx_export import load_onnx
-    from deepfake_dist.exported import load_exported
-    from deepfake_dist.inference import model_input
+    from deepfake_dist.deploy.scorer import model_input
+    from deepfake_dist.models.exported import load_exported
 
     path = tmp_path / "model.onnx"
     assert main(["export", "--checkpoint", str(deploy_run), "--onnx", str(path)]) == 0

@@ -53,8 +53,8 @@ def test_a_teacher_that_does_not_fit_is_refused_before_the_run_starts(teacher, e
 def _test_auroc(run, shards) -> float:
     from deepfake_dist.data.loader import EvalOptions, eval_loader
     from deepfake_dist.deploy.compress import score
-    from deepfake_dist.exported import load_exported
     from deepfake_dist.engine.metrics import binary_metrics
+    from deepfake_dist.models.exported import load_exported
 
     model, _ = load_exported(run)
     cfg = detector_config(shards, run.parent, "eval")

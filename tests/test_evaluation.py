@@ -22,7 +22,8 @@ from deepfake_dist.evaluation import evaluate
 from deepfake_dist.evaluation import metrics as M
 from deepfake_dist.evaluation.compare import COLUMNS, comparison_table
 from deepfake_dist.evaluation.robustness import PERTURBATIONS
-from deepfake_dist.exported import load_exported, load_info
+from deepfake_dist.models.exported import load_exported, load_info
+from deepfake_dist.options import EvaluateOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -169,11 +170,11 @@ def test_robustness_and_comparison_tables(evaluated):
 
 def test_bad_input_is_one_line_user_error(detectors, eval_sets, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        evaluate(detectors[:1], [str(tmp_path / "missing")], out=tmp_path / "o")
+        evaluate(EvaluateOptions(checkpoints=detectors[:1], data=[str(tmp_path / "missing")], out=tmp_path / "o"))
     with pytest.raises(UserError, match="expected one of"):
-        evaluate(detectors[:1], eval_sets["data"], split="testing", out=tmp_path / "o")
+        evaluate(EvaluateOptions(checkpoints=detectors[:1], data=eval_sets["data"], split="testing", out=tmp_path / "o"))
     with pytest.raises(UserError, match="not found"):
-        evaluate([str(tmp_path)], eval_sets["data"], out=tmp_path / "o")
+        evaluate(EvaluateOptions(checkpoints=[str(tmp_path)], data=eval_sets["data"], out=tmp_path / "o"))
 
 
 def _free_port() -> int:

@@ -21,9 +21,10 @@ from deepfake_dist.engine.runtime import make_accelerator
 from deepfake_dist.engine.step import NONFINITE
 from deepfake_dist.engine.tracking import read_jsonl
 from deepfake_dist.errors import UserError
-from deepfake_dist.exported import load_exported
-from deepfake_dist.fidelity import INCEPTION_FILE, Fidelity, find_inception_weights
+from deepfake_dist.evaluation.fidelity import INCEPTION_FILE, Fidelity, find_inception_weights
 from deepfake_dist.models import create_model
+from deepfake_dist.models.exported import load_exported
+from deepfake_dist.options import PrepareOptions
 from deepfake_dist.tasks import create_task, task_class
 from deepfake_dist.tasks.gan import GANTask
 from deepfake_dist.train.loop import train
@@ -90,7 +91,7 @@ def test_gan_resume_continues_at_the_saved_step_with_the_same_ema(real_face_shar
 
 def test_conditional_gan_reads_its_label_from_the_sample_json(celeba_folder, tmp_path):
     shards = tmp_path / "celeba_shards"
-    prepare(f"celeba:{celeba_folder}", shards, resolution=32, shard_size=2)
+    prepare(PrepareOptions(source=f"celeba:{celeba_folder}", out=shards, resolution=32, shard_size=2))
     overrides = tiny_gan(shards, tmp_path, "cgan", steps=2, **{"data.batch_size": 2, "gan.condition": "attributes.Smiling"})
     cfg = load_config(CONFIGS / "cdcgan.yaml", overrides)
     train(cfg)

@@ -16,6 +16,7 @@ from deepfake_dist.data.imageio import decode
 from deepfake_dist.data.manifest import file_sha256, load_manifest, shard_urls, verify
 from deepfake_dist.errors import UserError
 from deepfake_dist.generate import generate
+from deepfake_dist.options import GenerateOptions
 
 
 def read_set(set_dir) -> dict[str, tuple]:
@@ -30,7 +31,7 @@ def read_set(set_dir) -> dict[str, tuple]:
 
 
 def test_generate_writes_exactly_n_fakes_with_a_manifest(gan_run, tmp_path):
-    manifest = generate(gan_run, 23, tmp_path / "fake", shard_size=5)
+    manifest = generate(GenerateOptions(checkpoint=gan_run, num_images=23, out=tmp_path / "fake", shard_size=5))
     samples = read_set(tmp_path / "fake")
     assert set(samples) == {f"tinygan-{i:06d}" for i in range(23)}
     assert verify(tmp_path / "fake") == []
@@ -47,22 +48,23 @@ def test_generate_writes_exactly_n_fakes_with_a_manifest(gan_run, tmp_path):
 
 
 def test_png_files_and_the_truncation_trick(gan_run, tmp_path):
-    result = generate(gan_run, 5, tmp_path / "plain", fmt="png")
-    truncated = generate(gan_run, 5, tmp_path / "trunc", fmt="png", truncation=0.5)
+    result = generate(GenerateOptions(checkpoint=gan_run, num_images=5, out=tmp_path / "plain", format="png"))
+    truncated = generate(GenerateOptions(checkpoint=gan_run, num_images=5, out=tmp_path / "trunc", format="png", truncation=0.5))
     names = sorted(p.name for p in (tmp_path / "plain").iterdir())
     assert names == [f"tinygan-{i:06d}.png" for i in range(5)] and result["images"] == 5
     assert truncated["images"] == 5
     a = np.asarray(Image.open(tmp_path / "plain" / names[0]))
     b = np.asarray(Image.open(tmp_path / "trunc" / names[0]))
     assert a.shape == b.shape == (32, 32) and not np.array_equal(a, b)
-    again = generate(gan_run, 1, tmp_path / "again", fmt="png")  # image i depends only on (seed, i)
+    # image i depends only on (seed, i)
+    again = generate(GenerateOptions(checkpoint=gan_run, num_images=1, out=tmp_path / "again", format="png"))
     assert again["images"] == 1
     assert np.array_equal(a, np.asarray(Image.open(tmp_path / "again" / names[0])))
 
 
 @pytest.mark.slow
 def test_two_ranks_write_the_same_n_images_as_one(gan_run, tmp_path):
-    generate(gan_run, 37, tmp_path / "one", shard_size=5)
+    generate(GenerateOptions(checkpoint=gan_run, num_images=37, out=tmp_path / "one", shard_size=5))
     result = launch(["-m", "deepfake_dist", "generate", "--checkpoint", str(gan_run), "--num-images", "37",
                      "--out", str(tmp_path / "two"), "--shard-size", "5"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -78,10 +80,10 @@ def test_two_ranks_write_the_same_n_images_as_one(gan_run, tmp_path):
 
 def test_bad_generate_input_is_one_clear_line(gan_run, tmp_path, smoke_config):
     with pytest.raises(UserError, match="--num-images 0"):
-        generate(gan_run, 0, tmp_path / "x")
+        generate(GenerateOptions(checkpoint=gan_run, num_images=0, out=tmp_path / "x"))
     with pytest.raises(UserError, match="generator.safetensors not found"):
-        generate(tmp_path, 3, tmp_path / "x")
-    generate(gan_run, 2, tmp_path / "set", shard_size=5)
+        generate(GenerateOptions(checkpoint=tmp_path, num_images=3, out=tmp_path / "x"))
+    generate(GenerateOptions(checkpoint=gan_run, num_images=2, out=tmp_path / "set", shard_size=5))
     with pytest.raises(UserError, match="is not empty; pass --overwrite"):
-        generate(gan_run, 2, tmp_path / "set")
+        generate(GenerateOptions(checkpoint=gan_run, num_images=2, out=tmp_path / "set"))
     assert len(read_set(tmp_path / "set")) == 2

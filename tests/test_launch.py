@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from scale_setup import free_port
 
 from deepfake_dist.engine.tracking import read_jsonl
-from deepfake_dist.exported import load_exported
+from deepfake_dist.models.exported import load_exported
 from deepfake_dist.train.checkpoint import complete_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent

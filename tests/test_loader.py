@@ -31,6 +31,7 @@ from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.data.prepare import prepare
 from deepfake_dist.data.tarstream import tar_samples
 from deepfake_dist.errors import UserError
+from deepfake_dist.options import PrepareOptions
 
 
 def _data(sets, **kw) -> DataConfig:
@@ -50,7 +51,7 @@ def test_ranks_get_equal_batches_over_uneven_shards(tmp_path, face_shards):
     # a second set with a different number of shards and samples than face_shards
     folder = write_face_folder(tmp_path / "odd", 23, 0)
     odd = tmp_path / "odd_shards"
-    prepare(f"folder:{folder}", odd, resolution=32, fmt="png", shard_size=7)
+    prepare(PrepareOptions(source=f"folder:{folder}", out=odd, resolution=32, format="png", shard_size=7))
     shards = [s["samples"] for s in load_manifest(odd)["shards"] if s["split"] == "train"]
     assert len(set(shards)) > 1  # really uneven
     for workers in (0, 2):

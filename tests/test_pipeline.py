@@ -14,7 +14,9 @@ from gen_setup import ROOT
 
 from deepfake_dist.data.manifest import load_manifest
 from deepfake_dist.errors import UserError
-from deepfake_dist.pipeline import is_pipeline, load_pipeline, run_pipeline
+from deepfake_dist.cli import main
+from deepfake_dist.config import read_yaml
+from deepfake_dist.pipeline import experiment_kind, load_pipeline, run_pipeline
 
 
 def write(tmp_path, stages, **top) -> str:
@@ -28,18 +30,18 @@ def test_finished_stages_are_skipped_and_changed_ones_rebuilt(tmp_path, gan_run,
     stages = [{"prepare": {"source": "builtin:lfw", "out": "${root}/lfw", "resolution": 16, "shard_size": 50}},
               {"generate": {"checkpoint": str(gan_run), "num_images": "${n}", "out": "${root}/fake", "shard_size": 4}}]
     path = write(tmp_path, stages, vars={"root": str(tmp_path), "n": 6})
-    assert is_pipeline(path) and run_pipeline(path) == 0
+    assert run_pipeline(load_pipeline(path)) == 0
     real_id, fake = load_manifest(tmp_path / "lfw")["id"], load_manifest(tmp_path / "fake")
     assert sum(fake["counts"][s]["fake"] for s in fake["counts"]) == 6
     stamp = json.loads((tmp_path / "stamps" / "01-generate.json").read_text())
     assert stamp["status"] == "done" and stamp["inputs"] == {str(gan_run): fake["generator"]["weights_sha256"]}
     capsys.readouterr()
 
-    assert run_pipeline(path) == 0  # nothing changed: nothing runs
+    assert main(["run", path]) == 0  # nothing changed: nothing runs
     out = capsys.readouterr().err
     assert out.count("up to date, skipped") == 2
 
-    assert run_pipeline(path, ["vars.n=7"]) == 0  # only the stage that reads n runs again
+    assert main(["run", path, "vars.n=7"]) == 0  # only the stage that reads n runs again
     out = capsys.readouterr().err
     assert "[0] prepare: up to date, skipped" in out and "[1] generate: running" in out
     assert load_manifest(tmp_path / "lfw")["id"] == real_id
@@ -47,7 +49,7 @@ def test_finished_stages_are_skipped_and_changed_ones_rebuilt(tmp_path, gan_run,
     assert sum(fake["counts"][s]["fake"] for s in fake["counts"]) == 7
 
     (tmp_path / "fake" / "manifest.json").unlink()  # an output went missing: the stage runs again
-    assert run_pipeline(path, ["vars.n=7"]) == 0
+    assert run_pipeline(load_pipeline(path, ["vars.n=7"])) == 0
     assert "[1] generate: running" in capsys.readouterr().err
     assert load_manifest(tmp_path / "fake")["id"] == fake["id"]
 
@@ -57,7 +59,7 @@ def test_outputs_the_pipeline_did_not_write_are_left_alone(tmp_path):
     (tmp_path / "lfw" / "mine.txt").write_text("precious")
     path = write(tmp_path, [{"prepare": {"source": "builtin:lfw", "out": "${root}/lfw"}}])
     with pytest.raises(UserError, match="lfw exists but this pipeline did not write it"):
-        run_pipeline(path)
+        run_pipeline(load_pipeline(path))
     assert (tmp_path / "lfw" / "mine.txt").read_text() == "precious"
 
 
@@ -70,7 +72,30 @@ def test_outputs_the_pipeline_did_not_write_are_left_alone(tmp_path):
 ])
 def test_bad_pipelines_are_one_clear_line(tmp_path, stages, message):
     with pytest.raises(UserError, match=message):
-        run_pipeline(write(tmp_path, stages))
+        run_pipeline(load_pipeline(write(tmp_path, stages)))
+
+
+def test_a_yaml_file_is_a_training_config_a_pipeline_or_neither(tmp_path, capsys):
+    """Decided once, from the parsed file's top-level keys: ``train --config`` runs either kind,
+    ``run`` only pipelines, and a file that is neither (or not YAML) is one line, not a guess."""
+    pipeline, config = write(tmp_path, [{"compare": {}}]), ROOT / "configs" / "smoke.yaml"
+    assert experiment_kind(read_yaml(pipeline), pipeline) == "pipeline"
+    assert experiment_kind(read_yaml(config), config) == "config"
+    (tmp_path / "neither.yaml").write_text("stagse: []\n")
+    (tmp_path / "broken.yaml").write_text("stages: [\n")
+    neither, broken = str(tmp_path / "neither.yaml"), str(tmp_path / "broken.yaml")
+    for argv, message in (
+        (["train", "--config", neither], "neither a training config nor a pipeline: unknown key 'stagse' "
+                                         "(did you mean 'stages'?)"),
+        (["run", neither], "neither a training config nor a pipeline"),
+        (["run", str(config)], "a training config, not a pipeline (it has no 'stages:' list); train it with "
+                               f"deepfake-dist train --config {config}"),
+        (["train", "--config", pipeline, "--epochs", "2"], f"--epochs applies to one training config; {pipeline}"),
+        (["train", "--config", broken], "not valid YAML"),
+        (["run", broken], "not valid YAML"),
+    ):
+        assert main(argv) == 2, argv
+        assert message in " ".join(capsys.readouterr().err.split()), argv
 
 
 def test_quickstart_is_a_pipeline_of_every_stage_kind():

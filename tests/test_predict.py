@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from deepfake_dist.cli import main
-from deepfake_dist.exported import load_info
+from deepfake_dist.models.exported import load_info
 
 
 def _predict(capsys, *args) -> tuple[int, list[dict]]:

@@ -13,6 +13,8 @@ import pytest
 from deploy_setup import live_server, one_thread
 from PIL import Image
 
+from deepfake_dist.options import ExportOptions, ServeOptions
+
 TOKEN = "s3cret-token"
 MAX_BYTES = 200_000
 MAX_PIXELS = 1_000_000
@@ -22,7 +24,8 @@ MAX_PIXELS = 1_000_000
 def server(deploy_run):
     from deepfake_dist.serve.app import create_app
 
-    with one_thread(), live_server(create_app(deploy_run, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS)) as url:
+    with one_thread(), live_server(create_app(ServeOptions(checkpoint=deploy_run, max_bytes=MAX_BYTES,
+                                                           max_pixels=MAX_PIXELS))) as url:
         yield url
 
 
@@ -160,7 +163,7 @@ def test_bearer_token_is_enforced(deploy_run, deploy_shards):
     from deepfake_dist.serve.app import create_app
 
     name, data = _test_images(deploy_shards[1], "real", 1)[0]
-    with one_thread(), live_server(create_app(deploy_run, token=TOKEN)) as url:
+    with one_thread(), live_server(create_app(ServeOptions(checkpoint=deploy_run, token=TOKEN))) as url:
         files = {"file": (name, data, "image/png")}
         assert httpx.post(f"{url}/v1/detect", files=files).status_code == 401
         wrong = httpx.post(f"{url}/v1/detect", files=files, headers={"Authorization": "Bearer nope"})
@@ -178,7 +181,7 @@ def test_face_crop_is_reported(deploy_run):
 
     portrait = _png(Image.fromarray(astronaut()))
     blank = _png(Image.new("RGB", (64, 64), (120, 120, 120)))
-    with one_thread(), live_server(create_app(deploy_run, face_crop=True)) as url:
+    with one_thread(), live_server(create_app(ServeOptions(checkpoint=deploy_run, face_crop=True))) as url:
         face = _detect(url, "astronaut.png", portrait).json()["face"]
         assert face["detected"] and face["faces"] >= 1
         x, y, w, h = face["box"]
@@ -190,11 +193,11 @@ def test_onnx_backend_gives_the_pytorch_answers(deploy_run, deploy_shards, tmp_p
     from deepfake_dist.deploy.onnx_export import export_onnx
     from deepfake_dist.serve.app import create_app
 
-    export_onnx(deploy_run, tmp_path / "model.onnx")
+    export_onnx(ExportOptions(checkpoint=deploy_run, onnx=tmp_path / "model.onnx"))
     images = _test_images(deploy_shards[1], "fake", 2) + _test_images(deploy_shards[1], "real", 2)
     files = [("files", (n, d, "image/png")) for n, d in images]
-    with one_thread(), live_server(create_app(deploy_run)) as torch_url, \
-            live_server(create_app(tmp_path / "model.onnx", onnx=True)) as onnx_url:
+    with one_thread(), live_server(create_app(ServeOptions(checkpoint=deploy_run))) as torch_url, \
+            live_server(create_app(ServeOptions(checkpoint=tmp_path / "model.onnx", onnx=True))) as onnx_url:
         expected = [r["fake_probability"] for r in httpx.post(f"{torch_url}/v1/detect/batch", files=files).json()["results"]]
         got = [r["fake_probability"] for r in httpx.post(f"{onnx_url}/v1/detect/batch", files=files).json()["results"]]
         assert httpx.get(f"{onnx_url}/v1/model").json()["backend"] == "onnxruntime"

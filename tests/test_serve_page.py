@@ -7,6 +7,8 @@ import shutil
 import pytest
 from deploy_setup import live_server, one_thread
 
+from deepfake_dist.options import ServeOptions
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -21,7 +23,7 @@ def test_page_shows_probability_and_gradcam_overlay(deploy_run, deploy_shards, t
     from deepfake_dist.serve.app import create_app
 
     image = max((deploy_shards[1] / label).glob("*.png"))
-    with one_thread(), live_server(create_app(deploy_run)) as url, sync_playwright() as p:
+    with one_thread(), live_server(create_app(ServeOptions(checkpoint=deploy_run))) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()

@@ -24,6 +24,7 @@ from deepfake_dist.data.manifest import info_table, load_manifest, shard_urls, s
 from deepfake_dist.data.prepare import prepare
 from deepfake_dist.data.sources import open_source
 from deepfake_dist.errors import UserError
+from deepfake_dist.options import PrepareOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,8 @@ def label_counts(samples, split: str) -> dict[str, int]:
 
 def test_folder_real_fake_layout_split_by_fractions(face_folder, tmp_path):
     out = tmp_path / "set"
-    manifest = prepare(f"folder:{face_folder}", out, resolution=32, shard_size=4, split=(0.5, 0.25, 0.25))
+    manifest = prepare(PrepareOptions(source=f"folder:{face_folder}", out=out, resolution=32, shard_size=4,
+                                      split=(0.5, 0.25, 0.25)))
     samples = read_set(out)
     # 12 real + 8 fake, split per label: real 6/3/3, fake 4/2/2
     assert manifest["counts"] == {
@@ -79,7 +81,7 @@ def test_folder_real_fake_layout_split_by_fractions(face_folder, tmp_path):
 
 def test_folder_fixed_split_layout(split_face_folder, split_face_counts, tmp_path):
     out = tmp_path / "set"
-    manifest = prepare(f"folder:{split_face_folder}", out, resolution=16, fmt="png", shard_size=3)
+    manifest = prepare(PrepareOptions(source=f"folder:{split_face_folder}", out=out, resolution=16, format="png", shard_size=3))
     samples = read_set(out)
     for split in SPLITS:
         expected = {label: split_face_counts[(split, label)] for label in ("real", "fake")}
@@ -94,9 +96,10 @@ def test_folder_fixed_split_layout(split_face_folder, split_face_counts, tmp_pat
 
 def test_flat_folder_needs_label(flat_face_folder, tmp_path):
     with pytest.raises(UserError, match="--label real or --label fake"):
-        prepare(f"folder:{flat_face_folder}", tmp_path / "set")
+        prepare(PrepareOptions(source=f"folder:{flat_face_folder}", out=tmp_path / "set"))
     assert not (tmp_path / "set").exists()
-    manifest = prepare(f"folder:{flat_face_folder}", tmp_path / "set", label="fake", split="1,0,0", resolution=16)
+    manifest = prepare(PrepareOptions(source=f"folder:{flat_face_folder}", out=tmp_path / "set", label="fake",
+                                      split="1,0,0", resolution=16))
     assert manifest["counts"]["train"] == {"real": 0, "fake": 6, "total": 6}
     assert all(label == 1 for _, label, _, _ in read_set(tmp_path / "set").values())
 
@@ -105,7 +108,7 @@ def test_builtin_lfw_is_100_grey_real_faces(tmp_path):
     from skimage.data import lfw_subset
 
     out = tmp_path / "lfw"
-    manifest = prepare("builtin:lfw", out, shard_size=40)
+    manifest = prepare(PrepareOptions(source="builtin:lfw", out=out, shard_size=40))
     assert manifest["counts"] == {
         "train": {"real": 80, "fake": 0, "total": 80},
         "val": {"real": 10, "fake": 0, "total": 10},
@@ -123,7 +126,8 @@ def test_builtin_lfw_is_100_grey_real_faces(tmp_path):
 
 def test_celeba_uses_official_split_and_attributes(celeba_folder, tmp_path):
     out = tmp_path / "celeba_set"
-    manifest = prepare(f"celeba:{celeba_folder}", out, resolution=32, split=(1, 0, 0))  # split ignored: official
+    # the split given is ignored: CelebA has an official one
+    manifest = prepare(PrepareOptions(source=f"celeba:{celeba_folder}", out=out, resolution=32, split=(1, 0, 0)))
     assert {s: manifest["counts"][s]["total"] for s in SPLITS} == {"train": 4, "val": 3, "test": 2}
     samples = read_set(out)
     assert sorted(k for k, v in samples.items() if v[0] == "val") == ["celeba-000005", "celeba-000006", "celeba-000007"]
@@ -139,7 +143,7 @@ def test_celeba_uses_official_split_and_attributes(celeba_folder, tmp_path):
 def test_celeba_missing_partition_file_is_named(celeba_folder, tmp_path):
     (celeba_folder / "list_eval_partition.txt").unlink()
     with pytest.raises(UserError, match="list_eval_partition.txt"):
-        prepare(f"celeba:{celeba_folder}", tmp_path / "set")
+        prepare(PrepareOptions(source=f"celeba:{celeba_folder}", out=tmp_path / "set"))
 
 
 @pytest.mark.parametrize(
@@ -149,17 +153,17 @@ def test_celeba_missing_partition_file_is_named(celeba_folder, tmp_path):
 )
 def test_bad_source_specs(spec, message, tmp_path):
     with pytest.raises(UserError, match=message):
-        prepare(spec, tmp_path / "set")
+        prepare(PrepareOptions(source=spec, out=tmp_path / "set"))
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"split": "0.8,0.3,0.1"}, "--split"), ({"fmt": "gif"}, "--format"), ({"workers": 0}, "--workers"),
+    [({"split": "0.8,0.3,0.1"}, "--split"), ({"format": "gif"}, "--format"), ({"workers": 0}, "--workers"),
      ({"label": "fakes"}, "--label")],
 )
 def test_bad_arguments(kwargs, message, tmp_path):
     with pytest.raises(UserError, match=message):
-        prepare("builtin:lfw", tmp_path / "set", **kwargs)
+        prepare(PrepareOptions(source="builtin:lfw", out=tmp_path / "set", **kwargs))
 
 
 # ---------------------------------------------------------------------------------- manifest
@@ -167,7 +171,8 @@ def test_bad_arguments(kwargs, message, tmp_path):
 
 def test_manifest_matches_files(face_folder, tmp_path):
     out = tmp_path / "set"
-    manifest = prepare(f"folder:{face_folder}", out, resolution=16, shard_size=3, fmt="jpg", command="deepfake-dist prepare x")
+    manifest = prepare(PrepareOptions(source=f"folder:{face_folder}", out=out, resolution=16, shard_size=3,
+                                      format="jpg"), command="deepfake-dist prepare x")
     assert sorted(p.name for p in out.iterdir()) == sorted([s["file"] for s in manifest["shards"]] + ["manifest.json"])
     for shard in manifest["shards"]:
         data = (out / shard["file"]).read_bytes()
@@ -205,7 +210,7 @@ def test_corrupt_inputs_are_skipped_and_named(face_folder, tmp_path):
     (face_folder / "real" / "broken.jpg").write_bytes(good[: len(good) // 2])  # truncated JPEG
     (face_folder / "fake" / "notes.jpg").write_text("not an image")
     out = tmp_path / "set"
-    manifest = prepare(f"folder:{face_folder}", out, resolution=16, shard_size=4)
+    manifest = prepare(PrepareOptions(source=f"folder:{face_folder}", out=out, resolution=16, shard_size=4))
     skipped = {Path(s["input"]).name: s["reason"] for s in manifest["skipped"]}
     assert sorted(skipped) == ["broken.jpg", "notes.jpg"]
     assert "truncated" in skipped["broken.jpg"].lower() and "cannot identify" in skipped["notes.jpg"]
@@ -220,7 +225,7 @@ def test_corrupt_inputs_are_skipped_and_named(face_folder, tmp_path):
 @pytest.fixture
 def lfw_set(tmp_path) -> Path:
     out = tmp_path / "lfw"
-    prepare("builtin:lfw", out, resolution=16, shard_size=25)
+    prepare(PrepareOptions(source="builtin:lfw", out=out, resolution=16, shard_size=25))
     return out
 
 
@@ -248,10 +253,10 @@ def test_verify_names_a_removed_and_an_unlisted_shard(lfw_set):
 def test_rerun_needs_overwrite(lfw_set):
     before = load_manifest(lfw_set)
     with pytest.raises(UserError, match="--overwrite"):
-        prepare("builtin:lfw", lfw_set)
+        prepare(PrepareOptions(source="builtin:lfw", out=lfw_set))
     assert load_manifest(lfw_set) == before and verify(lfw_set) == []  # untouched
     (lfw_set / "notes.txt").write_text("mine")
-    manifest = prepare("builtin:lfw", lfw_set, resolution=16, shard_size=100, overwrite=True)
+    manifest = prepare(PrepareOptions(source="builtin:lfw", out=lfw_set, resolution=16, shard_size=100, overwrite=True))
     assert len(manifest["shards"]) == 3  # the old 6 shards are gone, not mixed in
     assert verify(lfw_set) == []
     assert (lfw_set / "notes.txt").read_text() == "mine"  # only prepare's own files are replaced
@@ -262,8 +267,8 @@ def test_rerun_needs_overwrite(lfw_set):
 
 @pytest.mark.slow
 def test_two_workers_write_the_same_set_as_one(face_folder, tmp_path):
-    one = prepare(f"folder:{face_folder}", tmp_path / "one", resolution=16, shard_size=3)
-    two = prepare(f"folder:{face_folder}", tmp_path / "two", resolution=16, shard_size=3, workers=2)
+    one = prepare(PrepareOptions(source=f"folder:{face_folder}", out=tmp_path / "one", resolution=16, shard_size=3))
+    two = prepare(PrepareOptions(source=f"folder:{face_folder}", out=tmp_path / "two", resolution=16, shard_size=3, workers=2))
     a, b = read_set(tmp_path / "one"), read_set(tmp_path / "two")
     assert a.keys() == b.keys() and len(a) == 20
     for key in a:
@@ -297,7 +302,7 @@ def test_two_ranks_under_accelerate_launch_match_one_process(face_folder, tmp_pa
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = load_manifest(tmp_path / "ranks")
-    single = prepare(f"folder:{face_folder}", tmp_path / "single", shard_size=3)
+    single = prepare(PrepareOptions(source=f"folder:{face_folder}", out=tmp_path / "single", shard_size=3))
     assert ranks["created"]["world_size"] == 2
     assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == [
         f"rank 0 id {ranks['id']}", f"rank 1 id {ranks['id']}"]  # every rank got the manifest back

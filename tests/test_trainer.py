@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from deepfake_dist.config import load_config
 from deepfake_dist.engine.tracking import read_jsonl
-from deepfake_dist.exported import load_exported
+from deepfake_dist.models.exported import load_exported
 from deepfake_dist.train.checkpoint import complete_checkpoints
 from deepfake_dist.train.loop import train
 from deepfake_dist.train.state import RunState

@@ -24,10 +24,11 @@ from deepfake_dist.data.prepare import prepare
 from deepfake_dist.data.transforms import TrainAugment
 from deepfake_dist.errors import UserError
 from deepfake_dist.evaluation.metrics import detection_metrics
+from deepfake_dist.evaluation.predictions import Predictions
 from deepfake_dist.evaluation.video import video_predictions
-from deepfake_dist.exported import load_exported
 from deepfake_dist.models import create_model
-from deepfake_dist.predictions import Predictions
+from deepfake_dist.models.exported import load_exported
+from deepfake_dist.options import EvaluateOptions, PrepareOptions
 from deepfake_dist.train.loop import train
 
 cv2 = pytest.importorskip("cv2", reason="videos need the video extra (opencv-python-headless<5)")
@@ -54,7 +55,7 @@ def videos(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def clip_set(videos, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "clips"
-    prepare(f"videos:{videos}", out, resolution=32, shard_size=2, split="0.5,0.25,0.25", options=CLIP)
+    prepare(PrepareOptions(source=f"videos:{videos}", out=out, resolution=32, shard_size=2, split="0.5,0.25,0.25", options=CLIP))
     return out
 
 
@@ -133,7 +134,7 @@ def test_videos_without_face_or_unreadable_are_skipped_and_counted(tmp_path):
     write_video(root / "real" / "short.mp4", frames=5, seed=2)
     write_video(root / "fake" / "good.mp4", fake=True, seed=3)
     (root / "fake" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
-    manifest = prepare(f"videos:{root}", tmp_path / "out", resolution=32, split="1,0,0", options=CLIP)
+    manifest = prepare(PrepareOptions(source=f"videos:{root}", out=tmp_path / "out", resolution=32, split="1,0,0", options=CLIP))
     reasons = {Path(s["input"]).relative_to(root).as_posix(): s["reason"] for s in manifest["skipped"]}
     assert set(reasons) == {"real/noface.mp4", "real/short.mp4", "fake/corrupt.mp4"}
     assert "no face" in reasons["real/noface.mp4"] and "too short" in reasons["real/short.mp4"]
@@ -154,7 +155,8 @@ def test_frame_level_set_from_a_csv(videos, tmp_path):
     listing = tmp_path / "videos.csv"
     listing.write_text(f"path,label,split\n{videos}/real/r0.mp4,real,train\n{videos}/fake/swap/f0.mp4,fake,train\n"
                        f"{videos}/real/r1.mp4,real,test\nmissing.mp4,fake,test\n")
-    manifest = prepare(f"videos:{listing}", tmp_path / "frames", resolution=64, options=dict(CLIP, frame_level=True))
+    manifest = prepare(PrepareOptions(source=f"videos:{listing}", out=tmp_path / "frames", resolution=64,
+                                      options=dict(CLIP, frame_level=True)))
     assert manifest["frames"] is None and [s["reason"] for s in manifest["skipped"]] == [
         "listed in videos.csv line 5 but missing"]
     assert manifest["counts"]["train"]["total"] == 2 * 12 and manifest["counts"]["test"]["total"] == 12
@@ -180,17 +182,18 @@ def test_dnn_face_model_from_a_local_file(videos, tmp_path):
     onnx.save(model, tmp_path / "ssd.onnx")
     listing = tmp_path / "one.csv"
     listing.write_text(f"{videos}/real/r0.mp4,real,train\n")  # no header: path,label,split
-    manifest = prepare(f"videos:{listing}", tmp_path / "dnn", resolution=32,
-                       options=dict(CLIP, face_model=str(tmp_path / "ssd.onnx")))
+    manifest = prepare(PrepareOptions(source=f"videos:{listing}", out=tmp_path / "dnn", resolution=32,
+                                      options=dict(CLIP, face_model=str(tmp_path / "ssd.onnx"))))
     assert manifest["preprocessing"]["video"]["face_detector"]["kind"] == "dnn"
     meta = json.loads(_samples(tmp_path / "dnn")["train"][0]["json"])
     assert meta["boxes"][0] == [40.0, 30.0, 40.0, 60.0]  # the model's box on a 160x120 frame
 
     (tmp_path / "bad.onnx").write_bytes(b"not a network")
     with pytest.raises(UserError, match="--face-model .*bad.onnx"):
-        prepare(f"videos:{listing}", tmp_path / "bad", options={"face_model": str(tmp_path / "bad.onnx")})
+        prepare(PrepareOptions(source=f"videos:{listing}", out=tmp_path / "bad",
+                               options={"face_model": str(tmp_path / "bad.onnx")}))
     with pytest.raises(UserError, match="--frames: only for .*videos:PATH"):
-        prepare(f"folder:{videos}", tmp_path / "folder", options={"frames": 4})
+        prepare(PrepareOptions(source=f"folder:{videos}", out=tmp_path / "folder", options={"frames": 4}))
 
 
 # ----------------------------------------------------------------------------- loader, models
@@ -224,8 +227,8 @@ def test_image_models_refuse_clips(clip_set, tmp_path):
 
 def test_vit_trains_at_64_pixels_on_video_frames(videos, tmp_path):
     frames = tmp_path / "frames"
-    prepare(f"videos:{videos}", frames, resolution=64, split="0.5,0.25,0.25",
-            options=dict(CLIP, frame_level=True, clips_per_video=1))
+    prepare(PrepareOptions(source=f"videos:{videos}", out=frames, resolution=64, split="0.5,0.25,0.25",
+                           options=dict(CLIP, frame_level=True, clips_per_video=1)))
     cfg = load_config(ROOT / "configs/vit.yaml", [
         f"data.train=[{frames}]", f"output_dir={tmp_path / 'runs'}", "wandb.mode=disabled", "model.depth=2",
         "model.dim=64", "model.heads=2", "data.batch_size=8", "data.num_workers=0", "train.max_steps=4",
@@ -282,8 +285,8 @@ def test_video_scores_pool_their_samples(tmp_path):
 def test_evaluate_reports_video_level_metrics(temporal_run, clip_set, tmp_path):
     from deepfake_dist.evaluation import evaluate
 
-    result = evaluate([str(temporal_run)], [str(clip_set)], out=tmp_path / "eval", robustness=False, explain=False,
-                      batch_size=4)
+    result = evaluate(EvaluateOptions(checkpoints=[str(temporal_run)], data=[str(clip_set)], out=tmp_path / "eval",
+                                      robustness=False, explain=False, batch_size=4))
     row = result["rows"][0]
     assert row["test_images"] == 2 * 3 and row["videos"] == 2 and row["video_aggregate"] == "mean"
     assert row["video_auroc"] is not None and 0 <= row["video_f1"] <= 1

@@ -2,8 +2,10 @@
 
 - ``common``: splits, labels and the records the others pass around (``Item``, ``ReadProblem``)
 - ``imageio``: image decode / crop / resize / encode, as ``prepare`` stores them
+- ``uploads``: untrusted image bytes (the server's uploads) -> a decoded image, checked first
 - ``manifest``: a shard set on disk (``manifest.json`` + tars): read, verify, describe
-- ``faces``: videos -> face crops (frame sampling, face detection, tracking, cropping)
+- ``faces``: videos -> face crops (frame sampling, face detection, tracking, cropping), and a
+  still image's largest face
 - ``sources``: where raw faces come from, one module per ``KIND:ARG`` kind, listed in ``SOURCES``
 - ``shard_writer``: plan a shard set and write it over workers x ranks, with its manifest
 - ``prepare``: the ``deepfake-dist prepare`` back end (a source -> a shard set)

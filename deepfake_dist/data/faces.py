@@ -1,7 +1,7 @@
 """Videos -> face crops: the frame and face pipeline. Every video source kind
 (``data.sources.videos``) cuts its videos with ``video_samples``, and scoring a video
 (``deepfake-dist predict``) with ``video_faces`` + ``cut_samples``, so inference sees what
-training saw; a still image's face is found with ``face_detector`` and ``crop_face``.
+training saw; a still image's face is found and cropped the same way (``largest_face``).
 
 A video yields several samples (``Expanded``): one per clip (K frames, members ``f000.<fmt>``,
 ``f001.<fmt>``, ... in time order) or, with ``frame_level``, one per frame.
@@ -32,6 +32,7 @@ A video that cannot be decoded, is too short for one clip or shows no face raise
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from deepfake_dist.data import imageio
 from deepfake_dist.data.common import Expanded, Sample
 from deepfake_dist.data.manifest import file_sha256, load_manifest
 from deepfake_dist.errors import UserError
+from deepfake_dist.options import option
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 SAMPLINGS = ("step", "uniform")
@@ -58,18 +61,21 @@ Box = tuple[float, float, float, float]  # x, y, w, h in frame pixels
 
 @dataclass(frozen=True)
 class VideoOptions:
-    """How clips are cut from a video; field names are ``deepfake-dist prepare``'s flags
-    (``clips_per_video`` -> ``--clips-per-video``). Recorded in the manifest."""
+    """How clips are cut from a video: a ``videos:`` source's options, ``deepfake-dist prepare``'s
+    flags (``clips_per_video`` -> ``--clips-per-video``) and a prepare stage's ``options``.
+    Recorded in the manifest."""
 
-    frames: int = 8  # K frames per clip
-    clips_per_video: int = 4  # N clips per video (fewer when the video is short)
-    frame_step: int = 2  # "step" sampling: every n-th frame
-    sampling: str = "step"  # "step" (consecutive, every n-th) | "uniform" (spread over the video)
-    margin: float = 0.15  # added on each side, as a fraction of the face box (0.15: a 1.3x crop)
-    face_model: str | None = None  # a local cv2.dnn face detector file; None: the Haar cascade
-    face_config: str | None = None  # its network description, when the model format needs one
-    frame_level: bool = False  # one sample per frame instead of one per clip
-    keep_short: bool = False  # a video shorter than one clip yields the frames it has (frame level only)
+    frames: int = option(8, "frames per clip")
+    clips_per_video: int = option(4, "clips per video, fewer when it is short")
+    frame_step: int = option(2, "n for --sampling step")
+    sampling: str = option("step", "step: consecutive frames, every n-th; uniform: spread over the video",
+                           choices=SAMPLINGS)
+    margin: float = option(0.15, "face crop margin on each side, fraction of the box")
+    face_model: str | None = option(None, "a local cv2.dnn SSD face detector (default: OpenCV's Haar cascade)")
+    face_config: str | None = option(None, "its network description, e.g. deploy.prototxt for Caffe")
+    frame_level: bool = option(False, "one sample per frame (for image detectors) instead of one per clip")
+    keep_short: bool = option(False, "a video shorter than one clip keeps the frames it has, listed in the "
+                                     "manifest (frame-level sets only)")
 
     def __post_init__(self):
         for name, low in (("frames", 1), ("clips_per_video", 1), ("frame_step", 1)):
@@ -352,6 +358,23 @@ def crop_face(rgb: np.ndarray, box: Box, margin: float) -> Image.Image:
     left, top = round(cx - side / 2), round(cy - side / 2)
     size = max(round(side), 1)
     return Image.fromarray(rgb).crop((left, top, left + size, top + size))
+
+
+STILL_MARGIN = 0.25  # of the face box, added on every side of a still image's face crop
+_STILL = threading.Lock()
+
+
+def largest_face(img: Image.Image, margin: float = STILL_MARGIN) -> tuple[Image.Image, dict]:
+    """A still image's largest face, found and cropped as a video's are (OpenCV's Haar cascade,
+    ``crop_face``), and what was found: ``{"detected", "faces", "box": [x, y, w, h]}``. With no
+    face the whole image comes back (``detected`` false), so the caller can still score it."""
+    rgb = np.asarray(imageio.to_mode(img, "RGB"))
+    with _STILL:  # the server calls this from many threads; OpenCV's detector is shared, not thread-safe
+        boxes = face_detector()(rgb)
+    if not boxes:
+        return img, {"detected": False, "faces": 0, "box": None}
+    box = max(boxes, key=lambda b: b[2] * b[3])
+    return crop_face(rgb, box, margin), {"detected": True, "faces": len(boxes), "box": [round(v) for v in box]}
 
 
 # --------------------------------------------------------------------------------- samples

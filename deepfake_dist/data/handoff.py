@@ -3,12 +3,11 @@ one of the worker's reusable shared-memory buffers (``HandOffRing``).
 
 ``default_collate`` in a worker stacks each hand-off into a new shared-memory file: the worker
 then takes a page fault for every 4 KiB it writes (the kernel finds and zeroes a page) and the
-training process one for every 4 KiB it reads, and both map and unmap the file, ~3 us a fault on
-the benchmark VM, 4% of the 2-worker loader's time (BENCHMARKS.md, loader). A ring of buffers
-mapped once by both sides pays that once per buffer. And every tensor that crosses the queue
-costs each side a file-descriptor hand-shake (~0.3 ms), so a hand-off (``HandOff``) carries its
-labels as a list and its images as a slot of the ring, the buffer itself only until the training
-process holds it.
+training process one for every 4 KiB it reads, and both map and unmap the file (BENCHMARKS.md,
+loader, has the cost). A ring of buffers mapped once by both sides pays that once per buffer.
+And every tensor that crosses the queue costs each side a file-descriptor hand-shake, so a
+hand-off (``HandOff``) carries its labels as a list and its images as a slot of the ring, the
+buffer itself only until the training process holds it.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ class Batch:
     @property
     def meta(self) -> list[dict]:
         """Each sample's json, parsed here: only evaluation and conditional GANs read it, and
-        parsing every sample in the workers cost the loader ~2 us a sample (BENCHMARKS.md, loader)."""
+        parsing every sample in the workers would slow every loader for them (BENCHMARKS.md, loader)."""
         parsed = []
         for key, raw in zip(self.key, self.meta_json):
             try:

@@ -22,8 +22,8 @@ clip tensor, so every frame of a clip gets the same random crop, flip, jitter, J
 
 Workers hand over uint8 images, stacked into shared-memory buffers they reuse and the training
 process keeps (``handoff.HandOffRing``); ``ShardLoader`` moves each batch to its device and
-scales and normalises it there (``transforms.Normalize``). Handing over float32, in new shared
-memory each time, cost a worker ~8% of its time in page faults (BENCHMARKS.md, loader).
+scales and normalises it there (``transforms.Normalize``): handing over float32, in new shared
+memory each time, spends a worker's time in page faults (BENCHMARKS.md, loader).
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ def _freeze_before_fork() -> None:
     """Python's ``gc.freeze`` recipe for processes that fork: collect, then move every object
     still alive out of the garbage collector's reach. Otherwise the first full collection in the
     training process (or a worker) writes to the header of every object the two share, which
-    copies its page: each worker came to hold ~90 MiB of private copies of the training
-    process's objects (BENCHMARKS.md, loader). Frozen objects are still freed when their count
+    copies its page, and each worker ends up holding private copies of the training process's
+    objects (BENCHMARKS.md, loader). Frozen objects are still freed when their count
     drops to zero; only reference cycles among them are never collected."""
     gc.collect()
     gc.freeze()
@@ -235,12 +235,12 @@ class TrainStream(IterableDataset):
 
     def _augment(self, items: list[tuple], epoch: int) -> list[tuple]:
         """Each image augmented with the CPU generator seeded from its key, inside one fork of
-        the generator for all (a fork per sample cost ~20 us, 3% of the sample's work)."""
+        the generator for all: a fork per sample adds its cost to every sample (BENCHMARKS.md, loader)."""
         augmented = []
         with torch.random.fork_rng(devices=[]):
             for image, label, key, meta in items:
                 # the CPU generator only: torch.manual_seed also queues a seed for every accelerator
-                # backend, recording a stack trace each time (~0.4-3 ms a sample, more than the decode)
+                # backend, recording a stack trace each time (dearer than the decode: BENCHMARKS.md, loader)
                 torch.default_generator.manual_seed(_seed(self.seed, epoch, key))
                 augmented.append((self.transform(image), label, key, meta))
         return augmented
@@ -288,7 +288,7 @@ def _started(groups: Iterator) -> Iterator:
     """``groups`` with its first item made now. A persistent worker makes the next epoch's first
     group at the end of a pass, while the training process still drains the groups prefetched
     from it; the next pass starts by handing it over (if that pass is for the epoch expected),
-    where every worker used to start decoding at once and the GPU waited (BENCHMARKS.md, gpu)."""
+    so the workers do not all start decoding at once while the GPU waits (BENCHMARKS.md, gpu)."""
     first = next(groups, None)
     return itertools.chain([] if first is None else [first], groups)
 

@@ -1,4 +1,4 @@
-"""The ``deepfake-dist prepare`` back end: a face source -> a shard set, ``prepare(source, out, ...)``.
+"""The ``deepfake-dist prepare`` back end: a face source -> a shard set, ``prepare(PrepareOptions(...))``.
 
 It checks the arguments, opens the source (``data.sources``), plans its inputs into shards and
 writes them with ``data.shard_writer`` (which describes the layout, its determinism and how
@@ -7,8 +7,8 @@ ranks and workers share the work), recording in the manifest every setting that 
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,56 +18,41 @@ from deepfake_dist.data.sources import open_source
 from deepfake_dist.data.sources.base import Source
 from deepfake_dist.engine.distributed import distributed_state
 from deepfake_dist.errors import UserError
+from deepfake_dist.options import PrepareOptions, command_line
 
 RESOLUTION, SHARD_SIZE = 64, 1000  # when neither the caller nor the source kind gives one
 
 
-def prepare(
-    source: str,
-    out: str | Path,
-    resolution: int | None = None,
-    fmt: str = "png",
-    shard_size: int | None = None,
-    split: Sequence[float] | str = (0.8, 0.1, 0.1),
-    workers: int = 1,
-    label: str | None = None,
-    overwrite: bool = False,
-    seed: int = 0,
-    quality: int = 95,
-    command: str | None = None,
-    progress: bool = False,
-    options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Shard ``source`` (``builtin:lfw``, ``celeba:PATH``, ``folder:PATH``, ``videos:PATH``) into ``out``.
+def prepare(opts: PrepareOptions, *, command: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Shard ``opts.source`` (``builtin:lfw``, ``celeba:PATH``, ``folder:PATH``, ``videos:PATH``)
+    into ``opts.out``.
 
     Call it on every rank (under ``accelerate launch`` each rank writes its part); every rank
     returns the manifest. ``label`` ("real"/"fake") is for a flat folder; ``split`` fractions
-    apply to items whose split the source does not fix; ``command`` is recorded in the manifest
-    (default: the equivalent ``deepfake-dist prepare`` command); ``progress`` shows a rich bar
-    on the main process; ``options`` are the source kind's own (``videos``: ``data.faces.VideoOptions``
-    fields, None values ignored). ``resolution`` and ``shard_size`` (inputs a shard) left ``None``
-    take the source kind's standard (256 px and 32 videos for the benchmark datasets), else 64
-    and 1000. Raises ``UserError`` for bad arguments, a bad source or a
+    apply to items whose split the source does not fix; ``options`` are the source kind's own
+    (``videos``: ``data.faces.VideoOptions`` fields, None values ignored). ``command`` is recorded
+    in the manifest (default: the equivalent ``deepfake-dist prepare`` command); ``progress`` shows
+    a rich bar on the main process. ``resolution`` and ``shard_size`` (inputs a shard) left
+    ``None`` take the source kind's standard (256 px and 32 videos for the benchmark datasets),
+    else 64 and 1000. Raises ``UserError`` for bad arguments, a bad source or a
     non-empty ``out`` without ``overwrite`` -- before any file is written.
     """
-    fmt = _check_args(fmt, resolution, shard_size, workers, quality)
-    fractions = parse_split(split)
-    out = Path(out)
+    fmt = _check_args(opts.format, opts.resolution, opts.shard_size, opts.workers, opts.quality)
+    fractions = parse_split(opts.split)
+    out = Path(opts.out)
     state = distributed_state()
-    writer = ShardSetWriter(out, overwrite, state, workers)
-    src = open_source(source, label, options)
-    resolution = resolution or src.resolution or RESOLUTION
-    shard_size = shard_size or src.shard_size or SHARD_SIZE
-    options = {k: v for k, v in (options or {}).items() if v is not None}
-    encoding = Encoding("L" if src.channels == 1 else "RGB", resolution, fmt, quality)
-    writer.write(writer.jobs(plan_shards(src.items, fractions, seed, shard_size), encoding), progress)
+    writer = ShardSetWriter(out, opts.overwrite, state, opts.workers)
+    src = open_source(opts.source, opts.label, opts.options)
+    given, opts = opts, replace(opts, resolution=opts.resolution or src.resolution or RESOLUTION,
+                                shard_size=opts.shard_size or src.shard_size or SHARD_SIZE)
+    encoding = Encoding("L" if src.channels == 1 else "RGB", opts.resolution, fmt, opts.quality)
+    writer.write(writer.jobs(plan_shards(src.items, fractions, opts.seed, opts.shard_size), encoding), progress)
     fields = None
-    if state.is_main_process:
-        command = command or _default_command(source=source, out=out, resolution=resolution, fmt=fmt,
-                                              shard_size=shard_size, split=fractions, workers=workers, seed=seed,
-                                              quality=quality, label=label, options=options)
-        fields = _manifest_fields(src, out, encoding, fractions, seed, shard_size, label,
-                                  created_info(command, workers, state.num_processes))
+    if state.is_main_process:  # the manifest records the command that makes this set again
+        used = {k: v for k, v in opts.options.items() if v is not None}
+        same = replace(given, format=fmt, split=fractions, options=used, overwrite=False)
+        created = created_info(command or command_line("prepare", same), opts.workers, state.num_processes)
+        fields = _manifest_fields(src, out, encoding, fractions, opts, created)
     return writer.finish(fields, src.skipped, len(src.items) + len(src.skipped))
 
 
@@ -85,8 +70,8 @@ def _check_args(fmt: str, resolution: int | None, shard_size: int | None, worker
     return fmt
 
 
-def _manifest_fields(src: Source, out: Path, encoding: Encoding, fractions: Sequence[float], seed: int,
-                     shard_size: int, label: str | None, created: dict[str, Any]) -> dict[str, Any]:
+def _manifest_fields(src: Source, out: Path, encoding: Encoding, fractions: Sequence[float], opts: PrepareOptions,
+                     created: dict[str, Any]) -> dict[str, Any]:
     """What the manifest records about a prepared set: every setting that made it."""
     jpg = encoding.fmt == "jpg"
     return {
@@ -103,25 +88,9 @@ def _manifest_fields(src: Source, out: Path, encoding: Encoding, fractions: Sequ
             "jpeg_subsampling": imageio.JPEG_SUBSAMPLING if jpg else None,
             **src.preprocessing,
         },
-        "split": {"fractions": list(fractions), "seed": seed,
+        "split": {"fractions": list(fractions), "seed": opts.seed,
                   "assigned_by_fractions": sum(1 for item in src.items if item.split is None)},
-        "shard_size": shard_size,
-        "label": label,
+        "shard_size": opts.shard_size,
+        "label": opts.label,
         "created": created,
     }
-
-
-def _default_command(**args: Any) -> str:
-    """The CLI command that makes this set, when the caller did not pass its own."""
-    parts = ["deepfake-dist", "prepare", "--source", args["source"], "--out", str(args["out"]),
-             "--resolution", str(args["resolution"]), "--format", args["fmt"],
-             "--shard-size", str(args["shard_size"]), "--split", ",".join(f"{v:g}" for v in args["split"]),
-             "--workers", str(args["workers"]), "--seed", str(args["seed"])]
-    if args["fmt"] == "jpg":
-        parts += ["--quality", str(args["quality"])]
-    if args["label"]:
-        parts += ["--label", args["label"]]
-    for name, value in args["options"].items():  # the source kind's options, as CLI flags
-        flag = "--" + name.replace("_", "-")
-        parts += [flag] if value is True else [] if value is False else [flag, str(value)]
-    return shlex.join(parts)

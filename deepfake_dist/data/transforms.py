@@ -103,8 +103,9 @@ class TrainAugment:
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """uint8 (..., H, W) blurred by two 1-D convolutions with a kernel of 3 sigma each side (a
-    square kernel of the largest sigma, as ``v2.GaussianBlur`` uses, cost 5x more)."""
+    """uint8 (..., H, W) blurred by two 1-D convolutions with a kernel of 3 sigma each side, far
+    cheaper than the square kernel of the largest sigma that ``v2.GaussianBlur`` uses
+    (BENCHMARKS.md, loader)."""
     height, width = image.shape[-2:]
     radius = max(1, min(math.ceil(3 * sigma), height - 1, width - 1))  # reflect padding needs less than a side
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)

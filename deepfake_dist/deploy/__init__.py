@@ -1,5 +1,7 @@
-"""Make a trained detector deployable: prune, quantize (int8), distill, export to ONNX.
+"""Put a trained detector to use: score files, compress it, export it.
 
-``compress`` runs the steps and measures each; ``onnx_export`` writes an ONNX file checked
-against PyTorch; serving lives in ``deepfake_dist.serve``.
+``scorer`` is the exported detector ready to score images (the one ``predict``, ``explain`` and
+the HTTP server in ``deepfake_dist.serve`` use); ``predict`` scores and explains files and
+videos; ``compress`` prunes, fine-tunes and quantizes (int8, ``quantize``) measuring each step;
+``onnx_export`` writes an ONNX file checked against PyTorch.
 """

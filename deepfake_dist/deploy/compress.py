@@ -6,7 +6,8 @@ the model's own shard sets. The table is printed and saved as ``compress.json`` 
 ``compress.md`` in the output folder, next to the results:
 
 - ``model.safetensors`` + ``model.json``: the pruned (and fine-tuned) float model, loadable by
-  ``exported.load_exported`` like any exported model (so it can be exported to ONNX or served);
+  ``models.exported.load_exported`` like any exported model (so it can be exported to ONNX
+  or served);
 - ``model-int8.pt`` + ``model-int8.json``: the int8 model (see ``deploy.quantize``); its row says
   how many convolutions run in int8, or, for a model torch cannot quantize, why it stays float.
 
@@ -42,8 +43,8 @@ from deepfake_dist.deploy.quantize import (
 )
 from deepfake_dist.engine.metrics import binary_metrics
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
-from deepfake_dist.exported import load_exported, resolve, write_exported
-from deepfake_dist.inference import in_channels
+from deepfake_dist.models.exported import in_channels, load_exported, resolve, write_exported
+from deepfake_dist.options import CompressOptions
 
 COLUMNS = {  # JSON key -> table header (narrow enough for an 80-column terminal)
     "step": "step", "file_mb": "MB", "gzip_mb": "gzip MB", "params": "params", "nonzero": "non-zero",
@@ -82,7 +83,7 @@ def cpu_latency_ms(run: Callable[[torch.Tensor], object], shape: tuple[int, ...]
     """Median wall time of ``run(x)`` for a random input of ``shape`` with ``threads`` intra-op
     threads (None: torch's default): 2 warm-up calls, then repeats until ``budget_s`` or
     ``max_runs`` (at least 3). One thread by default: on a shared or small CPU, several threads
-    spin against other processes and the figures swing by 100x."""
+    spin against other processes and the figures swing by orders of magnitude."""
     x = torch.randn(shape)
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
@@ -129,10 +130,10 @@ def finetune(pruned: Path, info: dict, out: Path, epochs: int, overrides: list[s
     return model
 
 
-def compress(checkpoint: str | Path, out: str | Path, prune: float = 0.0, structured: bool = False,
-             finetune_epochs: int = 0, quantize: str | None = None, calibration_batches: int = 8,
-             overrides: list[str] = (), threads: int | None = 1) -> dict:
-    """Run the requested steps on ``checkpoint`` and write the results and the table to ``out``."""
+def compress(opts: CompressOptions) -> dict:
+    """Run the requested steps on ``opts.checkpoint`` and write the results and the table to ``out``."""
+    checkpoint, prune, structured, quantize = opts.checkpoint, opts.prune, opts.structured, opts.quantize
+    finetune_epochs, overrides, threads = opts.finetune_epochs, opts.overrides, opts.threads
     if not prune and not quantize:
         raise UserError("nothing to do: pass --prune FRACTION and/or --quantize int8")
     if finetune_epochs and not prune:
@@ -142,7 +143,7 @@ def compress(checkpoint: str | Path, out: str | Path, prune: float = 0.0, struct
     weights, info_path = resolve(checkpoint)
     model, info = load_exported(checkpoint)
     cfg = stored_config(info, overrides, where=str(info_path))
-    out = Path(out)
+    out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     # the writes come between measurements: any of them may meet a full disk
     with out_of_space_is_one_line(f"the compressed models in {out}", out, OUTPUTS_WHOLE):
@@ -167,7 +168,7 @@ def compress(checkpoint: str | Path, out: str | Path, prune: float = 0.0, struct
                                     parameter_counts(model), threads))
         if quantize:
             calibration = eval_loader(cfg.data.train, cfg.data.train_split, EvalOptions.from_data(cfg.data, channels))
-            batches = [b.image for _, b in zip(range(calibration_batches), calibration)]
+            batches = [b.image for _, b in zip(range(opts.calibration_batches), calibration)]
             if not batches:
                 raise UserError(f"no '{cfg.data.train_split}' images in {cfg.data.train} to calibrate int8 with")
             rows.append(int8_step(model, batches, info, out, test, threads))

@@ -3,7 +3,7 @@
 The graph is exported with ``torch.onnx.export(dynamo=True)`` with a dynamic batch axis (input
 ``image`` (B, C, H, W) -> output ``logit`` (B,)), then run with onnxruntime on real images: the
 test split of the model's own shard sets, or a folder of images preprocessed exactly as the
-server does (``inference.model_input``). The largest absolute logit difference must be at most
+server does (``deploy.scorer.model_input``). The largest absolute logit difference must be at most
 ``atol`` (1e-4), at batch 1 and at a larger batch, or the file is removed and the command fails.
 Metadata goes next to it as ``NAME.json``: the model's JSON plus an ``onnx`` section.
 """
@@ -19,9 +19,10 @@ import torch
 
 from deepfake_dist.atomic import atomic_path, write_json_atomic
 from deepfake_dist.data.imageio import is_image_file, open_image
+from deepfake_dist.deploy.scorer import model_input
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
-from deepfake_dist.exported import load_exported
-from deepfake_dist.inference import in_channels, model_input
+from deepfake_dist.models.exported import in_channels, load_exported
+from deepfake_dist.options import ExportOptions
 
 INPUT, OUTPUT = "image", "logit"
 PARITY_IMAGES = 64
@@ -61,14 +62,14 @@ def onnx_session(path: str | Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, images: str | Path | None = None,
-                overrides: list[str] = (), opset: int = 18, atol: float = 1e-4) -> dict:
-    """Write ``out`` (.onnx) and ``out.json``; returns the ``onnx`` metadata section."""
-    out = Path(out)
+def export_onnx(opts: ExportOptions, atol: float = 1e-4) -> dict:
+    """Write ``opts.onnx`` (.onnx) and its ``.json`` next to it; returns the ``onnx`` metadata
+    section. ONNX Runtime must agree with PyTorch within ``atol`` (largest logit difference)."""
+    checkpoint, out, opset = opts.checkpoint, Path(opts.onnx), opts.opset
     if out.suffix != ".onnx":
         raise UserError(f"--onnx {out}: the file name must end in .onnx, e.g. model.onnx")
     model, info = load_exported(checkpoint)
-    inputs, source = parity_images(info, images, overrides)
+    inputs, source = parity_images(info, opts.images, opts.overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     example = inputs[:2] if len(inputs) >= 2 else inputs.repeat(2, *[1] * (inputs.dim() - 1))
     with out_of_space_is_one_line(f"the ONNX model {out}", out.parent, OUTPUTS_WHOLE), \

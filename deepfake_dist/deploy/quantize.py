@@ -31,8 +31,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from deepfake_dist.atomic import atomic_path
 from deepfake_dist.errors import UserError
-from deepfake_dist.exported import build_model
-from deepfake_dist.inference import in_channels
+from deepfake_dist.models.exported import build_model, in_channels
 
 BACKEND = "x86"  # fbgemm kernels with x86 tuning
 _PREPARED = "_int8_prepared"  # marks submodules that went through prepare_fx

@@ -1,8 +1,8 @@
 """``evaluate``: score exported detectors on shard sets across ranks and write the results.
 
-Every rank scores its own shards (``predictions.predict`` gathers them with no sample lost or
-counted twice), so every rank holds the same predictions and computes the same numbers; only
-the main process writes files and draws pictures. The operating threshold and the temperature
+Every rank scores its own shards (``evaluation.predictions.predict`` gathers them with no sample
+lost or counted twice), so every rank holds the same predictions and computes the same numbers;
+only the main process writes files and draws pictures. The operating threshold and the temperature
 come from the validation split; the test split is scored once and never tunes anything.
 """
 
@@ -12,22 +12,22 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from deepfake_dist.console import console
 from deepfake_dist.data.loader import EvalOptions, clip_frames, eval_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.evaluation import metrics as M
+from deepfake_dist.evaluation.predictions import Predictions, predict
 from deepfake_dist.evaluation.robustness import PERTURBATIONS
 from deepfake_dist.evaluation.sources import per_source
 from deepfake_dist.evaluation.video import aggregate_scores, video_predictions
-from deepfake_dist.exported import load_exported, resolve
-from deepfake_dist.inference import in_channels
-from deepfake_dist.predictions import Predictions, predict
-from deepfake_dist.console import console
+from deepfake_dist.models.exported import in_channels, load_exported, resolve
+from deepfake_dist.options import EvaluateOptions
 
 SUMMARY_KEYS = ("accuracy", "precision", "recall", "f1", "auroc", "ap", "eer")
 
@@ -133,13 +133,12 @@ def _video_level(videos: Predictions, val: Predictions | None, how: str) -> dict
             "metrics": _metrics_pair(videos, threshold)}
 
 
-def _score_one(accelerator, checkpoint: str, run: str, data: list[str], split: str, val_split: str,
-               robustness: bool, batch_size: int, num_workers: int, video_aggregate: str = "mean") -> Scored:
+def _score_one(accelerator, opts: EvaluateOptions, checkpoint: str, run: str) -> Scored:
     model, info = load_exported(checkpoint)
     if info.get("kind") != "detector":
         raise UserError(f"--checkpoint {checkpoint}: holds a {info.get('kind', 'unknown')} model; evaluate takes detectors")
-    channels = in_channels(info)
-    reading = EvalOptions(int(info["resolution"]), channels, info.get("normalize", "imagenet"), batch_size, num_workers)
+    channels, data, split = in_channels(info), opts.data, opts.split
+    reading = EvalOptions(int(info["resolution"]), channels, info.get("normalize", "imagenet"), opts.batch_size, opts.workers)
     model.to(accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -152,24 +151,24 @@ def _score_one(accelerator, checkpoint: str, run: str, data: list[str], split: s
     start = time.perf_counter()
     test = score(split)
     seconds = time.perf_counter() - start
-    val = score(val_split) if val_split != split and has_split(data, val_split) else None
+    val = score(opts.val_split) if opts.val_split != split and has_split(data, opts.val_split) else None
     if val is not None and val.labels.min() == val.labels.max():
         val = None  # one class only: no threshold or temperature can be fitted on it
     threshold = M.val_threshold(val.scores, val.labels) if val is not None else None
     result = {"metrics": _metrics_pair(test, threshold),
               "sources": per_source(test, {"0.5": 0.5, **({"val": threshold} if threshold is not None else {})}),
               "calibration": _calibration(test, val), "robustness": []}
-    videos = video_predictions(test, video_aggregate)
+    videos = video_predictions(test, opts.video_aggregate)
     if videos is not None:
-        result["video"] = _video_level(videos, val, video_aggregate)
-    if robustness:
+        result["video"] = _video_level(videos, val, opts.video_aggregate)
+    if opts.robustness:
         for name, perturb in PERTURBATIONS.items():
             if main:
                 console.print(f"  robustness: {name}")
             perturbed = score(split, perturb)
             result["robustness"].append({"perturbation": name, **_metrics_pair(perturbed, threshold)})
     frames = clip_frames(data)
-    shape = (batch_size, *([frames] if frames else []), channels, reading.resolution, reading.resolution)
+    shape = (opts.batch_size, *([frames] if frames else []), channels, reading.resolution, reading.resolution)
     row = {
         "run": run, "model": info["model"], "checkpoint": str(checkpoint), "split": split,
         **{k: result["metrics"]["0.5"].get(k) for k in SUMMARY_KEYS},
@@ -185,7 +184,7 @@ def _score_one(accelerator, checkpoint: str, run: str, data: list[str], split: s
     }
     if videos is not None:
         at = result["video"]["metrics"]["0.5"]
-        row.update(videos=len(videos.keys), video_aggregate=video_aggregate,
+        row.update(videos=len(videos.keys), video_aggregate=opts.video_aggregate,
                    **{f"video_{k}": at.get(k) for k in ("accuracy", "f1", "auroc")})
     result["row"] = row
     return Scored(str(checkpoint), run, model, info, list(data), reading, test, val, result, videos)
@@ -210,24 +209,9 @@ def _store_calibration(scored: Scored, data: list[str], val_split: str) -> None:
         console.print(f"[yellow]could not store the temperature in {info_file} ({e}); it is in results.json[/yellow]")
 
 
-def evaluate(
-    checkpoints: list[str],
-    data: list[str],
-    split: str = "test",
-    out: str | Path | None = None,
-    *,
-    val_split: str = "val",
-    robustness: bool = True,
-    explain: bool = True,
-    report: bool = True,
-    batch_size: int = 64,
-    accelerator=None,
-    layer: str | None = None,
-    num_workers: int = 1,
-    command: str | None = None,
-    video_aggregate: str = "mean",
-) -> dict:
-    """Evaluate each exported detector (run folder or ``.safetensors``) on ``split`` of ``data``.
+def evaluate(opts: EvaluateOptions, *, accelerator=None, command: str | None = None) -> dict:
+    """Evaluate each exported detector of ``opts.checkpoints`` (run folders or ``.safetensors``)
+    on ``split`` of the shard sets ``data``.
 
     Call it on every rank (``accelerate launch`` or plain python); each rank scores its own
     shards and the predictions are gathered with no sample lost or counted twice. Only the main
@@ -244,21 +228,21 @@ def evaluate(
     """
     from deepfake_dist.evaluation.compare import comparison_table, markdown_table
 
-    if not checkpoints:
+    opts = replace(opts, checkpoints=[str(c) for c in opts.checkpoints], data=[str(d) for d in opts.data])
+    if not opts.checkpoints:
         raise UserError("evaluate: no --checkpoint given; pass a run folder or model.safetensors")
-    if not data:
+    if not opts.data:
         raise UserError("evaluate: no --data given; pass shard set folders, e.g. --data shards/real shards/fake")
-    for folder in data:
+    for folder in opts.data:
         load_manifest(folder)  # a clear error for a missing or unfinished set, before any work
-    if batch_size <= 0:
-        raise UserError(f"--batch-size {batch_size}: must be positive")
+    if opts.batch_size <= 0:
+        raise UserError(f"--batch-size {opts.batch_size}: must be positive")
+    aggregate_scores(torch.zeros(1), opts.video_aggregate)  # a bad --video-aggregate fails before any work
     accelerator = accelerator or _accelerator()
-    out = Path(out) if out is not None else default_out(checkpoints, split)
+    out = Path(opts.out) if opts.out is not None else default_out(opts.checkpoints, opts.split)
     command = command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    runs = _unique_runs([str(c) for c in checkpoints])
-    aggregate_scores(torch.zeros(1), video_aggregate)  # a bad --video-aggregate fails before any work
-    scored = [_score_one(accelerator, str(c), r, [str(d) for d in data], split, val_split, robustness, batch_size,
-                         num_workers, video_aggregate) for c, r in zip(checkpoints, runs)]
+    runs = _unique_runs(opts.checkpoints)
+    scored = [_score_one(accelerator, opts, c, r) for c, r in zip(opts.checkpoints, runs)]
     rows = [s.result["row"] for s in scored]
     table_md = markdown_table(rows)
     if accelerator.is_main_process:
@@ -266,11 +250,11 @@ def evaluate(
 
         out.mkdir(parents=True, exist_ok=True)
         for s in scored:
-            _store_calibration(s, [str(d) for d in data], val_split)
+            _store_calibration(s, opts.data, opts.val_split)
         with out_of_space_is_one_line(f"the evaluation's results in {out}", out, OUTPUTS_WHOLE):
-            write_outputs(out, scored, [str(d) for d in data], split, val_split, command, explain=explain,
-                          report=report, layer=layer, table_md=table_md)
+            write_outputs(out, scored, opts.data, opts.split, opts.val_split, command, explain=opts.explain,
+                          report=opts.report, layer=opts.layer, table_md=table_md)
         console.print(comparison_table(rows), width=None if console.is_terminal else 240)  # logs: no truncated cells
-        console.print(f"results in {out}" + (f" (open {out / 'index.html'})" if report else ""))
+        console.print(f"results in {out}" + (f" (open {out / 'index.html'})" if opts.report else ""))
     accelerator.wait_for_everyone()
     return {"rows": rows, "out": out, "table_md": table_md, "results": [s.result for s in scored]}

@@ -13,7 +13,7 @@ import torch
 
 from deepfake_dist.data.common import LABEL_NAMES
 from deepfake_dist.evaluation.metrics import binary_metrics
-from deepfake_dist.predictions import Predictions
+from deepfake_dist.evaluation.predictions import Predictions
 
 
 def source_name(key: str, meta: dict, label: int) -> str:

@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 
 from deepfake_dist.errors import UserError
-from deepfake_dist.predictions import Predictions
+from deepfake_dist.evaluation.predictions import Predictions
 
 AGGREGATES = {
     "mean": lambda s: s.mean(),

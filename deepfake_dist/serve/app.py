@@ -1,6 +1,6 @@
 """The detection HTTP API and its web page (FastAPI + uvicorn).
 
-``create_app(checkpoint, ...)`` builds the app; ``serve(...)`` runs it (``deepfake-dist serve``).
+``create_app(ServeOptions(checkpoint=...))`` builds the app; ``serve`` runs it (``deepfake-dist serve``).
 
 - ``POST /v1/detect`` (multipart field ``file``) -> fake_probability, is_fake, threshold, model,
   latency_ms (+ ``face`` with face cropping; + ``gradcam_png``, a base64 PNG overlay, with
@@ -11,11 +11,11 @@
   while ``max_concurrent`` are being scored and ``max_queue`` wait a 503 with ``Retry-After``.
   Then the images' headers are checked (format, pixels per image and per request) before any
   is decoded; each image is then decoded alone (a large JPEG at a reduced scale, see
-  ``inference.open_upload``) and made the model's input at once, so memory is bounded by
+  ``data.uploads.open_upload``) and made the model's input at once, so memory is bounded by
   ``max_concurrent`` decoded images. Every problem is a JSON ``{"detail": ..., "code": ...}``,
   never a traceback or a path.
-- A score is fake when ``p > threshold``, as ``predict`` and the metrics call it.
-- Preprocessing is ``inference.model_input``: the exact training preprocessing.
+- The model is ``deploy.scorer.Scorer``, the one ``predict`` scores with: the exact training
+  preprocessing, the same probabilities, and fake when ``p > threshold``.
 """
 
 from __future__ import annotations
@@ -40,22 +40,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepfake_dist import __version__
 from deepfake_dist.atomic import finite
+from deepfake_dist.data.faces import STILL_MARGIN, largest_face
 from deepfake_dist.data.imageio import center_crop_resize, to_mode
-from deepfake_dist.errors import UserError
-from deepfake_dist.inference import (
+from deepfake_dist.data.uploads import (
     ACCEPTED_FORMATS,
     DEFAULT_MAX_PIXELS,
-    FACE_MARGIN,
     REDUCE_GAP,
     BadImage,
     image_size,
-    in_channels,
-    largest_face,
-    model_input,
     open_upload,
     pillow_pixel_limit,
 )
-from deepfake_dist.serve.detector import ServedModel, load_served
+from deepfake_dist.deploy.scorer import Scorer, load_scorer
+from deepfake_dist.errors import UserError
+from deepfake_dist.models.exported import in_channels
+from deepfake_dist.options import ServeOptions
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 MAX_BATCH = 32  # images per /v1/detect/batch request
@@ -127,9 +126,9 @@ class Gate:
 @dataclass
 class Detection:
     """A request's images checked, decoded one at a time, scored (and explained): CPU work, run
-    in the thread pool. ``min_side``: how small a JPEG may be decoded (``inference.open_upload``)."""
+    in the thread pool. ``min_side``: how small a JPEG may be decoded (``data.uploads.open_upload``)."""
 
-    served: ServedModel
+    served: Scorer
     max_bytes: int
     max_pixels: int
     request_pixels: int
@@ -142,7 +141,7 @@ class Detection:
         self.check(uploads, names)
         inputs, faces, pictures = zip(*(self.model_input(u, label, explain) for u, label in zip(uploads, names)))
         inputs = torch.stack(inputs)
-        probabilities = self.served.probabilities(inputs)
+        probabilities = self.served.probabilities(inputs).tolist()
         nan = [label for label, p in zip(names, probabilities) if p != p]  # NaN is the one value unequal to itself
         if nan:
             raise HTTPException(500, f"the model scored NaN for {', '.join(nan[:5])}: it is broken; serve another")
@@ -182,36 +181,46 @@ class Detection:
         img = open_upload(self.read(upload, label), self.max_pixels, label, self.min_side)
         crop, face = largest_face(img, self.margin) if self.face_crop else (img, None)
         picture = center_crop_resize(to_mode(crop, "RGB"), OVERLAY_SIZE) if explain else None
-        return model_input(crop, self.served.info), face, picture
+        return self.served.input(crop), face, picture
 
 
-def create_app(checkpoint: str | Path, onnx: bool = False, token: str | None = None, max_bytes: int = 10_000_000,
-               max_pixels: int = DEFAULT_MAX_PIXELS, face_crop: bool = False, max_request_pixels: int | None = None,
-               max_concurrent: int = 2, max_queue: int = 32) -> FastAPI:
+def create_app(opts: ServeOptions) -> FastAPI:
     """The app for one detector (loaded now, so a bad checkpoint fails at start-up). At most
     ``max_concurrent`` requests decode and score at once, ``max_queue`` more wait; the images of
-    one request hold at most ``max_request_pixels`` pixels (default: ``max_pixels``)."""
-    _check_limits(token, max_pixels, max_concurrent, max_queue)
-    served = load_served(checkpoint, onnx=onnx)
-    name = served.info["model"]
+    one request hold at most ``max_request_pixels`` pixels (default: ``max_pixels``). The token
+    comes from ``resolve_token``."""
+    token, max_pixels = resolve_token(opts.token, opts.token_file), opts.max_pixels or DEFAULT_MAX_PIXELS
+    _check_limits(token, max_pixels, opts.max_concurrent, opts.max_queue)
+    served = load_scorer(opts.checkpoint, onnx=opts.onnx)
+    if served.info.get("model") == "temporal":
+        raise UserError(f"{opts.checkpoint}: a temporal (video clip) detector; the server scores single images, "
+                        "use deepfake-dist predict for videos")
     min_side = REDUCE_GAP * int(served.info["resolution"])
-    detection = Detection(served, max_bytes, max_pixels, max_request_pixels or max_pixels,
-                          max(min_side, FACE_SEARCH_SIDE) if face_crop else min_side, face_crop,
-                          (served.info.get("video") or {}).get("margin", FACE_MARGIN))  # crop faces as its sets were
-    limits = {"max_bytes": max_bytes, "max_pixels": max_pixels, "max_request_pixels": detection.request_pixels,
-              "max_batch": MAX_BATCH, "max_concurrent": max_concurrent, "max_queue": max_queue,
-              "formats": list(ACCEPTED_FORMATS)}
+    detection = Detection(served, opts.max_bytes, max_pixels, opts.max_request_pixels or max_pixels,
+                          max(min_side, FACE_SEARCH_SIDE) if opts.face_crop else min_side, opts.face_crop,
+                          (served.info.get("video") or {}).get("margin", STILL_MARGIN))  # crop faces as its sets were
     app = FastAPI(title="deepfake_dist detector", version=__version__,
-                  description=f"Real-vs-fake face detection with '{name}' ({served.backend}). "
+                  description=f"Real-vs-fake face detection with '{served.info['model']}' ({served.backend}). "
                               f"Send a JPEG, PNG, WebP or BMP image as multipart field 'file'.")
-    app.add_middleware(Gate, limit=lambda path: (max_bytes * (MAX_BATCH if path.endswith("/batch") else 1)
+    app.add_middleware(Gate, limit=lambda path: (opts.max_bytes * (MAX_BATCH if path.endswith("/batch") else 1)
                                                  + MULTIPART_OVERHEAD),
-                       token=token, capacity=max_concurrent + max_queue)
+                       token=token, capacity=opts.max_concurrent + opts.max_queue)
     _add_error_handlers(app)
+    _add_detection(app, detection, opts.max_concurrent)
+    limits = {"max_bytes": opts.max_bytes, "max_pixels": max_pixels, "max_request_pixels": detection.request_pixels,
+              "max_batch": MAX_BATCH, "max_concurrent": opts.max_concurrent, "max_queue": opts.max_queue,
+              "formats": list(ACCEPTED_FORMATS)}
+    _add_description(app, served, {"face_crop": opts.face_crop, "limits": limits})
+    app.state.served = served
+    return app
+
+
+def _add_detection(app: FastAPI, detection: Detection, max_concurrent: int) -> None:
+    """The two detection endpoints; ``max_concurrent`` requests at a time decode and score."""
     slots = asyncio.Semaphore(max_concurrent)
 
     async def scored(uploads: list[UploadFile], names: list[str], explain: bool) -> list[dict]:
-        if explain and served.torch_model is None:
+        if explain and detection.served.model is None:
             raise HTTPException(400, "explain=true needs the PyTorch weights: put model.safetensors next to the "
                                      "ONNX file, or serve without --onnx")
         async with slots:
@@ -229,6 +238,12 @@ def create_app(checkpoint: str | Path, onnx: bool = False, token: str | None = N
             raise HTTPException(413, f"{len(files)} images in one request; send at most {MAX_BATCH}")
         return {"results": await scored(files, [f.filename or f"upload-{i}" for i, f in enumerate(files)], explain)}
 
+
+def _add_description(app: FastAPI, served: Scorer, serving: dict) -> None:
+    """What is served (``/v1/model``, with ``serving``: face cropping and the limits), liveness
+    and the web page."""
+    name = served.info["model"]
+
     @app.get("/v1/model", summary="What is being served")
     def model_card():
         info = served.info
@@ -238,8 +253,7 @@ def create_app(checkpoint: str | Path, onnx: bool = False, token: str | None = N
             "temperature": served.temperature, "resolution": info.get("resolution"),
             "in_channels": in_channels(info), "normalize": info.get("normalize"),
             "manifests": info.get("manifests", {}), "step": info.get("step"),
-            "val_metrics": info.get("val_metrics", {}), "explain": served.torch_model is not None,
-            "face_crop": face_crop, "limits": limits})
+            "val_metrics": info.get("val_metrics", {}), "explain": served.model is not None, **serving})
 
     @app.get("/healthz", summary="Liveness")
     def healthz():
@@ -248,9 +262,6 @@ def create_app(checkpoint: str | Path, onnx: bool = False, token: str | None = N
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
         return PAGE.read_text()
-
-    app.state.served = served
-    return app
 
 
 def _check_limits(token: str | None, max_pixels: int, max_concurrent: int, max_queue: int) -> None:
@@ -316,13 +327,8 @@ def resolve_token(token: str | None, token_file: str | Path | None) -> str | Non
     return token if token is not None else os.environ.get(TOKEN_ENV)
 
 
-def serve(checkpoint: str | Path, onnx: bool = False, host: str = "127.0.0.1", port: int = 8000,
-          token: str | None = None, max_bytes: int = 10_000_000, max_pixels: int | None = None,
-          face_crop: bool = False, token_file: str | Path | None = None, max_request_pixels: int | None = None,
-          max_concurrent: int = 2, max_queue: int = 32) -> None:
+def serve(opts: ServeOptions) -> None:
+    """``deepfake-dist serve``: the app on ``host:port`` until interrupted."""
     import uvicorn
 
-    app = create_app(checkpoint, onnx=onnx, token=resolve_token(token, token_file), max_bytes=max_bytes,
-                     max_pixels=max_pixels or DEFAULT_MAX_PIXELS, face_crop=face_crop,
-                     max_request_pixels=max_request_pixels, max_concurrent=max_concurrent, max_queue=max_queue)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(create_app(opts), host=opts.host, port=opts.port, log_level="info")

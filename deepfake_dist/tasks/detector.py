@@ -13,7 +13,7 @@ from deepfake_dist.engine.metrics import binary_metrics
 from deepfake_dist.engine.optim import build_optimizer, build_scheduler
 from deepfake_dist.engine.step import OptimizerStep
 from deepfake_dist.errors import UserError
-from deepfake_dist.predictions import predict
+from deepfake_dist.evaluation.predictions import predict
 from deepfake_dist.tasks import TASKS, Task
 
 CLASS_NAMES = ["real", "fake"]

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from deepfake_dist.errors import UserError
-from deepfake_dist.exported import load_exported
-from deepfake_dist.inference import in_channels
+from deepfake_dist.models.exported import in_channels, load_exported
 from deepfake_dist.tasks import TASKS
 from deepfake_dist.tasks.detector import DetectorTask
 

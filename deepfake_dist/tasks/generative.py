@@ -20,7 +20,7 @@ from deepfake_dist.console import console
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.engine.runtime import broadcast_buffers
 from deepfake_dist.errors import UserError, out_of_space_is_one_line
-from deepfake_dist.fidelity import Fidelity, find_inception_weights, inception, to_uint8_rgb
+from deepfake_dist.evaluation.fidelity import Fidelity, find_inception_weights, inception, to_uint8_rgb
 from deepfake_dist.tasks import Task
 
 EXPORT_NAME = "generator"
@@ -29,7 +29,7 @@ EXPORT_NAME = "generator"
 class GenerativeTask(Task):
     """Subclasses build their models and implement ``train_step`` and ``sample``."""
 
-    metrics = ("fid", "kid", "kid_std", "fid_real", "fid_fake")  # with the Inception weights (``fidelity``)
+    metrics = ("fid", "kid", "kid_std", "fid_real", "fid_fake")  # with the Inception weights (``evaluation.fidelity``)
 
     @classmethod
     def check_config(cls, cfg, where: str) -> None:

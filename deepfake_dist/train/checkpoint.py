@@ -34,7 +34,7 @@ from deepfake_dist.console import console
 from deepfake_dist.data.manifest import file_sha256
 from deepfake_dist.engine.runtime import plain_module
 from deepfake_dist.errors import UserError, disk_full, disk_full_error
-from deepfake_dist.exported import write_exported
+from deepfake_dist.models.exported import write_exported
 from deepfake_dist.models.pretrained import pickled_global
 from deepfake_dist.train.state import RunState
 

@@ -27,8 +27,9 @@ from PIL import Image
 from scale_setup import free_port
 
 from deepfake_dist.cli import main
+from deepfake_dist.data.uploads import BadImage, open_upload, pillow_pixel_limit
 from deepfake_dist.errors import UserError
-from deepfake_dist.inference import BadImage, open_upload, pillow_pixel_limit
+from deepfake_dist.options import ServeOptions
 from deepfake_dist.serve.app import TOKEN_ENV, create_app, resolve_token
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,7 +82,7 @@ def _answer(sock: socket.socket) -> str:
 
 
 def test_a_wrong_token_is_answered_before_the_body_is_read(deploy_run):
-    with one_thread(), live_server(create_app(deploy_run, token=TOKEN)) as url:
+    with one_thread(), live_server(create_app(ServeOptions(checkpoint=deploy_run, token=TOKEN))) as url:
         for path in ("/v1/detect", "/v1/detect/batch"):
             with _headers_only(url, path, 10_000_000) as sock:  # 10 MB announced, not one byte sent
                 answer = _answer(sock)
@@ -93,7 +94,7 @@ def test_an_empty_token_is_refused_and_one_is_read_from_a_file_or_the_environmen
         deploy_run, deploy_shards, tmp_path, monkeypatch, capsys):
     for empty in ("", "  "):
         with pytest.raises(UserError, match="the token is empty"):
-            create_app(deploy_run, token=empty)
+            create_app(ServeOptions(checkpoint=deploy_run, token=empty))
     assert main(["serve", "--checkpoint", str(deploy_run), "--token", ""]) == 2
     assert "the token is empty" in capsys.readouterr().err
 
@@ -110,7 +111,7 @@ def test_an_empty_token_is_refused_and_one_is_read_from_a_file_or_the_environmen
     assert resolve_token(None, None) == TOKEN and resolve_token("other", None) == "other"
 
     name, data = _face(deploy_shards)
-    with one_thread(), live_server(create_app(deploy_run, token=resolve_token(None, None))) as url:
+    with one_thread(), live_server(create_app(ServeOptions(checkpoint=deploy_run, token=resolve_token(None, None)))) as url:
         files = {"file": (name, data, "image/png")}
         assert httpx.post(f"{url}/v1/detect", files=files, headers={"Authorization": "Bearer x"}).status_code == 401
         ok = httpx.post(f"{url}/v1/detect", files=files, headers={"Authorization": f"Bearer {TOKEN}"})
@@ -120,7 +121,7 @@ def test_an_empty_token_is_refused_and_one_is_read_from_a_file_or_the_environmen
 def test_a_full_server_answers_503_with_retry_after(deploy_run, deploy_shards):
     name, data = _face(deploy_shards)
     files = {"file": (name, data, "image/png")}
-    with one_thread(), live_server(create_app(deploy_run, max_concurrent=1, max_queue=1)) as url:
+    with one_thread(), live_server(create_app(ServeOptions(checkpoint=deploy_run, max_concurrent=1, max_queue=1))) as url:
         waiting = [_headers_only(url, "/v1/detect", 1000) for _ in range(2)]  # admitted, their bodies never come
         try:
             deadline = time.monotonic() + 10
@@ -140,7 +141,7 @@ def test_a_full_server_answers_503_with_retry_after(deploy_run, deploy_shards):
 def test_a_request_over_its_pixel_budget_is_refused_before_decoding(deploy_run, deploy_shards):
     name, data = _face(deploy_shards)
     big = _png(Image.new("L", (700, 700), 128))  # 490 000 pixels: under max_pixels alone, not twice
-    with one_thread(), live_server(create_app(deploy_run, max_pixels=600_000)) as url:
+    with one_thread(), live_server(create_app(ServeOptions(checkpoint=deploy_run, max_pixels=600_000))) as url:
         one = httpx.post(f"{url}/v1/detect/batch", files=[("files", ("big.png", big, "image/png"))])
         assert one.status_code == 200, one.text
         two = httpx.post(f"{url}/v1/detect/batch", files=[("files", (f"big{i}.png", big, "image/png")) for i in range(2)]
@@ -168,18 +169,18 @@ def test_a_decompression_bomb_names_the_limit_that_fired(deploy_run):
         open_upload(bomb, max_pixels=limit + 5000)
     assert refused.value.status == 413 and str(limit + 5000) not in str(refused.value)
     with pytest.raises(UserError, match=f"over Pillow's decompression-bomb limit of {limit}"):
-        create_app(deploy_run, max_pixels=limit + 1)
+        create_app(ServeOptions(checkpoint=deploy_run, max_pixels=limit + 1))
 
 
 def test_the_verdict_at_the_threshold_is_real_as_everywhere_else(deploy_run, deploy_shards, tmp_path):
     name, data = _face(deploy_shards)
     files = {"file": (name, data, "image/png")}
-    with one_thread(), live_server(create_app(deploy_run)) as url:
+    with one_thread(), live_server(create_app(ServeOptions(checkpoint=deploy_run))) as url:
         p = httpx.post(f"{url}/v1/detect", files=files).json()["fake_probability"]
     run = Path(shutil.copytree(deploy_run, tmp_path / "run"))
     info = json.loads((run / "model.json").read_text())
     (run / "model.json").write_text(json.dumps({**info, "threshold": p}))
-    with one_thread(), live_server(create_app(run)) as url:
+    with one_thread(), live_server(create_app(ServeOptions(checkpoint=run))) as url:
         answer = httpx.post(f"{url}/v1/detect", files=files).json()
     assert answer["fake_probability"] == answer["threshold"] == p and answer["is_fake"] is False  # p > p is false
 
@@ -188,7 +189,7 @@ def test_nan_in_the_models_json_is_null_in_the_model_card(deploy_run, tmp_path):
     run = Path(shutil.copytree(deploy_run, tmp_path / "run"))
     info = json.loads((run / "model.json").read_text())
     (run / "model.json").write_text(json.dumps({**info, "val_metrics": {"loss": float("nan"), "auroc": 0.9}}))
-    with one_thread(), live_server(create_app(run)) as url:
+    with one_thread(), live_server(create_app(ServeOptions(checkpoint=run))) as url:
         card = httpx.get(f"{url}/v1/model")
     assert card.status_code == 200 and card.headers["content-type"] == "application/json"
     assert card.json()["val_metrics"] == {"loss": None, "auroc": 0.9}

@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from deepfake_dist.options import ServeOptions
+
 TOKEN = "fuzz-token"
 MAX_BYTES = 20_000
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def server(deploy_run):
     from deepfake_dist.serve.app import create_app
 
-    with one_thread(), live_server(create_app(deploy_run, token=TOKEN, max_bytes=MAX_BYTES, max_pixels=300_000)) as url:
+    with one_thread(), live_server(create_app(ServeOptions(checkpoint=deploy_run, token=TOKEN, max_bytes=MAX_BYTES,
+                                                           max_pixels=300_000))) as url:
         yield url, str(deploy_run)
 
 

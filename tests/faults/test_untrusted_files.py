@@ -15,8 +15,8 @@ from inject import ROOT, SMOKE, armed_pickle
 
 from deepfake_dist.config import load_config
 from deepfake_dist.errors import UserError
-from deepfake_dist.exported import load_exported
 from deepfake_dist.models import create_model
+from deepfake_dist.models.exported import load_exported
 from deepfake_dist.train.checkpoint import (
     CHECKSUMS_FILE,
     checkpoint_dir,

@@ -19,6 +19,7 @@ from collections import Counter
 from typing import Any
 
 from deepfake_dist.data.common import LABELS
+from deepfake_dist.data.faces import VideoOptions
 from deepfake_dist.data.sources import builtin, celeba, celebdf, dfdc, dfdcp, ffpp, folder, videos
 from deepfake_dist.data.sources.base import Source
 from deepfake_dist.errors import UserError
@@ -33,6 +34,14 @@ SOURCES.register("ffpp", usage="ffpp:PATH", options=ffpp.OPTIONS)(ffpp.open_ffpp
 SOURCES.register("celebdf", usage="celebdf:PATH", options=celebdf.OPTIONS)(celebdf.open_celebdf)
 SOURCES.register("dfdc", usage="dfdc:PATH", options=dfdc.OPTIONS)(dfdc.open_dfdc)
 SOURCES.register("dfdcp", usage="dfdcp:PATH", options=dfdcp.OPTIONS)(dfdcp.open_dfdcp)
+
+# The dataclasses that declare the source kinds' own options, each with the kinds that take it:
+# ``deepfake-dist prepare`` shows them as its flags, a prepare stage takes them as ``options``.
+OPTION_GROUPS = (
+    (VideoOptions, "videos:PATH (folders real/ fake/ of videos, or a CSV path,label,split); ffpp, celebdf, dfdc, dfdcp "
+                   "take them too (their default: 32 frames a video spread uniformly, one sample a frame, 256 px)"),
+    (ffpp.FfppOptions, "ffpp:PATH"),
+)
 
 
 def open_source(spec: str, label: str | None = None, options: dict[str, Any] | None = None) -> Source:

@@ -14,8 +14,9 @@ A real video is in the split of its pair; a fake ``AAA_BBB`` in the split of the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from deepfake_dist.data.common import SPLITS
 from deepfake_dist.data.faces import VIDEO_OPTIONS
@@ -32,18 +33,31 @@ from deepfake_dist.data.sources.video_sets import (
     videos_in,
 )
 from deepfake_dist.errors import UserError
+from deepfake_dist.options import option
 from deepfake_dist.registry import closest
 
 DATASET = "FaceForensics++"
 METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures", "FaceShifter", "DeepFakeDetection")
 CLASSIC = METHODS[:4]
 COMPRESSIONS = ("raw", "c23", "c40")
-OPTIONS = (*VIDEO_OPTIONS, "compression", "methods")
+
+
+@dataclass(frozen=True)
+class FfppOptions:
+    """``ffpp:PATH``'s own options: ``deepfake-dist prepare``'s flags and a prepare stage's ``options``."""
+
+    compression: str = option("c23", "ffpp: the videos' compression level", choices=COMPRESSIONS)
+    methods: Optional[str] = option(None, f"ffpp: comma-separated manipulations (default {','.join(CLASSIC)}; also "
+                                          "FaceShifter, DeepFakeDetection)")
+
+
+OPTIONS = (*VIDEO_OPTIONS, *(f.name for f in fields(FfppOptions)))
 REAL, ACTORS, FAKES = "original_sequences/youtube", "original_sequences/actors", "manipulated_sequences"
 PAIRS = 'a JSON list of id pairs, e.g. [["953", "974"], ...]'
 
 
-def open_ffpp(arg: str, label: str | None, compression: str = "c23", methods: str | Sequence[str] | None = None,
+def open_ffpp(arg: str, label: str | None, compression: str = FfppOptions.compression,
+              methods: str | Sequence[str] | None = FfppOptions.methods,
               **options: Any) -> Source:
     spec = f"ffpp:{arg}"
     opts = video_options(spec, label, options)

@@ -1,19 +1,16 @@
-"""Score your own files with an exported detector: images, folders of them, and videos.
+"""The ``predict`` and ``explain`` commands: score your own files with an exported detector
+(images, folders of them, and videos), or draw what drove its verdict on images.
 
-Images go through ``inference.model_input`` (the training preprocessing: prepare's crop and
-resize, then the eval transform), the same function the HTTP server uses. A video goes through
-``data.faces`` exactly as ``prepare --source videos:`` cuts it (frame sampling, face track,
-crop), with the settings the model's training sets recorded: a clip model scores the clips, an
-image model ``--frames`` evenly spaced face crops (frames with no face are skipped and counted);
-the video's probability is the mean over them (``evaluation.video.aggregate_scores``, as
-``evaluate`` scores videos). Probabilities are ``sigmoid(logit / temperature)`` with the temperature
-``evaluate`` fitted on validation (1 until then); the verdict compares them with the stored
-threshold.
+Images go through ``Scorer.input`` (``deploy.scorer``: the training preprocessing), as the HTTP
+server's do. A video goes through ``data.faces`` exactly as ``prepare --source videos:`` cuts it
+(frame sampling, face track, crop), with the settings the model's training sets recorded: a clip
+model scores the clips, an image model ``--frames`` evenly spaced face crops (frames with no face
+are skipped and counted); the video's probability is the mean over them
+(``evaluation.video.aggregate_scores``, as ``evaluate`` scores videos).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,43 +19,11 @@ from PIL import Image
 from deepfake_dist.atomic import atomic_path
 from deepfake_dist.data import imageio
 from deepfake_dist.data.faces import VIDEO_EXTENSIONS, cut_samples, is_video_file, options_from_settings, video_faces
+from deepfake_dist.deploy.scorer import Scorer, load_scorer
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.evaluation.video import aggregate_scores
-from deepfake_dist.exported import load_exported
-from deepfake_dist.inference import in_channels, model_input
-
-
-@dataclass
-class Scorer:
-    """An exported detector and what is needed to feed it files."""
-
-    model: torch.nn.Module
-    info: dict  # the model's JSON
-
-    @property
-    def threshold(self) -> float:
-        return float(self.info.get("threshold", 0.5))
-
-    @property
-    def temperature(self) -> float:
-        return float(self.info.get("temperature", 1.0))
-
-    def input(self, image: Image.Image) -> torch.Tensor:
-        return model_input(image, self.info)
-
-    @torch.no_grad()
-    def probabilities(self, inputs: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Probability of fake for a stack of model inputs (B, C, H, W), or clips (B, T, C, H, W)."""
-        logits = torch.cat([self.model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
-        return torch.sigmoid(logits.float() / self.temperature)
-
-
-def load_scorer(checkpoint: str | Path) -> Scorer:
-    model, info = load_exported(checkpoint)
-    if info.get("kind") != "detector":
-        raise UserError(f"{checkpoint}: holds a {info.get('kind', 'unknown')} model, not a detector; "
-                        "pass a detector's run folder or model.safetensors")
-    return Scorer(model, info)
+from deepfake_dist.models.exported import in_channels
+from deepfake_dist.options import ExplainOptions, PredictOptions
 
 
 def collect_files(paths: list[str | Path]) -> list[Path]:
@@ -78,7 +43,7 @@ def collect_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-def video_inputs(scorer: Scorer, path: Path, frames: int = 16) -> tuple[torch.Tensor, dict]:
+def video_inputs(scorer: Scorer, path: Path, frames: int) -> tuple[torch.Tensor, dict]:
     """Model inputs cut from a video as the model's training sets were: its clips (N, T, C, R, R)
     for a clip model, else ``frames`` evenly spaced face crops (N, C, R, R); and what was found
     (frames scored, sampled frames without a face)."""
@@ -97,15 +62,16 @@ def video_inputs(scorer: Scorer, path: Path, frames: int = 16) -> tuple[torch.Te
 
 
 def _row(scorer: Scorer, path: Path, kind: str, probability: float | None, **extra) -> dict:
-    verdict = None if probability is None else ("fake" if probability > scorer.threshold else "real")
+    verdict = None if probability is None else scorer.verdict(probability)
     return {"path": str(path), "kind": kind, "probability": probability, "verdict": verdict,
             "threshold": scorer.threshold, **extra}
 
 
-def score_files(scorer: Scorer, paths: list[str | Path], frames: int = 16, batch_size: int = 64) -> list[dict]:
-    """One row per file, in order: path, kind (image/video), probability of fake and verdict;
-    a file that cannot be read gets an ``error`` (and no probability) and the others go on.
-    Images are scored in batches of ``batch_size`` as they are read."""
+def score_files(opts: PredictOptions) -> list[dict]:
+    """One row per file of ``opts.paths``, in order: path, kind (image/video), probability of fake
+    and verdict; a file that cannot be read gets an ``error`` (and no probability) and the others
+    go on. Images are scored in batches of ``batch_size`` as they are read."""
+    scorer, batch_size = load_scorer(opts.checkpoint), opts.batch_size
     rows: list[dict] = []
     pending: list[tuple[int, torch.Tensor]] = []
 
@@ -115,7 +81,7 @@ def score_files(scorer: Scorer, paths: list[str | Path], frames: int = 16, batch
             rows[slot] = _row(scorer, Path(rows[slot]["path"]), "image", p)
         pending.clear()
 
-    for path in collect_files(paths):
+    for path in collect_files(opts.paths):
         kind = "video" if is_video_file(path) else "image"
         try:
             if kind == "image" and scorer.info.get("frames"):
@@ -127,7 +93,7 @@ def score_files(scorer: Scorer, paths: list[str | Path], frames: int = 16, batch
                 if len(pending) == batch_size:
                     flush()
                 continue
-            inputs, found = video_inputs(scorer, path, frames)
+            inputs, found = video_inputs(scorer, path, opts.frames)
             p = aggregate_scores(scorer.probabilities(inputs, batch_size))
             rows.append(_row(scorer, path, kind, float(p), **found))
         except UserError:
@@ -156,24 +122,24 @@ def rows_table(rows: list[dict]):
     return table
 
 
-def explain_files(scorer: Scorer, paths: list[str | Path], out: str | Path, layer: str | None = None,
-                  size: int = 256) -> list[dict]:
-    """Grad-CAM overlays for image files: ``out/<name>-gradcam.png`` (``size`` px) per image;
-    returns one row per image (path, probability, verdict, overlay)."""
-    from deepfake_dist.evaluation.gradcam import find_layer, gradcam, overlay
+def explain_files(opts: ExplainOptions, size: int = 256) -> list[dict]:
+    """Grad-CAM overlays for the image files of ``opts.images``: ``out/<name>-gradcam.png``
+    (``size`` px) per image; returns one row per image (path, probability, verdict, overlay)."""
+    from deepfake_dist.evaluation.gradcam import find_layer, overlay
 
-    name, _ = find_layer(scorer.model, layer)
-    out = Path(out)
+    scorer = load_scorer(opts.checkpoint)
+    name, _ = find_layer(scorer.model, opts.layer)
+    out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = [p for p in collect_files(paths) if not is_video_file(p)]
+    files = [p for p in collect_files(opts.images) if not is_video_file(p)]
     if not files:
-        raise UserError(f"explain takes images; none among {', '.join(map(str, paths))}")
+        raise UserError(f"explain takes images; none among {', '.join(map(str, opts.images))}")
     stems = [p.stem for p in files]
     rows = []
     for i, path in enumerate(files):
         image = imageio.open_image(path)
         x = scorer.input(image)[None]
-        heat = gradcam(scorer.model, x, name)[0]
+        heat = scorer.explain(x, name)[0]
         face = imageio.preprocess(image, "L" if in_channels(scorer.info) == 1 else "RGB", x.shape[-1])
         target = out / (f"{path.stem}-gradcam.png" if stems.count(path.stem) == 1 else f"{i:03d}-{path.stem}-gradcam.png")
         with out_of_space_is_one_line(f"the overlay {target}", out, OUTPUTS_WHOLE), atomic_path(target) as tmp:

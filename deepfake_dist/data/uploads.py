@@ -1,14 +1,8 @@
-"""Image bytes or a PIL image -> the tensor an exported detector expects.
+"""Untrusted image bytes (an upload to the server) -> a decoded PIL image, or a ``BadImage``.
 
-One function feeds every place that scores a user's own image (the HTTP server, ONNX parity,
-single-image prediction), so inference sees what training saw: the same mode conversion and
-centred square crop + bicubic resize as ``prepare`` (``data.imageio.preprocess``), then the same
-``eval_transform`` (scale to [0, 1], normalize) with the model's ``in_channels``, ``resolution``
-and ``normalize`` from its JSON.
-
-Uploads are untrusted: ``open_upload`` accepts only a few formats, checks the pixel count from
-the header *before* decoding (decompression bombs), and decodes fully so that a truncated file
-fails here with a ``BadImage`` that says what is wrong (a PNG whose data ends early included,
+``open_upload`` accepts only a few formats, checks the pixel count from the header *before*
+decoding (decompression bombs), and decodes fully so that a truncated file fails here with a
+``BadImage`` that says what is wrong (a PNG whose data ends early included,
 which Pillow decodes without complaint). Given the side the model needs, a large JPEG is decoded
 at a reduced scale (Pillow's ``draft``: 1/2 to 1/8, in the decoder), which spares the server
 most of its memory and time; other formats cannot be decoded smaller.
@@ -19,15 +13,11 @@ from __future__ import annotations
 import io
 import math
 import struct
-import threading
 import warnings
 import zlib
 
-import torch
 from PIL import Image, ImageOps
-from torchvision.transforms.v2.functional import pil_to_tensor
 
-from deepfake_dist.data import imageio, transforms
 from deepfake_dist.errors import UserError
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
@@ -136,39 +126,3 @@ def _png_rows_complete(data: bytes) -> bool:
     except zlib.error:
         return False
     return produced >= expected
-
-
-def in_channels(info: dict) -> int:
-    """Input channels of an exported detector (its JSON keeps them in ``build_args``)."""
-    return int(info.get("build_args", {}).get("in_channels") or info.get("in_channels", 3))
-
-
-def model_input(img: Image.Image, info: dict) -> torch.Tensor:
-    """PIL image -> normalized float tensor (C, R, R) for the model described by ``info``."""
-    channels, resolution = in_channels(info), int(info["resolution"])
-    face = imageio.preprocess(img, "L" if channels == 1 else "RGB", resolution)
-    return transforms.eval_transform(resolution, channels, info["normalize"])(pil_to_tensor(face))
-
-
-FACE_MARGIN = 0.25  # of the face box, added on every side before the square crop
-
-
-_FACES = threading.Lock()
-
-
-def largest_face(img: Image.Image, margin: float = FACE_MARGIN) -> tuple[Image.Image, dict]:
-    """The largest face, found and cropped as ``prepare --source videos:`` does (``data.faces``:
-    OpenCV's Haar cascade, a square of ``max(w, h) * (1 + 2 * margin)`` around the box), and what
-    was found: ``{"detected", "faces", "box": [x, y, w, h]}``. With no face the whole image comes
-    back (``detected`` false), so the caller can still score it."""
-    import numpy as np
-
-    from deepfake_dist.data.faces import crop_face, face_detector
-
-    rgb = np.asarray(imageio.to_mode(img, "RGB"))
-    with _FACES:  # the server calls this from many threads; OpenCV's detector is shared, not thread-safe
-        boxes = face_detector()(rgb)
-    if not boxes:
-        return img, {"detected": False, "faces": 0, "box": None}
-    box = max(boxes, key=lambda b: b[2] * b[3])
-    return crop_face(rgb, box, margin), {"detected": True, "faces": len(boxes), "box": [round(v) for v in box]}

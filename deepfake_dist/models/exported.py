@@ -54,6 +54,11 @@ def load_info(path: str | Path, name: str = "model") -> dict:
         raise UserError(f"{info}: not valid JSON ({e}); re-export the model") from None
 
 
+def in_channels(info: dict) -> int:
+    """Input channels of an exported detector (its JSON keeps them in ``build_args``)."""
+    return int(info.get("build_args", {}).get("in_channels") or info.get("in_channels", 3))
+
+
 def load_exported(path: str | Path, name: str = "model") -> tuple[torch.nn.Module, dict]:
     """The model in eval mode on CPU, and its info (config, threshold, manifests, ...).
 
