@@ -151,9 +151,11 @@ def test_trained_probe_kept_its_backbone_and_learned_its_head(runs, backbone_fil
 
 def test_evaluate_and_explain(runs, deploy_shards, tmp_path):
     from deepfake_dist.evaluation import evaluate
+    from deepfake_dist.options import EvaluateOptions
 
-    result = evaluate([str(runs["npr"]), str(runs["probe"])], [str(deploy_shards[0])], out=tmp_path / "eval",
-                      robustness=False, explain=False, report=False, num_workers=0, batch_size=32)
+    result = evaluate(EvaluateOptions(checkpoints=[str(runs["npr"]), str(runs["probe"])], data=[str(deploy_shards[0])],
+                                      out=str(tmp_path / "eval"), robustness=False, explain=False, report=False,
+                                      workers=0, batch_size=32))
     assert [r["model"] for r in result["rows"]] == ["npr", "probe"]
     assert all(r["test_images"] == 80 and 0 <= r["auroc"] <= 1 for r in result["rows"])
     images = sorted((deploy_shards[1] / "fake").glob("*.png"))[:2]
@@ -176,10 +178,11 @@ def test_onnx_int8_and_serve(runs, deploy_shards, tmp_path, name):
     int8 = json.loads((tmp_path / "int8" / "compress.json").read_text())["rows"][1]
     assert int8["quantized_convolutions"] > 0 and int8["step"].startswith(f"int8 {int8['quantized_convolutions']}/")
 
+    from deepfake_dist.options import ServeOptions
     from deepfake_dist.serve.app import create_app
 
     image = sorted((deploy_shards[1] / "fake").glob("*.png"))[-1]
-    with one_thread(), live_server(create_app(run)) as url:
+    with one_thread(), live_server(create_app(ServeOptions(checkpoint=str(run)))) as url:
         r = httpx.post(f"{url}/v1/detect", params={"explain": "true"}, timeout=60,
                        files={"file": (image.name, image.read_bytes(), "image/png")})
     assert r.status_code == 200, r.text

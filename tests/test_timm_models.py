@@ -164,10 +164,11 @@ def test_timm_run_exports_quantizes_and_serves(timm_run, deploy_shards, tmp_path
     int8 = json.loads((tmp_path / "int8" / "compress.json").read_text())["rows"][1]
     assert int8["step"] == "int8 1/1 conv" and int8["quantized_layers"]["dynamic.Linear"] > 0  # patches, then MLPs
 
+    from deepfake_dist.options import ServeOptions
     from deepfake_dist.serve.app import create_app
 
     image = sorted((deploy_shards[1] / "real").glob("*.png"))[-1]
-    with one_thread(), live_server(create_app(run)) as url:
+    with one_thread(), live_server(create_app(ServeOptions(checkpoint=str(run)))) as url:
         r = httpx.post(f"{url}/v1/detect", params={"explain": "true"}, timeout=60,
                        files={"file": (image.name, image.read_bytes(), "image/png")})
     assert r.status_code == 200, r.text
