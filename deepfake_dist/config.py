@@ -41,7 +41,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # shard set folders (each with manifest.json)
+    train: list[str] = field(default_factory=list)  # shard sets (each with manifest.json): folders, http(s):// URLs or s3://bucket/prefix
     val: Optional[list[str]] = None  # defaults to the train sets
     train_split: str = "train"
     val_split: str = "val"
@@ -445,8 +445,8 @@ def _check_values(cfg: Config, where: str) -> None:
         p = getattr(aug, name)
         if not 0.0 <= p <= 1.0:
             raise UserError(f"{where}: 'data.augment.{name}' is a probability in [0, 1], got {p}")
-    for folder in [*cfg.data.train, *(cfg.data.val or [])]:
-        if not (Path(folder) / "manifest.json").is_file():
+    for folder in [*cfg.data.train, *(cfg.data.val or [])]:  # a remote set (a URL) is checked when it is read
+        if "://" not in str(folder) and not (Path(folder) / "manifest.json").is_file():
             raise UserError(
                 f"{where}: shard set '{folder}' has no manifest.json; "
                 f"create it with: deepfake-dist prepare --source ... --out {folder}"

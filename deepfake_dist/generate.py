@@ -127,12 +127,11 @@ def generate(
     run = run_name(info, weights)
     width = max(6, len(str(num_images - 1)))
     keys = [f"{run}-{i:0{width}d}" for i in range(num_images)]
-    out = Path(out)
     command = command or shlex.join(["deepfake-dist", "generate", "--checkpoint", str(checkpoint),
                                      "--num-images", str(num_images), "--out", str(out), "--format", fmt,
                                      "--seed", str(seed)] + (["--truncation", str(truncation)] if truncation else []))
     if fmt == "png":
-        return _write_pngs(synth, keys, out, state)
+        return _write_pngs(synth, keys, Path(out), state)
 
     fractions = parse_split(split)
     writer = ShardSetWriter(out, overwrite, state)
@@ -147,7 +146,7 @@ def generate(
     fields = None
     if state.is_main_process:
         fields = {
-            "name": out.resolve().name,
+            "name": writer.name,
             "source": f"generator:{checkpoint}",
             "resolution": int(info["resolution"]),
             "format": encoding,

@@ -45,10 +45,10 @@ def is_remote(location: str | Path) -> bool:
     return str(location).startswith(SCHEMES)
 
 
-def join(location: str | Path, name: str) -> str:
+def join(location: str | Path, *names: str) -> str:
     if is_remote(location):
-        return f"{str(location).rstrip('/')}/{name}"
-    return str(Path(location) / name)
+        return "/".join([str(location).rstrip("/"), *names])
+    return str(Path(location, *names))
 
 
 def split(url: str | Path) -> tuple[str, str]:
@@ -317,18 +317,38 @@ class _S3Body:
 # ------------------------------------------------------------------------------ list and write
 
 
-def list_names(location: str | Path) -> list[str]:
-    """File names directly in ``location`` (a folder or an S3 prefix), sorted."""
+def list_names(location: str | Path, folders: bool = False) -> list[str]:
+    """File names directly in ``location`` (a folder or an S3 prefix), sorted; with ``folders``,
+    the names of the folders in it too."""
     location = str(location)
     if location.startswith("s3://"):
         bucket, prefix = _bucket_key(location.rstrip("/") + "/")
         pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
-        return sorted(obj["Key"][len(prefix):] for page in _s3_call(location, lambda: list(pages))
-                      for obj in page.get("Contents", []))
+        found = []
+        for page in _s3_call(location, lambda: list(pages)):
+            found += [obj["Key"][len(prefix):] for obj in page.get("Contents", [])]
+            if folders:
+                found += [sub["Prefix"][len(prefix):].rstrip("/") for sub in page.get("CommonPrefixes", [])]
+        return sorted(found)
     if is_remote(location):
         raise UserError(f"{location}: an HTTP location cannot be listed; use a local copy or an s3:// location")
     folder = Path(location)
-    return sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    return sorted(p.name for p in folder.iterdir() if folders or p.is_file()) if folder.is_dir() else []
+
+
+def remove_tree(location: str | Path) -> None:
+    """Remove a folder (an S3 prefix) and everything in it; one that is not there is no error."""
+    location = str(location)
+    _writable(location)
+    if not location.startswith("s3://"):
+        shutil.rmtree(location, ignore_errors=True)
+        return
+    bucket, prefix = _bucket_key(location.rstrip("/") + "/")
+    pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    for page in _s3_call(location, lambda: list(pages)):
+        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+        if keys:
+            _retrying(location, lambda: _s3().delete_objects(Bucket=bucket, Delete={"Objects": keys}))
 
 
 def _writable(url: str) -> None:

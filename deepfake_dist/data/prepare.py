@@ -36,7 +36,8 @@ def prepare(
     progress: bool = False,
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Shard ``source`` (``builtin:lfw``, ``celeba:PATH``, ``folder:PATH``, ``videos:PATH``) into ``out``.
+    """Shard ``source`` (``builtin:lfw``, ``celeba:PATH``, ``folder:PATH``, ``videos:PATH``) into ``out``
+    (a folder or ``s3://bucket/prefix``).
 
     Call it on every rank (under ``accelerate launch`` each rank writes its part); every rank
     returns the manifest. ``label`` ("real"/"fake") is for a flat folder; ``split`` fractions
@@ -48,7 +49,6 @@ def prepare(
     """
     fmt = _check_args(fmt, resolution, shard_size, workers, quality)
     fractions = parse_split(split)
-    out = Path(out)
     state = distributed_state()
     writer = ShardSetWriter(out, overwrite, state, workers)
     src = open_source(source, label, options)
@@ -60,7 +60,7 @@ def prepare(
         command = command or _default_command(source=source, out=out, resolution=resolution, fmt=fmt,
                                               shard_size=shard_size, split=fractions, workers=workers, seed=seed,
                                               quality=quality, label=label, options=options)
-        fields = _manifest_fields(src, out, encoding, fractions, seed, shard_size, label,
+        fields = _manifest_fields(src, writer.name, encoding, fractions, seed, shard_size, label,
                                   created_info(command, workers, state.num_processes))
     return writer.finish(fields, src.skipped, len(src.items) + len(src.skipped))
 
@@ -78,12 +78,12 @@ def _check_args(fmt: str, resolution: int, shard_size: int, workers: int, qualit
     return fmt
 
 
-def _manifest_fields(src: Source, out: Path, encoding: Encoding, fractions: Sequence[float], seed: int,
+def _manifest_fields(src: Source, name: str, encoding: Encoding, fractions: Sequence[float], seed: int,
                      shard_size: int, label: str | None, created: dict[str, Any]) -> dict[str, Any]:
     """What the manifest records about a prepared set: every setting that made it."""
     jpg = encoding.fmt == "jpg"
     return {
-        "name": out.resolve().name,
+        "name": name,
         "source": src.spec,
         "resolution": encoding.resolution,
         "format": encoding.fmt,
