@@ -77,14 +77,17 @@ class Stream:
         self.url, self._connect, self.pos = url, connect, start
         self._body = None
         self.size = 0
-        self._retry(lambda: b"")  # connects
+        self._retry(None)  # connects
 
     def _retry(self, read) -> bytes:
-        """``read()`` on an open connection; a dropped one is reopened at ``pos`` and read again."""
+        """``read()`` on an open connection (``None``: only connect); a dropped one is reopened at
+        ``pos`` and read again."""
         for failures in range(RETRIES + 1):
             try:
                 if self._body is None:
                     self._body, self.size = self._connect(self.pos)
+                if read is None:
+                    return b""
                 data = read()
                 if not data and self.pos < self.size:
                     raise _Dropped(f"the connection closed {self.size - self.pos} bytes before the end")
@@ -339,7 +342,7 @@ def list_names(location: str | Path, folders: bool = False) -> list[str]:
 def remove_tree(location: str | Path) -> None:
     """Remove a folder (an S3 prefix) and everything in it; one that is not there is no error."""
     location = str(location)
-    _writable(location)
+    check_writable(location)
     if not location.startswith("s3://"):
         shutil.rmtree(location, ignore_errors=True)
         return
@@ -351,7 +354,8 @@ def remove_tree(location: str | Path) -> None:
             _retrying(location, lambda: _s3().delete_objects(Bucket=bucket, Delete={"Objects": keys}))
 
 
-def _writable(url: str) -> None:
+def check_writable(url: str) -> None:
+    """A location that cannot be written to (HTTP) is a UserError."""
     if is_remote(url) and not url.startswith("s3://"):
         raise UserError(f"{url}: an HTTP location is read-only; write to a local folder or an s3:// location")
 
@@ -359,7 +363,7 @@ def _writable(url: str) -> None:
 def write_bytes(url: str | Path, data: bytes) -> None:
     """The whole file at once: a reader sees no file or the complete one."""
     url = str(url)
-    _writable(url)
+    check_writable(url)
     if url.startswith("s3://"):
         bucket, key = _bucket_key(url)
         _retrying(url, lambda: _s3().put_object(Bucket=bucket, Key=key, Body=data))
@@ -373,7 +377,7 @@ def write_bytes(url: str | Path, data: bytes) -> None:
 def upload(path: str | Path, url: str | Path) -> None:
     """Copy the local file ``path`` to ``url``."""
     url = str(url)
-    _writable(url)
+    check_writable(url)
     if url.startswith("s3://"):
         bucket, key = _bucket_key(url)
         with open(path, "rb") as body:
@@ -385,7 +389,7 @@ def upload(path: str | Path, url: str | Path) -> None:
 
 def move(src: str | Path, dst: str | Path) -> None:
     src, dst = str(src), str(dst)
-    _writable(dst)
+    check_writable(dst)
     if dst.startswith("s3://"):
         (sb, sk), (db, dk) = _bucket_key(src), _bucket_key(dst)
         _retrying(dst, lambda: _s3().copy_object(Bucket=db, Key=dk, CopySource={"Bucket": sb, "Key": sk}))
@@ -397,7 +401,7 @@ def move(src: str | Path, dst: str | Path) -> None:
 def remove(url: str | Path) -> None:
     """Remove a file; one that is not there is no error."""
     url = str(url)
-    _writable(url)
+    check_writable(url)
     if url.startswith("s3://"):
         bucket, key = _bucket_key(url)
         _retrying(url, lambda: _s3().delete_object(Bucket=bucket, Key=key))

@@ -307,6 +307,7 @@ def _write_json(url: str, data: Any) -> None:
 
 
 def _check_output(out: str, overwrite: bool) -> None:
+    locations.check_writable(out)
     if not locations.is_remote(out) and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the shard set")
     if locations.list_names(out, folders=True) and not overwrite:
