@@ -66,6 +66,8 @@ def cmd_prepare(args) -> int:
 def cmd_shards(args) -> int:
     from deepfake_dist.data.manifest import info_table, load_manifest, verify
 
+    if args.action == "index":
+        return cmd_shards_index(args)
     if args.action == "info":
         out.print(info_table(load_manifest(args.set)))
         return 0
@@ -164,10 +166,37 @@ def _add_generate(sub):
 
 
 def _add_shards(sub):
-    p = sub.add_parser("shards", help="check or describe a shard set")
-    p.add_argument("action", choices=["verify", "info"])
-    p.add_argument("set", help="shard set folder (holds manifest.json)")
+    p = sub.add_parser("shards", help="check, describe or index a shard set")
+    p.add_argument("action", choices=["verify", "info", "index"])
+    p.add_argument("set", help="shard set: a folder, an http(s):// URL or s3://bucket/prefix (holds manifest.json)")
+    _add_shards_index(p)
     p.set_defaults(fn=cmd_shards)
+
+
+def cmd_shards_index(args) -> int:
+    from deepfake_dist.data.index import index_set
+    from deepfake_dist.data.manifest import info_table
+
+    manifest = index_set(args.set, args.label_key, args.label_from_path, args.split_from_name, _command_line())
+    out.print(info_table(manifest))
+    for entry in manifest["unusable"][:20]:
+        err.print(f"[yellow]unusable[/yellow] {escape(entry['shard'])}: {escape(entry['key'])}: {escape(entry['reason'])}")
+    if len(manifest["unusable"]) > 20:
+        err.print(f"... and {len(manifest['unusable']) - 20} more, listed in the manifest's unusable")
+    return 0
+
+
+def _add_shards_index(p):
+    g = p.add_argument_group("index: write manifest.json for WebDataset shards made elsewhere (a folder or s3://)")
+    g.add_argument("--label-key", dest="label_key", metavar="KEY",
+                   help="the member holding the label (0/1 or real/fake; default cls), or json:FIELD for a field of "
+                        "the json member")
+    g.add_argument("--label-from-path", dest="label_from_path", metavar="PATTERN",
+                   help="a regular expression searched in each sample's key: its group (?P<real>...) or "
+                        "(?P<fake>...) that matched, or its first group read as 0/1/real/fake")
+    g.add_argument("--split-from-name", dest="split_from_name", action="store_true",
+                   help="each shard's split from its file name (train, val, valid, validation, test); "
+                        "otherwise every shard is train")
 
 
 def _command_line() -> str:

@@ -41,7 +41,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # shard sets (each with manifest.json): folders, http(s):// URLs or s3://bucket/prefix
+    train: list[str] = field(default_factory=list)  # shard sets with a manifest.json: folders, http(s):// or s3:// URLs
     val: Optional[list[str]] = None  # defaults to the train sets
     train_split: str = "train"
     val_split: str = "val"

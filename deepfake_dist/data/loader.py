@@ -46,7 +46,7 @@ import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from rich.markup import escape
@@ -63,6 +63,7 @@ from deepfake_dist.data.manifest import (
     load_manifest,
     missing_locally,
     missing_shard_error,
+    set_location,
     shard_urls,
     split_count,
 )
@@ -133,10 +134,41 @@ def _read_shards(urls, expected: dict[str, int], problems: list[ReadProblem],
                 failures.add(url, failed=False)
 
 
-def _decode_or_report(sample: dict, channels: int, rules: dict[str, LabelRule],
-                      problems: list[ReadProblem]) -> tuple | None:
+@dataclass(frozen=True)
+class ShardLabels:
+    """How the samples of each shard are labelled (``rules``, by shard URL; ``cls`` for one not
+    listed), and the (URL, key) of the samples a manifest lists as unusable (no image or no
+    label, in a set ``shards index`` made), which the streams pass over without a problem."""
+
+    rules: dict[str, LabelRule] = field(default_factory=dict)
+    unusable: frozenset[tuple[str, str]] = frozenset()
+
+    @classmethod
+    def of(cls, sets: list[str], split: str) -> ShardLabels:
+        rules, unusable = {}, set()
+        for shard_set in sets:
+            manifest = load_manifest(shard_set)
+            rule = LabelRule.from_manifest(manifest)
+            rules.update((url, rule) for url, _ in listed_shards(shard_set, split))
+            location = set_location(shard_set)
+            unusable.update((locations.join(location, u["shard"]), u["key"]) for u in manifest.get("unusable", []))
+        return cls(rules, frozenset(unusable))
+
+    def rule(self, url: str) -> LabelRule:
+        return self.rules.get(url, _CLS)
+
+    def known_unusable(self, sample: dict) -> bool:
+        return (sample["__url__"], sample["__key__"]) in self.unusable
+
+
+_CLS = LabelRule()
+
+
+def _decode_or_report(sample: dict, channels: int, labels: ShardLabels, problems: list[ReadProblem]) -> tuple | None:
+    if labels.known_unusable(sample):
+        return None
     try:
-        return _decode_sample(sample, channels, rules[sample["__url__"]])
+        return _decode_sample(sample, channels, labels.rule(sample["__url__"]))
     except Exception as err:  # noqa: BLE001 - any undecodable sample is reported, not fatal to the worker
         problems.append(ReadProblem(sample.get("__url__", "?"), sample.get("__key__"), _reason(err), sample=True))
         return None
@@ -307,11 +339,10 @@ class TrainStream(IterableDataset):
     ahead of an uninterrupted one from there (the run warned of the image when it met it)."""
 
     def __init__(self, urls, cfg: DataConfig, channels: int, rank: int, batches_per_worker: int, seed: int,
-                 expected: dict[str, int] | None = None, per_transfer: int = 1,
-                 rules: dict[str, LabelRule] | None = None):
+                 expected: dict[str, int] | None = None, per_transfer: int = 1, labels: ShardLabels | None = None):
         self.urls, self.cfg, self.channels, self.rank, self.seed = urls, cfg, channels, rank, seed
         self.expected = expected or {}  # url -> samples the manifest lists (to notice a truncated shard)
-        self.rules = rules or dict.fromkeys(urls, LabelRule())  # url -> how its samples' labels are read
+        self.labels = labels or ShardLabels()
         self.missing: list[str] = []  # listed shards that were not there at the start (skipped)
         self.batches_per_worker, self.per_transfer = batches_per_worker, per_transfer
         self.transform = transforms.TrainAugment(cfg.resolution, cfg.augment)
@@ -366,7 +397,7 @@ class TrainStream(IterableDataset):
         held: list[dict] = []  # the shuffle buffer
 
         def want(url):  # while skipping, a shard's members are passed over, its labels excepted
-            return None if not skipping else (lambda name, rule=self.rules[url]: not skipping or rule.reads(name))
+            return None if not skipping else (lambda name, rule=self.labels.rule(url): not skipping or rule.reads(name))
 
         failures = _ShardFailures(self.urls, 1 if self.cfg.on_error == "raise" else MAX_FAILURES_IN_ROW)
         shards = (rng.choice(self.urls) for _ in iter(int, 1))
@@ -383,7 +414,7 @@ class TrainStream(IterableDataset):
                         skipping = False
                         _fill_quietly(held)
                 else:
-                    item = _decode_or_report(sample, self.channels, self.rules, problems)
+                    item = _decode_or_report(sample, self.channels, self.labels, problems)
                     if item is not None:
                         group.append(item)
                         taken += 1
@@ -404,9 +435,11 @@ class TrainStream(IterableDataset):
     def _trainable(self, sample: dict, problems: list[ReadProblem]) -> bool:
         """Whether ``sample`` would be trained on, as far as can be told without decoding it: it
         has an image and a label."""
+        if self.labels.known_unusable(sample):
+            return False
         try:
             _image_keys(sample)
-            self.rules[sample["__url__"]].label(sample)
+            self.labels.rule(sample["__url__"]).label(sample)
             return True
         except ValueError as err:
             problems.append(ReadProblem(sample["__url__"], sample["__key__"], _reason(err), sample=True))
@@ -476,15 +509,6 @@ def batches_per_transfer(cfg: DataConfig, channels: int, frames: int | None) -> 
     return max(int(cfg.transfer_mib * 2**20 // batch_bytes), 1)
 
 
-def label_rules(sets: list[str], split: str) -> dict[str, LabelRule]:
-    """How the labels of each of ``split``'s shards in ``sets`` are read, by shard URL."""
-    rules = {}
-    for shard_set in sets:
-        rule = LabelRule.from_manifest(load_manifest(shard_set))
-        rules.update((url, rule) for url, _ in listed_shards(shard_set, split))
-    return rules
-
-
 def train_loader(cfg: DataConfig, channels: int, rank: int, world: int, seed: int,
                  device: torch.device | None = None) -> tuple[torch.utils.data.DataLoader, TrainStream]:
     """Batches on ``device`` (None: the CPU). A missing local shard is an error under
@@ -509,7 +533,7 @@ def train_loader(cfg: DataConfig, channels: int, rank: int, world: int, seed: in
     per_worker = math.ceil(batches_per_rank / workers)
     frames = clip_frames(cfg.train)  # refuses sets whose samples cannot share a batch
     stream = TrainStream(urls, cfg, channels, rank, per_worker, seed, expected,
-                         batches_per_transfer(cfg, channels, frames), label_rules(cfg.train, cfg.train_split))
+                         batches_per_transfer(cfg, channels, frames), ShardLabels.of(cfg.train, cfg.train_split))
     stream.missing = missing
     hint = ("data.on_error is raise; set it to skip to train on without it, or find what is wrong with "
             "deepfake-dist shards verify {set} and re-create the set")
@@ -544,11 +568,10 @@ class EvalStream(IterableDataset):
     """Every sample of the split once: shards split over ranks then workers, last batch kept."""
 
     def __init__(self, urls, options: EvalOptions, rank: int, world: int, perturb=None,
-                 frames: int | None = None, expected: dict[str, int] | None = None,
-                 rules: dict[str, LabelRule] | None = None):
+                 frames: int | None = None, expected: dict[str, int] | None = None, labels: ShardLabels | None = None):
         self.urls, self.options, self.rank, self.world = urls, options, rank, world
         self.expected = expected or {}
-        self.rules = rules or dict.fromkeys(urls, LabelRule())
+        self.labels = labels or ShardLabels()
         self.transform = transforms.eval_resize(options.resolution, perturb)
         self.sample_shape = (*([frames] if frames else []), options.channels, options.resolution, options.resolution)
         self.ring = HandOffRing(options.num_workers)
@@ -560,10 +583,12 @@ class EvalStream(IterableDataset):
         problems: list[ReadProblem] = []
         batch = []
         for sample in _read_shards(mine, self.expected, problems):
-            item = _decode_or_report(sample, self.options.channels, self.rules, problems)
+            item = _decode_or_report(sample, self.options.channels, self.labels, problems)
             if problems:  # every sample counts: stop at the first problem (the loader raises)
                 yield self.ring.collate([], problems)
                 return
+            if item is None:  # listed as unusable by the manifest
+                continue
             image, label, key, meta = item
             batch.append((self.transform(image), label, key, meta))
             if len(batch) == self.options.batch_size:
@@ -584,7 +609,8 @@ def eval_loader(sets: list[str], split: str, options: EvalOptions, rank: int = 0
     if not urls:
         raise UserError(f"no '{split}' shards in {sets}; prepare the sets with a {split} split")
     expected = {url: int(entry.get("samples", 0)) for s in sets for url, entry in listed_shards(s, split)}
-    stream = EvalStream(urls, options, rank, world, perturb, clip_frames(sets), expected, label_rules(sets, split))
+    stream = EvalStream(urls, options, rank, world, perturb, clip_frames(sets), expected,
+                        ShardLabels.of(sets, split))
     workers = min(options.num_workers, max(len(urls) // world, 1))
     hint = ("evaluation reads every sample, so it stops; find what is wrong with deepfake-dist shards verify {set} "
             "and re-create the set")

@@ -174,8 +174,10 @@ def _read_shard(stream: HashingStream, manifest: dict[str, Any], rule: LabelRule
     problems = []
     for sample in tar_samples(stream, want=rule.reads):
         labels["total"] += 1
+        if sample["__key__"] in known:
+            continue
         label, problem = _sample_problem(sample, manifest, rule)
-        if problem and sample["__key__"] not in known:
+        if problem:
             problems.append(problem)
         if label is not None:
             labels[LABEL_NAMES[label]] += 1
@@ -191,9 +193,9 @@ def verify(set_path: str | Path) -> list[str]:
     rule = LabelRule.from_manifest(manifest)
     problems: list[str] = []
     totals: dict[str, Counter] = {split: Counter() for split in SPLITS}
-    known = {u["key"] for u in manifest.get("unusable", [])}
     for shard in manifest["shards"]:
         name = shard["file"]
+        known = {u["key"] for u in manifest.get("unusable", []) if u["shard"] == name}
         try:
             found = _check_shard(locations.join(location, name), shard, manifest, rule, known)
         except FileNotFoundError:
@@ -301,6 +303,11 @@ def info_table(manifest: dict[str, Any]):
         ("command", created.get("command") or "?"),
     ):
         settings.add_row(key, str(value))
+    if "indexed" in manifest:  # shards made elsewhere: how labels are read, what could not be used
+        unusable = manifest.get("unusable", [])
+        settings.add_row("labels", LabelRule.from_manifest(manifest).describe())
+        settings.add_row("unusable", f"{len(unusable)}" + (f" (first: {unusable[0]['shard']}: {unusable[0]['key']}: "
+                                                           f"{unusable[0]['reason']})" if unusable else ""))
     video = pre.get("video")
     if video:
         sampling = f"every {video['frame_step']}" if video["sampling"] == "step" else "uniform"
