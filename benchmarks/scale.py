@@ -1,0 +1,223 @@
+"""A million samples: a shard set of small synthetic faces (32 px, drawn by this benchmark) made
+by the platform's shard writer over workers x 2 ranks (``accelerate launch``, two gloo
+processes), then streamed by the training loader.
+
+* prepare: samples/s of the 1 000 000-sample set (2 ranks), and of a smaller set made by 1 and
+  by 2 processes (the scaling);
+* the loader: samples/s of one epoch (``train_loader``, one rank, its workers) over the first
+  10 000, 100 000 and 1 000 000 samples of the set, each in a fresh process, with the peak RSS
+  of that process and of each of its workers (the kernel's high-water mark, ``VmHWM``);
+* the manifest's size and the time ``shards verify`` takes over the whole set.
+
+    deepfake-dist bench scale [--samples 1000000] [--scaling-samples 100000] [--sizes 10000 100000 1000000]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import psutil
+from PIL import Image
+
+from benchmarks.common import REPO, console, machine, parser, print_table, write_result
+from deepfake_dist.data.common import Item
+from deepfake_dist.data.manifest import MANIFEST_NAME, load_manifest, manifest_id, verify
+
+SIZE = 32
+GLOO = REPO / "configs" / "accelerate" / "cpu_gloo.yaml"
+
+
+def synthetic_face(index: int) -> Image.Image:
+    """A 32-px face drawn from ``index`` alone: a skin-toned oval on a plain background, two eyes
+    and a mouth, each placed, sized and coloured at random, with sensor-like noise; odd indices
+    (the fakes) carry a faint checkerboard, an upsampling trace."""
+    rng = np.random.default_rng(index)
+    yy, xx = np.mgrid[:SIZE, :SIZE] / SIZE
+    cy, cx = 0.5 + rng.normal(0, 0.03, 2)
+    image = np.broadcast_to(rng.uniform(0, 255, 3), (SIZE, SIZE, 3)).copy()
+    oval = ((yy - cy) / rng.uniform(0.32, 0.42)) ** 2 + ((xx - cx) / rng.uniform(0.25, 0.33)) ** 2 < 1
+    image[oval] = [rng.uniform(150, 240), rng.uniform(100, 190), rng.uniform(80, 160)]
+    eye = rng.uniform(0.03, 0.05)
+    for side in (-1, 1):
+        image[(yy - cy + 0.1) ** 2 + (xx - cx - side * 0.12) ** 2 < eye**2] = rng.uniform(0, 60, 3)
+    image[((yy - cy - 0.17) / 0.03) ** 2 + ((xx - cx) / rng.uniform(0.08, 0.14)) ** 2 < 1] = [rng.uniform(120, 200), 40, 50]
+    image += rng.normal(0, 6, image.shape)
+    if index % 2:
+        image += (5.0 * (((np.arange(SIZE)[:, None] + np.arange(SIZE)) % 2) * 2 - 1))[..., None]
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+
+
+def synthetic_items(samples: int) -> list[Item]:
+    return [Item(f"face-{i:07d}", None, i % 2, partial(synthetic_face, i)) for i in range(samples)]
+
+
+def write_set(out: Path, samples: int, workers: int, shard_size: int) -> dict:
+    """Every rank: ``samples`` synthetic faces, all in the train split, written into ``out``;
+    returns the manifest, and (main process) prints the seconds the writing took, from the
+    barrier where every rank has its plan."""
+    from deepfake_dist.data.shard_writer import Encoding, ShardSetWriter, created_info, plan_shards
+    from deepfake_dist.engine.distributed import distributed_state
+
+    state = distributed_state()
+    writer = ShardSetWriter(out, True, state, workers)
+    jobs = writer.jobs(plan_shards(synthetic_items(samples), (1.0, 0.0, 0.0), 0, shard_size),
+                       Encoding("RGB", SIZE, "png"))
+    state.wait_for_everyone()
+    start = time.perf_counter()
+    writer.write(jobs)
+    fields = None
+    if state.is_main_process:
+        fields = {"name": writer.name, "source": f"synthetic:{samples}", "resolution": SIZE, "format": "png",
+                  "channels": 3, "mode": "RGB", "frames": None, "preprocessing": {"drawn": "benchmarks/scale.py"},
+                  "created": created_info("deepfake-dist bench scale", workers, state.num_processes)}
+    manifest = writer.finish(fields, [], samples)
+    if state.is_main_process:
+        print(json.dumps({"seconds": time.perf_counter() - start, "ranks": state.num_processes}), flush=True)
+    return manifest
+
+
+def prepare(out: Path, samples: int, ranks: int, workers: int, shard_size: int) -> dict:
+    """Write the set with ``ranks`` processes (``accelerate launch`` for 2) x ``workers``."""
+    args = ["-m", "benchmarks.scale", "--role", "prepare", "--set", str(out), "--samples", str(samples),
+            "--workers", str(workers), "--shard-size", str(shard_size)]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(GLOO),
+              "--num_processes", str(ranks)] if ranks > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(launch + args, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stdout[-2000:] + done.stderr[-2000:])
+    timing = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    return {"samples": samples, "ranks": ranks, "workers": workers, "seconds": timing["seconds"],
+            "samples_per_s": samples / timing["seconds"]}
+
+
+def first_samples(src: Path, samples: int) -> Path:
+    """A set of ``src``'s first shards holding ``samples`` samples: its own manifest, the shards
+    linked (the loader reads them where they are)."""
+    if samples >= load_manifest(src)["counts"]["train"]["total"]:
+        return src
+    out = src.parent / f"{src.name}-first{samples}"
+    manifest = load_manifest(src)
+    shards, total = [], 0
+    for shard in manifest["shards"]:
+        if total >= samples:
+            break
+        shards.append(shard)
+        total += shard["samples"]
+    out.mkdir(exist_ok=True)
+    for shard in shards:
+        link = out / shard["file"]
+        if not link.exists():
+            link.symlink_to(src / shard["file"])
+    counts = {"train": {k: sum(s[k] for s in shards) for k in ("real", "fake")} | {"total": total}}
+    view = {**manifest, "name": out.name, "counts": counts, "shards": shards, "id": manifest_id(shards)}
+    (out / MANIFEST_NAME).write_text(json.dumps(view))
+    return out
+
+
+def stream(set_dir: Path, workers: int, batch_size: int) -> dict:
+    """In this (fresh) process: one epoch of the training loader over ``set_dir``: samples/s
+    after the first batch, and the peak RSS of this process and of each worker."""
+    from deepfake_dist.config import DataConfig
+    from deepfake_dist.data.loader import train_loader
+
+    cfg = DataConfig(train=[str(set_dir)], resolution=SIZE, batch_size=batch_size, num_workers=workers)
+    loader, data = train_loader(cfg, 3, 0, 1, seed=0)
+    data.set_epoch(0)
+    start, samples, first = time.perf_counter(), 0, None
+    for batch in loader:
+        if first is None:
+            first = time.perf_counter()
+        else:
+            samples += len(batch)
+    seconds = time.perf_counter() - first
+    workers_hwm = [_hwm_mib(child.pid) for child in psutil.Process().children()]
+    return {"set_samples": load_manifest(set_dir)["counts"]["train"]["total"], "samples": samples,
+            "samples_per_s": samples / seconds, "first_batch_s": first - start,
+            "main_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "worker_peak_rss_mib": workers_hwm}
+
+
+def _hwm_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _in_fresh_process(role: str, set_dir: Path, args) -> dict:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--role", role, "--set", str(set_dir),
+                           "--loader-workers", str(args.loader_workers), "--batch-size", str(args.batch_size)],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = parser("scale", __doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=1_000_000)
+    p.add_argument("--scaling-samples", dest="scaling_samples", type=int, default=100_000)
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--workers", type=int, default=1, help="prepare workers per rank")
+    p.add_argument("--loader-workers", dest="loader_workers", type=int, default=2)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    p.add_argument("--shard-size", dest="shard_size", type=int, default=1000)
+    p.add_argument("--role", choices=["main", "prepare", "stream"], default="main", help="internal")
+    p.add_argument("--set", type=Path, help="internal")
+    args = p.parse_args()
+    if args.role == "prepare":
+        write_set(args.set, args.samples, args.workers, args.shard_size)
+        return
+    if args.role == "stream":
+        print(json.dumps(stream(args.set, args.loader_workers, args.batch_size)))
+        return
+    started = machine()
+    results: dict = {"load_average": {"start": os.getloadavg()}}
+
+    scaling = args.data / f"scale-{args.scaling_samples}"
+    results["prepare_scaling"] = [prepare(scaling, args.scaling_samples, ranks, 1, args.shard_size) for ranks in (1, 2)]
+    one, two = results["prepare_scaling"]
+    results["prepare_scaling_2_vs_1"] = two["samples_per_s"] / one["samples_per_s"]
+    console.print(f"prepare {args.scaling_samples}: 1 process {one['samples_per_s']:,.0f}/s, 2 processes "
+                  f"{two['samples_per_s']:,.0f}/s ({results['prepare_scaling_2_vs_1']:.2f}x)")
+    full = args.data / f"scale-{args.samples}"
+    results["prepare"] = prepare(full, args.samples, 2, args.workers, args.shard_size)
+    results["load_average"]["after_prepare"] = os.getloadavg()
+    console.print(f"prepare {args.samples}: {results['prepare']['samples_per_s']:,.0f} samples/s")
+
+    results["manifest_bytes"] = (full / MANIFEST_NAME).stat().st_size
+    start = time.perf_counter()
+    problems = verify(full)
+    results["verify"] = {"seconds": time.perf_counter() - start, "problems": len(problems),
+                         "set_bytes": sum(s["bytes"] for s in load_manifest(full)["shards"])}
+    results["load_average"]["after_verify"] = os.getloadavg()
+
+    results["stream"] = [_in_fresh_process("stream", first_samples(full, n), args) for n in sorted(args.sizes)]
+    results["load_average"]["end"] = os.getloadavg()
+    base = results["stream"][0]
+    for row in results["stream"]:
+        row["rate_vs_smallest"] = row["samples_per_s"] / base["samples_per_s"]
+        row["main_rss_vs_smallest"] = row["main_peak_rss_mib"] / base["main_peak_rss_mib"]
+        row["worker_rss_vs_smallest"] = max(w / b for w, b in zip(row["worker_peak_rss_mib"], base["worker_peak_rss_mib"]))
+    print_table("scale: the training loader over the first N samples (one epoch each, fresh process)",
+                ["set samples", "samples/s", "vs smallest", "main peak RSS MiB", "worker peak RSS MiB",
+                 "RSS vs smallest (main, worst worker)"],
+                [[r["set_samples"], r["samples_per_s"], r["rate_vs_smallest"], r["main_peak_rss_mib"],
+                  ", ".join(f"{w:.0f}" for w in r["worker_peak_rss_mib"]),
+                  f"{r['main_rss_vs_smallest']:.3f}, {r['worker_rss_vs_smallest']:.3f}"] for r in results["stream"]])
+    console.print(f"manifest {results['manifest_bytes'] / 1024:.0f} KiB; shards verify "
+                  f"{results['verify']['seconds']:.0f} s over {results['verify']['set_bytes'] / 2**30:.2f} GiB "
+                  f"({results['verify']['problems']} problems)")
+    write_result("scale", args, results, started)
+
+
+if __name__ == "__main__":
+    main()
