@@ -1,16 +1,17 @@
-"""DDP at 8, 64 and 256 GPUs, on paper: each detector's step time on one GPU (measured: a bf16
-training step at 224 px, batch 256, channels_last, fused AdamW, on the GPU this runs on with
-``--measure``; otherwise the H100 figures of BENCHMARKS.md, gpu) and its gradient size (its
+"""DDP at 8, 64 and 256 GPUs, on paper: each detector's step time on one GPU (a bf16 training
+step at 224 px, batch 256, channels_last, fused AdamW: measured on this machine's GPU with
+``--measure``, or given as measured elsewhere with ``--images-per-s``) and its gradient size (its
 parameter count, fp32 gradients as DDP reduces them), through NCCL's ring all-reduce at stated
 bandwidths and latencies, give each model's scaling efficiency, and what the data path must then
-feed each 8-GPU node (images/s, and MB/s from object storage at a stated bytes per image).
+feed each 8-GPU node: images/s, MB/s from object storage at ``--bytes-per-image``, and CPU cores
+at ``--cpu-images-per-s`` (one core's decode + augmentation rate).
 
 Ring all-reduce of S bytes over N GPUs: 2 (N - 1) / N * S / bus bandwidth, plus 2 (N - 1) hops
-of latency. DDP reduces gradients in buckets while the backward pass runs, so the step hides up
-to the backward's time (taken as 2/3 of the step) of it; efficiency is reported with and without
-that overlap.
+of latency. DDP reduces gradients in 25 MB buckets while the backward pass runs, so the step hides
+up to the backward's time (taken as 2/3 of the step) of it, except the last bucket, reduced once
+the backward is done; efficiency is reported with and without that overlap.
 
-    deepfake-dist bench projection [--measure]
+    deepfake-dist bench projection --measure | --images-per-s resnet18=R hybrid=R efficientnet_b4=R
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ import torch.nn.functional as F
 from benchmarks.common import console, machine, parser, print_table, write_result
 
 BATCH = 256
-# images/s of one bf16 step at 224 px, batch 256 (BENCHMARKS.md, gpu: H100); None: measure it
-H100_IMAGES_PER_S = {"resnet18": 11_815, "hybrid": 2_900, "efficientnet_b4": None}
+MODELS = ("resnet18", "hybrid", "efficientnet_b4")
+BUCKET_MB = 25  # DDP's bucket_cap_mb
 # (name, GPUs, bus bandwidth GB/s, latency per ring hop in us): NVLink inside one 8-GPU node;
 # across nodes, 8 x 400 Gb/s InfiniBand per node (rail-optimised) or one 100 Gb/s Ethernet port
 FABRICS = [("NVLink, 1 node", 8, 350.0, 5.0), ("IB 8x400G/node", 64, 200.0, 10.0), ("IB 8x400G/node", 256, 200.0, 10.0),
            ("100GbE/node", 64, 10.0, 20.0), ("100GbE/node", 256, 10.0, 20.0)]
-BYTES_PER_IMAGE = 20_000  # a 224-px face crop as JPEG at quality 95 (stated, not measured here)
 
 
 def build(name: str) -> torch.nn.Module:
@@ -77,17 +77,24 @@ def allreduce_s(grad_bytes: float, gpus: int, bus_gb_s: float, hop_us: float) ->
 def main() -> None:
     p = parser("projection", __doc__.splitlines()[0])
     p.add_argument("--measure", action="store_true", help="time each model's step on this machine's GPU")
+    p.add_argument("--images-per-s", dest="images_per_s", nargs="+", default=[], metavar="MODEL=RATE",
+                   help="each model's step rate per GPU, measured elsewhere")
+    p.add_argument("--bytes-per-image", dest="bytes_per_image", type=float, default=20_000,
+                   help="a training image's size in the shards (a 224-px face crop as JPEG)")
+    p.add_argument("--cpu-images-per-s", dest="cpu_images_per_s", type=float,
+                   help="one CPU core's decode + augmentation rate at 224 px (for the cores a node needs)")
     args = p.parse_args()
+    given = {name: float(rate) for name, rate in (item.split("=", 1) for item in args.images_per_s)}
+    if not args.measure and set(given) != set(MODELS):
+        raise SystemExit(f"give --measure (on a GPU) or --images-per-s for each of {', '.join(MODELS)}")
     started = machine()
     models = {}
-    for name, h100 in H100_IMAGES_PER_S.items():
+    for name in MODELS:
         model = build(name)
         params = sum(t.numel() for t in model.parameters())
-        rate = step_images_per_s(model) if args.measure else h100
-        if rate is None:
-            raise SystemExit(f"{name}: no measured step time; run with --measure on a GPU")
+        rate = step_images_per_s(model) if args.measure else given[name]
         models[name] = {"parameters": params, "grad_mb": params * 4 / 1e6, "images_per_s_per_gpu": rate,
-                        "step_ms": BATCH / rate * 1e3, "measured_here": args.measure, "h100_images_per_s": h100}
+                        "step_ms": BATCH / rate * 1e3, "measured_here": args.measure}
         console.print(f"{name}: {params / 1e6:.2f} M parameters, {rate:,.0f} images/s per GPU, "
                       f"{models[name]['step_ms']:.1f} ms a step")
         del model
@@ -98,18 +105,20 @@ def main() -> None:
         step = m["step_ms"] / 1e3
         for fabric, gpus, bus, hop in FABRICS:
             comm = allreduce_s(m["grad_mb"] * 1e6, gpus, bus, hop)
-            exposed = max(comm - 2 / 3 * step, 0.0)
+            exposed = max(comm - 2 / 3 * step, comm * min(1.0, BUCKET_MB / m["grad_mb"]))
             efficiency, overlapped = step / (step + comm), step / (step + exposed)
             per_node = 8 * m["images_per_s_per_gpu"] * overlapped
             rows.append({"model": name, "fabric": fabric, "gpus": gpus, "allreduce_ms": comm * 1e3,
                          "efficiency_no_overlap": efficiency, "efficiency_overlap": overlapped,
-                         "node_images_per_s": per_node, "node_mb_per_s": per_node * BYTES_PER_IMAGE / 1e6})
+                         "node_images_per_s": per_node, "node_mb_per_s": per_node * args.bytes_per_image / 1e6,
+                         "node_cpu_cores": per_node / args.cpu_images_per_s if args.cpu_images_per_s else None})
     print_table(f"DDP projection: bf16 step at 224 px, batch {BATCH} per GPU, fp32 gradients, ring all-reduce",
                 ["model", "fabric", "GPUs", "all-reduce ms", "efficiency (no overlap)", "efficiency (overlap)",
-                 "images/s per node", "MB/s per node"],
+                 "images/s per node", "MB/s per node", "CPU cores per node"],
                 [[r["model"], r["fabric"], r["gpus"], r["allreduce_ms"], r["efficiency_no_overlap"],
-                  r["efficiency_overlap"], r["node_images_per_s"], r["node_mb_per_s"]] for r in rows])
-    results = {"models": models, "fabrics": FABRICS, "bytes_per_image": BYTES_PER_IMAGE, "batch": BATCH, "rows": rows}
+                  r["efficiency_overlap"], r["node_images_per_s"], r["node_mb_per_s"], r["node_cpu_cores"]]
+                 for r in rows])
+    results = {"models": models, "fabrics": FABRICS, "batch": BATCH, "rows": rows}
     write_result("projection", args, results, started)
 
 
