@@ -23,7 +23,8 @@ from deepfake_dist.data.manifest import load_manifest
 
 
 def shard_set(args):
-    """The first ``--samples`` of the scale benchmark's million when it has been made, else a set of its own."""
+    """The first ``--samples`` of the scale benchmark's million when it has been made, else the
+    scale benchmark's set of ``--samples`` (made now if need be)."""
     million = args.data / "scale-1000000"
     try:
         if load_manifest(million)["counts"]["train"]["total"] >= args.samples:
@@ -34,7 +35,7 @@ def shard_set(args):
     try:
         load_manifest(own)
     except Exception:  # noqa: BLE001 - not made yet
-        prepare(own, args.samples, 1, args.workers, 1000)
+        prepare(own, args.samples, 1, max(args.workers, 1), 1000)
     return own
 
 

@@ -10,6 +10,7 @@ processes), then streamed by the training loader.
 * the manifest's size and the time ``shards verify`` takes over the whole set.
 
     deepfake-dist bench scale [--samples 1000000] [--scaling-samples 100000] [--sizes 10000 100000 1000000]
+                              [--ranks 2] [--workers 1] [--loader-workers 2]
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def synthetic_items(samples: int) -> list[Item]:
 
 def write_set(out: Path, samples: int, workers: int, shard_size: int) -> dict:
     """Every rank: ``samples`` synthetic faces, all in the train split, written into ``out``;
-    returns the manifest, and (main process) prints the seconds the writing took, from the
-    barrier where every rank has its plan."""
+    returns the manifest, and (the main process of several) prints the seconds the writing took,
+    from the barrier where every rank has its plan."""
     from deepfake_dist.data.shard_writer import Encoding, ShardSetWriter, created_info, plan_shards
     from deepfake_dist.engine.distributed import distributed_state
 
@@ -79,24 +80,30 @@ def write_set(out: Path, samples: int, workers: int, shard_size: int) -> dict:
                   "channels": 3, "mode": "RGB", "frames": None, "preprocessing": {"drawn": "benchmarks/scale.py"},
                   "created": created_info("deepfake-dist bench scale", workers, state.num_processes)}
     manifest = writer.finish(fields, [], samples)
-    if state.is_main_process:
-        print(json.dumps({"seconds": time.perf_counter() - start, "ranks": state.num_processes}), flush=True)
+    if state.is_main_process and state.num_processes > 1:  # for the launching process
+        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
     return manifest
 
 
 def prepare(out: Path, samples: int, ranks: int, workers: int, shard_size: int) -> dict:
-    """Write the set with ``ranks`` processes (``accelerate launch`` for 2) x ``workers``."""
-    args = ["-m", "benchmarks.scale", "--role", "prepare", "--set", str(out), "--samples", str(samples),
-            "--workers", str(workers), "--shard-size", str(shard_size)]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(GLOO),
-              "--num_processes", str(ranks)] if ranks > 1 else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(launch + args, cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(done.stdout[-2000:] + done.stderr[-2000:])
-    timing = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
-    return {"samples": samples, "ranks": ranks, "workers": workers, "seconds": timing["seconds"],
-            "samples_per_s": samples / timing["seconds"]}
+    """Write the set with ``ranks`` processes x ``workers``: two or more under ``accelerate
+    launch``, one in this process."""
+    if ranks == 1:
+        start = time.perf_counter()
+        write_set(out, samples, workers, shard_size)
+        seconds = time.perf_counter() - start
+    else:
+        args = ["-m", "benchmarks.scale", "--role", "prepare", "--set", str(out), "--samples", str(samples),
+                "--workers", str(workers), "--shard-size", str(shard_size)]
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(GLOO),
+                  "--num_processes", str(ranks)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        done = subprocess.run(launch + args, cwd=REPO, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(done.stdout[-2000:] + done.stderr[-2000:])
+        seconds = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])["seconds"]
+    return {"samples": samples, "ranks": ranks, "workers": workers, "seconds": seconds,
+            "samples_per_s": samples / seconds}
 
 
 def first_samples(src: Path, samples: int) -> Path:
@@ -164,9 +171,11 @@ def _in_fresh_process(role: str, set_dir: Path, args) -> dict:
 def main() -> None:
     p = parser("scale", __doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=1_000_000)
-    p.add_argument("--scaling-samples", dest="scaling_samples", type=int, default=100_000)
+    p.add_argument("--scaling-samples", dest="scaling_samples", type=int, default=100_000,
+                   help="the set made by 1 and by 2 processes (0: not measured)")
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--workers", type=int, default=1, help="prepare workers per rank")
+    p.add_argument("--ranks", type=int, default=2, help="prepare processes for the whole set")
     p.add_argument("--loader-workers", dest="loader_workers", type=int, default=2)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     p.add_argument("--shard-size", dest="shard_size", type=int, default=1000)
@@ -182,14 +191,15 @@ def main() -> None:
     started = machine()
     results: dict = {"load_average": {"start": os.getloadavg()}}
 
-    scaling = args.data / f"scale-{args.scaling_samples}"
-    results["prepare_scaling"] = [prepare(scaling, args.scaling_samples, ranks, 1, args.shard_size) for ranks in (1, 2)]
-    one, two = results["prepare_scaling"]
-    results["prepare_scaling_2_vs_1"] = two["samples_per_s"] / one["samples_per_s"]
-    console.print(f"prepare {args.scaling_samples}: 1 process {one['samples_per_s']:,.0f}/s, 2 processes "
-                  f"{two['samples_per_s']:,.0f}/s ({results['prepare_scaling_2_vs_1']:.2f}x)")
+    if args.scaling_samples:
+        scaling = args.data / f"scale-{args.scaling_samples}"
+        results["prepare_scaling"] = [prepare(scaling, args.scaling_samples, n, 1, args.shard_size) for n in (1, 2)]
+        one, two = results["prepare_scaling"]
+        results["prepare_scaling_2_vs_1"] = two["samples_per_s"] / one["samples_per_s"]
+        console.print(f"prepare {args.scaling_samples}: 1 process {one['samples_per_s']:,.0f}/s, 2 processes "
+                      f"{two['samples_per_s']:,.0f}/s ({results['prepare_scaling_2_vs_1']:.2f}x)")
     full = args.data / f"scale-{args.samples}"
-    results["prepare"] = prepare(full, args.samples, 2, args.workers, args.shard_size)
+    results["prepare"] = prepare(full, args.samples, args.ranks, args.workers, args.shard_size)
     results["load_average"]["after_prepare"] = os.getloadavg()
     console.print(f"prepare {args.samples}: {results['prepare']['samples_per_s']:,.0f} samples/s")
 
