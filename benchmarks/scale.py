@@ -3,13 +3,14 @@ by the platform's shard writer over workers x 2 ranks (``accelerate launch``, tw
 processes), then streamed by the training loader.
 
 * prepare: samples/s of the 1 000 000-sample set (2 ranks), and of a smaller set made by 1 and
-  by 2 processes (the scaling);
+  by 2 processes taking turns for ``--repeats`` rounds (the scaling: the median of the
+  per-round ratios);
 * the loader: samples/s of one epoch (``train_loader``, one rank, its workers) over the first
   10 000, 100 000 and 1 000 000 samples of the set, each in a fresh process, with the peak RSS
   of that process and of each of its workers (the kernel's high-water mark, ``VmHWM``);
 * the manifest's size and the time ``shards verify`` takes over the whole set.
 
-    deepfake-dist bench scale [--samples 1000000] [--scaling-samples 100000] [--sizes 10000 100000 1000000]
+    deepfake-dist bench scale [--samples 1000000] [--scaling-samples 20000] [--sizes 10000 100000 1000000]
                               [--ranks 2] [--workers 1] [--loader-workers 2]
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -28,7 +30,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from benchmarks.common import REPO, console, machine, parser, print_table, write_result
+from benchmarks.common import REPO, console, interleaved, machine, parser, print_table, write_result
 from deepfake_dist.data.common import Item
 from deepfake_dist.data.manifest import MANIFEST_NAME, load_manifest, manifest_id, verify
 
@@ -171,7 +173,7 @@ def _in_fresh_process(role: str, set_dir: Path, args) -> dict:
 def main() -> None:
     p = parser("scale", __doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=1_000_000)
-    p.add_argument("--scaling-samples", dest="scaling_samples", type=int, default=100_000,
+    p.add_argument("--scaling-samples", dest="scaling_samples", type=int, default=20_000,
                    help="the set made by 1 and by 2 processes (0: not measured)")
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--workers", type=int, default=1, help="prepare workers per rank")
@@ -191,13 +193,14 @@ def main() -> None:
     started = machine()
     results: dict = {"load_average": {"start": os.getloadavg()}}
 
-    if args.scaling_samples:
+    if args.scaling_samples:  # 1 and 2 processes taking turns, --repeats rounds
         scaling = args.data / f"scale-{args.scaling_samples}"
-        results["prepare_scaling"] = [prepare(scaling, args.scaling_samples, n, 1, args.shard_size) for n in (1, 2)]
-        one, two = results["prepare_scaling"]
-        results["prepare_scaling_2_vs_1"] = two["samples_per_s"] / one["samples_per_s"]
-        console.print(f"prepare {args.scaling_samples}: 1 process {one['samples_per_s']:,.0f}/s, 2 processes "
-                      f"{two['samples_per_s']:,.0f}/s ({results['prepare_scaling_2_vs_1']:.2f}x)")
+        runs = interleaved({f"{n} process": partial(prepare, scaling, args.scaling_samples, n, 1, args.shard_size)
+                            for n in (1, 2)}, args.repeats)
+        ratio = statistics.median(b["samples_per_s"] / a["samples_per_s"] for a, b in zip(*runs.values()))
+        results["prepare_scaling"] = {"runs": runs, "median_2_vs_1": ratio}
+        console.print(f"prepare {args.scaling_samples}: 2 processes / 1 process, median of {args.repeats} rounds: "
+                      f"{ratio:.2f}x")
     full = args.data / f"scale-{args.samples}"
     results["prepare"] = prepare(full, args.samples, args.ranks, args.workers, args.shard_size)
     results["load_average"]["after_prepare"] = os.getloadavg()
