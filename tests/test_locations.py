@@ -64,8 +64,7 @@ def test_http_shards_stream_as_local_ones_and_a_cut_connection_resumes(face_shar
         assert load_manifest(url + "/manifest.json")["id"] == load_manifest(face_shards)["id"]
 
 
-def test_http_errors_name_the_url(face_shards, tmp_path, monkeypatch):
-    (tmp_path / "loose").mkdir()
+def test_http_errors_name_the_url(face_shards, monkeypatch):
     with http_store(face_shards.parent) as store:
         with pytest.raises(FileNotFoundError, match=f"{store.url}/faces/nothing.tar: HTTP 404"):
             locations.read_bytes(f"{store.url}/faces/nothing.tar")
@@ -116,6 +115,10 @@ def test_prepare_writes_to_s3_manifest_last_and_verify_reads_it(face_folder, tmp
         assert main(["shards", "info", "s3://sets/v1/faces"]) == 0 and here["id"] in capsys.readouterr().out
         with pytest.raises(UserError, match="not empty; pass --overwrite"):
             prepare(f"folder:{face_folder}", "s3://sets/v1/faces")
+        for shard in here["shards"]:  # the same shards without their manifest, indexed where they are
+            locations.upload(tmp_path / "local" / "faces" / shard["file"], f"s3://sets/bare/{shard['file']}")
+        assert main(["shards", "index", "s3://sets/bare", "--split-from-name"]) == 0
+        assert load_manifest("s3://sets/bare")["counts"] == here["counts"] and verify("s3://sets/bare") == []
 
         shard = "s3://sets/v1/faces/" + there["shards"][0]["file"]
         data = bytearray(locations.read_bytes(shard))
