@@ -2,16 +2,18 @@
 by the platform's shard writer over workers x 2 ranks (``accelerate launch``, two gloo
 processes), then streamed by the training loader.
 
-* prepare: samples/s of the 1 000 000-sample set (2 ranks), and of a smaller set made by 1 and
-  by 2 processes taking turns for ``--repeats`` rounds (the scaling: the median of the
-  per-round ratios);
-* the loader: samples/s of one epoch (``train_loader``, one rank, its workers) over the first
-  10 000, 100 000 and 1 000 000 samples of the set, each in a fresh process, with the peak RSS
-  of that process and of each of its workers (the kernel's high-water mark, ``VmHWM``);
+* prepare: samples/s of the 1 000 000-sample set (2 ranks; a set an earlier run made is kept
+  unless ``--fresh``), and of a smaller set made by 1 and by 2 processes taking turns for
+  ``--repeats`` rounds (the scaling: the median of the per-round ratios);
+* the loader (``train_loader``, one rank and its workers, each run in a fresh process) over the
+  first 10 000, 100 000 and 1 000 000 samples of the set: samples/s over the same
+  ``--rate-samples`` from each (the sizes taking turns, ``--repeats`` rounds), then one whole
+  epoch of each with the peak RSS of the process and of each worker (the kernel's high-water
+  mark, ``VmHWM``);
 * the manifest's size and the time ``shards verify`` takes over the whole set.
 
     deepfake-dist bench scale [--samples 1000000] [--scaling-samples 20000] [--sizes 10000 100000 1000000]
-                              [--ranks 2] [--workers 1] [--loader-workers 2]
+                              [--rate-samples 100000] [--ranks 2] [--workers 1] [--loader-workers 2] [--fresh]
 """
 
 from __future__ import annotations
@@ -132,25 +134,30 @@ def first_samples(src: Path, samples: int) -> Path:
     return out
 
 
-def stream(set_dir: Path, workers: int, batch_size: int) -> dict:
-    """In this (fresh) process: one epoch of the training loader over ``set_dir``: samples/s
-    after the first batch, and the peak RSS of this process and of each worker."""
+def stream(set_dir: Path, workers: int, batch_size: int, samples: int = 0) -> dict:
+    """In this (fresh) process: the training loader over ``set_dir`` for ``samples`` samples
+    (epoch after epoch; 0: one epoch): samples/s after the first batch, and the peak RSS of this
+    process and of each worker."""
     from deepfake_dist.config import DataConfig
     from deepfake_dist.data.loader import train_loader
 
     cfg = DataConfig(train=[str(set_dir)], resolution=SIZE, batch_size=batch_size, num_workers=workers)
     loader, data = train_loader(cfg, 3, 0, 1, seed=0)
-    data.set_epoch(0)
-    start, samples, first = time.perf_counter(), 0, None
-    for batch in loader:
-        if first is None:
-            first = time.perf_counter()
-        else:
-            samples += len(batch)
+    start, seen, first, epoch = time.perf_counter(), 0, None, 0
+    while first is None or seen < samples:
+        data.set_epoch(epoch)
+        for batch in loader:
+            if first is None:
+                first = time.perf_counter()
+            else:
+                seen += len(batch)
+            if samples and seen >= samples:
+                break
+        epoch += 1
     seconds = time.perf_counter() - first
     workers_hwm = [_hwm_mib(child.pid) for child in psutil.Process().children()]
-    return {"set_samples": load_manifest(set_dir)["counts"]["train"]["total"], "samples": samples,
-            "samples_per_s": samples / seconds, "first_batch_s": first - start,
+    return {"set_samples": load_manifest(set_dir)["counts"]["train"]["total"], "samples": seen,
+            "samples_per_s": seen / seconds, "first_batch_s": first - start,
             "main_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "worker_peak_rss_mib": workers_hwm}
 
@@ -162,12 +169,60 @@ def _hwm_mib(pid: int) -> float:
     return float("nan")
 
 
-def _in_fresh_process(role: str, set_dir: Path, args) -> dict:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--role", role, "--set", str(set_dir),
-                           "--loader-workers", str(args.loader_workers), "--batch-size", str(args.batch_size)],
+def _in_fresh_process(set_dir: Path, args, samples: int = 0) -> dict:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--role", "stream", "--set", str(set_dir),
+                           "--samples", str(samples), "--loader-workers", str(args.loader_workers),
+                           "--batch-size", str(args.batch_size)],
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_prepare(args, results: dict) -> Path:
+    """The 1 -> 2 process scaling (1 and 2 processes taking turns, --repeats rounds), then the
+    whole set (kept from an earlier run unless --fresh)."""
+    if args.scaling_samples:
+        scaling = args.data / f"scale-{args.scaling_samples}"
+        runs = interleaved({f"{n} process": partial(prepare, scaling, args.scaling_samples, n, 1, args.shard_size)
+                            for n in (1, 2)}, args.repeats)
+        ratio = statistics.median(b["samples_per_s"] / a["samples_per_s"] for a, b in zip(*runs.values()))
+        results["prepare_scaling"] = {"runs": runs, "median_2_vs_1": ratio}
+        console.print(f"prepare {args.scaling_samples}: 2 processes / 1 process, median of {args.repeats} rounds: "
+                      f"{ratio:.2f}x")
+    full = args.data / f"scale-{args.samples}"
+    try:
+        kept = not args.fresh and load_manifest(full)["counts"]["train"]["total"] == args.samples
+    except Exception:  # noqa: BLE001 - not made yet
+        kept = False
+    if not kept:
+        results["prepare"] = prepare(full, args.samples, args.ranks, args.workers, args.shard_size)
+        console.print(f"prepare {args.samples}: {results['prepare']['samples_per_s']:,.0f} samples/s")
+    results["load_average"]["after_prepare"] = os.getloadavg()
+    results["manifest_bytes"] = (full / MANIFEST_NAME).stat().st_size
+    start = time.perf_counter()
+    problems = verify(full)
+    results["verify"] = {"seconds": time.perf_counter() - start, "problems": len(problems),
+                         "set_bytes": sum(s["bytes"] for s in load_manifest(full)["shards"])}
+    return full
+
+
+def measure_loader(full: Path, args, results: dict) -> None:
+    """Samples/s over the same --rate-samples from each size (the sizes taking turns, --repeats
+    rounds, each in a fresh process), then one whole epoch of each for its peak RSS."""
+    sets = {n: first_samples(full, n) for n in sorted(args.sizes)}
+    runs = interleaved({str(n): partial(_in_fresh_process, path, args, args.rate_samples) for n, path in sets.items()},
+                       args.repeats)
+    smallest = str(min(sets))
+    results["rate"] = {n: {"samples_per_s": statistics.median(r["samples_per_s"] for r in runs[n]),
+                           "vs_smallest": statistics.median(r["samples_per_s"] / b["samples_per_s"]
+                                                            for r, b in zip(runs[n], runs[smallest])),
+                           "runs": runs[n]} for n in runs}
+    results["load_average"]["after_rate"] = os.getloadavg()
+    results["stream"] = [_in_fresh_process(path, args) for path in sets.values()]
+    base = results["stream"][0]
+    for row in results["stream"]:
+        row["main_rss_vs_smallest"] = row["main_peak_rss_mib"] / base["main_peak_rss_mib"]
+        row["worker_rss_vs_smallest"] = max(w / b for w, b in zip(row["worker_peak_rss_mib"], base["worker_peak_rss_mib"]))
 
 
 def main() -> None:
@@ -176,6 +231,9 @@ def main() -> None:
     p.add_argument("--scaling-samples", dest="scaling_samples", type=int, default=20_000,
                    help="the set made by 1 and by 2 processes (0: not measured)")
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--rate-samples", dest="rate_samples", type=int, default=100_000,
+                   help="samples streamed from each size for its rate")
+    p.add_argument("--fresh", action="store_true", help="make the whole set again even if an earlier run made it")
     p.add_argument("--workers", type=int, default=1, help="prepare workers per rank")
     p.add_argument("--ranks", type=int, default=2, help="prepare processes for the whole set")
     p.add_argument("--loader-workers", dest="loader_workers", type=int, default=2)
@@ -188,42 +246,19 @@ def main() -> None:
         write_set(args.set, args.samples, args.workers, args.shard_size)
         return
     if args.role == "stream":
-        print(json.dumps(stream(args.set, args.loader_workers, args.batch_size)))
+        print(json.dumps(stream(args.set, args.loader_workers, args.batch_size, args.samples)))
         return
     started = machine()
     results: dict = {"load_average": {"start": os.getloadavg()}}
-
-    if args.scaling_samples:  # 1 and 2 processes taking turns, --repeats rounds
-        scaling = args.data / f"scale-{args.scaling_samples}"
-        runs = interleaved({f"{n} process": partial(prepare, scaling, args.scaling_samples, n, 1, args.shard_size)
-                            for n in (1, 2)}, args.repeats)
-        ratio = statistics.median(b["samples_per_s"] / a["samples_per_s"] for a, b in zip(*runs.values()))
-        results["prepare_scaling"] = {"runs": runs, "median_2_vs_1": ratio}
-        console.print(f"prepare {args.scaling_samples}: 2 processes / 1 process, median of {args.repeats} rounds: "
-                      f"{ratio:.2f}x")
-    full = args.data / f"scale-{args.samples}"
-    results["prepare"] = prepare(full, args.samples, args.ranks, args.workers, args.shard_size)
-    results["load_average"]["after_prepare"] = os.getloadavg()
-    console.print(f"prepare {args.samples}: {results['prepare']['samples_per_s']:,.0f} samples/s")
-
-    results["manifest_bytes"] = (full / MANIFEST_NAME).stat().st_size
-    start = time.perf_counter()
-    problems = verify(full)
-    results["verify"] = {"seconds": time.perf_counter() - start, "problems": len(problems),
-                         "set_bytes": sum(s["bytes"] for s in load_manifest(full)["shards"])}
-    results["load_average"]["after_verify"] = os.getloadavg()
-
-    results["stream"] = [_in_fresh_process("stream", first_samples(full, n), args) for n in sorted(args.sizes)]
+    full = measure_prepare(args, results)
+    measure_loader(full, args, results)
     results["load_average"]["end"] = os.getloadavg()
-    base = results["stream"][0]
-    for row in results["stream"]:
-        row["rate_vs_smallest"] = row["samples_per_s"] / base["samples_per_s"]
-        row["main_rss_vs_smallest"] = row["main_peak_rss_mib"] / base["main_peak_rss_mib"]
-        row["worker_rss_vs_smallest"] = max(w / b for w, b in zip(row["worker_peak_rss_mib"], base["worker_peak_rss_mib"]))
-    print_table("scale: the training loader over the first N samples (one epoch each, fresh process)",
+    print_table(f"scale: the training loader over the first N samples of the set (samples/s: {args.rate_samples} "
+                f"samples, median of {args.repeats} rounds; peak RSS: one whole epoch)",
                 ["set samples", "samples/s", "vs smallest", "main peak RSS MiB", "worker peak RSS MiB",
                  "RSS vs smallest (main, worst worker)"],
-                [[r["set_samples"], r["samples_per_s"], r["rate_vs_smallest"], r["main_peak_rss_mib"],
+                [[r["set_samples"], results["rate"][str(r["set_samples"])]["samples_per_s"],
+                  results["rate"][str(r["set_samples"])]["vs_smallest"], r["main_peak_rss_mib"],
                   ", ".join(f"{w:.0f}" for w in r["worker_peak_rss_mib"]),
                   f"{r['main_rss_vs_smallest']:.3f}, {r['worker_rss_vs_smallest']:.3f}"] for r in results["stream"]])
     console.print(f"manifest {results['manifest_bytes'] / 1024:.0f} KiB; shards verify "

@@ -105,10 +105,12 @@ def test_unknown_benchmark_is_one_line(capsys):
 
 def test_scale(tmp_path, bench_data):
     results = _run("scale", tmp_path, bench_data, "--samples", "400", "--scaling-samples", "0", "--ranks", "1",
-                   "--sizes", "200", "--shard-size", "50", "--loader-workers", "1", "--batch-size", "8")
+                   "--sizes", "200", "--rate-samples", "300", "--shard-size", "50", "--loader-workers", "1",
+                   "--batch-size", "8")
     assert results["prepare"]["samples"] == 400 and results["prepare"]["samples_per_s"] > 0
     assert results["verify"]["problems"] == 0 and results["manifest_bytes"] > 0
     assert [row["set_samples"] for row in results["stream"]] == [200]  # the set's first 200, linked
+    assert results["rate"]["200"]["runs"][0]["samples"] >= 300  # two epochs of it
     assert all(row["samples_per_s"] > 0 and len(row["worker_peak_rss_mib"]) == 1 for row in results["stream"])
 
 
