@@ -18,6 +18,7 @@ import json
 import re
 import tarfile
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -138,7 +139,8 @@ def _manifest(location: str, shards: list[dict[str, Any]], rule: LabelRule, foun
     fmt, mode = found.formats.most_common(1)[0][0], found.modes.most_common(1)[0][0]
     width, height = map(int, found.sizes.most_common(1)[0][0].split("x"))
     return {
-        "format_version": FORMAT_VERSION, "id": manifest_id(shards), "name": locations.set_name(location),
+        "format_version": FORMAT_VERSION, "id": manifest_id(shards),
+        "name": locations.set_name(location if locations.is_remote(location) else Path(location).resolve()),
         "source": f"index:{location}", "resolution": max(width, height), "format": fmt,
         "channels": 1 if all(m in _GREY for m in found.modes) else 3, "mode": mode, "frames": None,
         "labels": rule.to_manifest(), "preprocessing": {"note": "made elsewhere: unknown"},
