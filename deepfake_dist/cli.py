@@ -103,6 +103,8 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
 def cmd_shards(opts: ShardsOptions) -> int:
     from deepfake_dist.data.manifest import info_table, load_manifest, verify
 
+    if opts.action == "index":
+        return _shards_index(opts)
     if opts.action == "info":
         out.print(info_table(load_manifest(opts.set)))
         return 0
@@ -127,6 +129,19 @@ def cmd_generate(opts: GenerateOptions) -> int:
             out.print(f"{result['images']} images written to {escape(result['out'])} ({first} .. {last})")
         else:
             out.print(info_table(result))
+    return 0
+
+
+def _shards_index(opts: ShardsOptions) -> int:
+    from deepfake_dist.data.index import index_set
+    from deepfake_dist.data.manifest import info_table
+
+    manifest = index_set(opts.set, opts.label_key, opts.label_from_path, opts.split_from_name, _command_line())
+    out.print(info_table(manifest))
+    for entry in manifest["unusable"][:20]:
+        err.print(f"[yellow]unusable[/yellow] {escape(entry['shard'])}: {escape(entry['key'])}: {escape(entry['reason'])}")
+    if len(manifest["unusable"]) > 20:
+        err.print(f"... and {len(manifest['unusable']) - 20} more, listed in the manifest's unusable")
     return 0
 
 
@@ -220,7 +235,7 @@ COMMANDS = {
                        _add_source_options),
     "generate": Command(GenerateOptions, cmd_generate, "write N fakes from a trained generator as a shard set or PNG "
                                                        "files (split over ranks under accelerate launch)"),
-    "shards": Command(ShardsOptions, cmd_shards, "check or describe a shard set"),
+    "shards": Command(ShardsOptions, cmd_shards, "check, describe or index a shard set"),
     "evaluate": Command(EvaluateOptions, cmd_evaluate, "metrics, per-source, calibration, robustness, Grad-CAM and a "
                                                        "report for one or more detectors (any launch mode)"),
     "predict": Command(PredictOptions, cmd_predict, "score image files, folders and videos; one row per file "

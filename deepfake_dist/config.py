@@ -42,7 +42,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # shard set folders (each with manifest.json)
+    train: list[str] = field(default_factory=list)  # shard sets with a manifest.json: folders, http(s):// or s3:// URLs
     val: Optional[list[str]] = None  # defaults to the train sets
     train_split: str = "train"
     val_split: str = "val"
@@ -448,8 +448,8 @@ def _check_values(cfg: Config, where: str) -> None:
         p = getattr(aug, name)
         if not 0.0 <= p <= 1.0:
             raise UserError(f"{where}: 'data.augment.{name}' is a probability in [0, 1], got {p}")
-    for folder in [*cfg.data.train, *(cfg.data.val or [])]:
-        if not (Path(folder) / "manifest.json").is_file():
+    for folder in [*cfg.data.train, *(cfg.data.val or [])]:  # a remote set (a URL) is checked when it is read
+        if "://" not in str(folder) and not (Path(folder) / "manifest.json").is_file():
             raise UserError(
                 f"{where}: shard set '{folder}' has no manifest.json; "
                 f"create it with: deepfake-dist prepare --source ... --out {folder}"

@@ -121,13 +121,12 @@ def generate(opts: GenerateOptions, *, command: str | None = None, progress: boo
     run = run_name(info, weights)
     width = max(6, len(str(num_images - 1)))
     keys = [f"{run}-{i:0{width}d}" for i in range(num_images)]
-    out = Path(target)
     command = command or command_line("generate", replace(opts, overwrite=False))
     if opts.format == "png":
-        return _write_pngs(synth, keys, out, state)
+        return _write_pngs(synth, keys, Path(target), state)
 
     fractions = parse_split(opts.split)
-    writer = ShardSetWriter(out, opts.overwrite, state)
+    writer = ShardSetWriter(target, opts.overwrite, state)
     meta = {"source": "generator", "label": "fake", "generator": info["model"], "run": run,
             "step": info.get("step"), "seed": seed, **({"truncation": truncation} if truncation else {})}
     items = [Item(key, None, LABELS["fake"], partial(synth.image, i), {**meta, "index": i, **_class(synth, i, info)},
@@ -139,7 +138,7 @@ def generate(opts: GenerateOptions, *, command: str | None = None, progress: boo
     fields = None
     if state.is_main_process:
         fields = {
-            "name": out.resolve().name,
+            "name": writer.name,
             "source": f"generator:{checkpoint}",
             "resolution": int(info["resolution"]),
             "format": opts.encoding,

@@ -98,7 +98,7 @@ class RunOptions:
 class PrepareOptions:
     source: str = option(help="builtin:lfw | celeba:PATH | folder:PATH | videos:PATH | ffpp:PATH | celebdf:PATH | "
                               "dfdc:PATH | dfdcp:PATH")
-    out: str = option(help="output folder, e.g. shards/lfw")
+    out: str = option(help="output folder or s3://bucket/prefix, e.g. shards/lfw")
     resolution: Optional[int] = option(None, "pixels (default 64; 256 for ffpp, celebdf, dfdc, dfdcp)")
     format: str = option("png", "png (lossless) by default, so real and generated sets carry no compression "
                                 "difference", choices=("jpg", "png"))
@@ -117,7 +117,7 @@ class PrepareOptions:
 class GenerateOptions:
     checkpoint: str = option(help="generator run folder or generator.safetensors")
     num_images: int = option(help="exactly this many, all ranks together")
-    out: Optional[str] = option(None, "shard set folder, e.g. shards/lfw-dcgan-fake")
+    out: Optional[str] = option(None, "shard set folder or s3://bucket/prefix, e.g. shards/lfw-dcgan-fake")
     format: str = option("shards", choices=("shards", "png"), stage=False)
     output_dir: Optional[str] = option(None, "folder for --format png", flags=("--output_dir", "--output-dir"),
                                        stage=False)
@@ -132,8 +132,16 @@ class GenerateOptions:
 
 @dataclass(kw_only=True)
 class ShardsOptions:
-    action: str = option(choices=("verify", "info"), positional=True)
-    set: str = option(help="shard set folder (holds manifest.json)", positional=True)
+    action: str = option(choices=("verify", "info", "index"), positional=True)
+    set: str = option(help="shard set: a folder, an http(s):// URL or s3://bucket/prefix (holds manifest.json)",
+                      positional=True)
+    label_key: Optional[str] = option(None, "index: the member holding the label (0/1 or real/fake; default cls), or "
+                                            "json:FIELD for a field of the json member", metavar="KEY")
+    label_from_path: Optional[str] = option(None, "index: a regular expression searched in each sample's key: its "
+                                                  "group (?P<real>...) or (?P<fake>...) that matched, or its first "
+                                                  "group read as 0/1/real/fake", metavar="PATTERN")
+    split_from_name: bool = option(False, "index: each shard's split from its file name (train, val, valid, "
+                                          "validation, test); otherwise every shard is train")
 
 
 @dataclass(kw_only=True)

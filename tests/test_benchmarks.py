@@ -110,3 +110,31 @@ def test_gpu_grid_puts_each_compile_mode_after_the_eager_runs_fp32_next_to_bf16(
 def test_unknown_benchmark_is_one_line(capsys):
     assert main(["bench", "lodaer"]) == 2
     assert "did you mean 'loader'" in capsys.readouterr().err
+
+
+def test_scale(tmp_path, bench_data):
+    results = _run("scale", tmp_path, bench_data, "--samples", "400", "--scaling-samples", "0", "--ranks", "1",
+                   "--sizes", "200", "--rate-samples", "300", "--shard-size", "50", "--loader-workers", "1",
+                   "--batch-size", "8")
+    assert results["prepare"]["samples"] == 400 and results["prepare"]["samples_per_s"] > 0
+    assert results["verify"]["problems"] == 0 and results["manifest_bytes"] > 0
+    assert [row["set_samples"] for row in results["stream"]] == [200]  # the set's first 200, linked
+    assert results["rate"]["200"]["runs"][0]["samples"] >= 300  # two epochs of it
+    assert all(row["samples_per_s"] > 0 and len(row["worker_peak_rss_mib"]) == 1 for row in results["stream"])
+
+
+def test_resume_on_the_scale_set(tmp_path, bench_data):
+    results = _run("resume", tmp_path, bench_data, "--samples", "400", "--workers", "1", "--batch-size", "8")
+    assert results["same_batch"] and results["resume_batch"] == int(0.9 * results["batches_per_epoch"])
+    assert results["replay_s"] > 0 and results["skip_s"] > 0
+
+
+def test_projection(tmp_path, bench_data):
+    pytest.importorskip("timm")  # efficientnet_b4
+    results = _run("projection", tmp_path, bench_data, "--images-per-s", "resnet18=1000", "hybrid=300",
+                   "efficientnet_b4=200", "--cpu-images-per-s", "100")
+    assert results["models"]["resnet18"]["parameters"] > results["models"]["hybrid"]["parameters"] > 0
+    rows = [r for r in results["rows"] if r["model"] == "resnet18"]
+    assert [r["gpus"] for r in rows] == [8, 64, 256, 64, 256]
+    assert all(0 < r["efficiency_no_overlap"] <= r["efficiency_overlap"] <= 1 for r in results["rows"])
+    assert rows[2]["efficiency_no_overlap"] < rows[1]["efficiency_no_overlap"] < rows[0]["efficiency_no_overlap"]

@@ -1,21 +1,26 @@
 """The names every data module shares, kept apart so that none of them imports another for them:
-the splits and labels of a shard set, the records a source hands to the shard writer (``Item``,
-``Sample``, ``Expanded``), and the record a loader keeps of data it could not read
-(``ReadProblem``)."""
+the splits, labels and member names of a shard set, the records a source hands to the shard
+writer (``Item``, ``Sample``, ``Expanded``), and what a loader reports of data it could not read
+(``ReadProblem``, ``DataUnavailable``)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
+from deepfake_dist.errors import UserError
+
 SPLITS = ("train", "val", "test")
 LABELS = {"real": 0, "fake": 1}
 LABEL_NAMES = ("real", "fake")  # index = the sample's ``cls``
 # Folder names accepted for a fixed split (lower-cased before lookup).
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")  # a sample's image member, the first found
+FRAME_KEY = re.compile(r"^f\d{3}\.(jpg|png|jpeg|webp)$")  # a clip's frames: f000.png, f001.png, ...
 
 
 @dataclass(frozen=True)
@@ -75,3 +80,8 @@ class ReadProblem:
             return f"shard {self.shard}: sample {self.key} is unreadable ({self.reason})"
         where = f"after sample {self.key}" if self.key else "from its start"
         return f"shard {self.shard} is unreadable {where} ({self.reason})"
+
+
+class DataUnavailable(UserError):
+    """A training loader that can read no more of its shards (every one unreadable, or too many
+    in a row): the run stops, with a checkpoint, rather than wait for data that does not come."""

@@ -35,6 +35,7 @@ class Batch:
     meta_json: list[bytes]  # each sample's json member, as read (b"{}" if it has none): see ``meta``
     problems: list[ReadProblem] = field(default_factory=list)  # met by the worker since its last batch
     slot: tuple[int, int] | None = None  # (worker, ring slot) the images are in, to free when done
+    ended: str | None = None  # why the worker's stream gave up (no shard left to read), on its last, empty batch
 
     @property
     def meta(self) -> list[dict]:
@@ -57,7 +58,7 @@ class Batch:
         """Called by the DataLoader's pin-memory thread (``data.pin_memory`` on a GPU): without it
         a Batch stays in pageable memory and ``to(device, non_blocking=True)`` copies synchronously."""
         return Batch(self.image.pin_memory(), self.label.pin_memory(), self.key, self.meta_json, self.problems,
-                     self.slot)
+                     self.slot, self.ended)
 
     def __len__(self) -> int:
         return len(self.key)
@@ -68,11 +69,11 @@ class Batch:
                       self.meta_json[i:i + size], self.problems if i == 0 else []) for i in range(0, len(self), size)]
 
 
-def collate(samples: list[tuple], problems: list[ReadProblem] = ()) -> Batch:
+def collate(samples: list[tuple], problems: list[ReadProblem] = (), ended: str | None = None) -> Batch:
     """Stack ``(image, label, key, meta_json)`` samples into a Batch: what a stream yields without
     workers, or a worker with only problems to report (otherwise ``HandOffRing.collate``)."""
     if not samples:  # only problems to report (the stream stops at the first under on_error: raise)
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), [], [], list(problems))
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), [], [], list(problems), ended=ended)
     images, labels, keys, metas = zip(*samples)
     return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.long), list(keys), list(metas),
                  list(problems))
@@ -141,10 +142,11 @@ class HandOffRing:
             self.busy[info.id] = False
             self.turn = 0
 
-    def collate(self, samples: list[tuple], problems: list[ReadProblem] = ()) -> Batch | HandOff:
+    def collate(self, samples: list[tuple], problems: list[ReadProblem] = (),
+                ended: str | None = None) -> Batch | HandOff:
         info = get_worker_info()
         if info is None or not samples:
-            return collate(samples, problems)
+            return collate(samples, problems, ended)
         slot = self.turn
         self.turn = (self.turn + 1) % self.slots
         self._wait_until_free(info.id, slot)

@@ -1,4 +1,5 @@
-"""A shard set on disk: ``manifest.json`` plus ``{split}-NNNNNN.tar`` files.
+"""A shard set: ``manifest.json`` plus its tar shards, at any location (a folder, an HTTP(S)
+URL, an S3 prefix: see ``locations``).
 
 ``load_manifest`` / ``shard_urls`` / ``split_count`` are what the loader and the trainer use;
 ``verify`` and ``info_table`` back ``deepfake-dist shards verify`` and ``shards info``.
@@ -14,8 +15,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from deepfake_dist.data.common import LABEL_NAMES, SPLITS
-from deepfake_dist.data.tarstream import tar_members
+from deepfake_dist.data import locations
+from deepfake_dist.data.common import IMAGE_KEYS, LABEL_NAMES, SPLITS
+from deepfake_dist.data.labels import LabelRule
+from deepfake_dist.data.tarstream import tar_samples
 from deepfake_dist.errors import UserError
 
 FORMAT_VERSION = 1
@@ -38,28 +41,35 @@ def manifest_id(shards: list[dict[str, Any]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _set_dir(path: str | Path) -> Path:
-    path = Path(path)
-    return path.parent if path.name == MANIFEST_NAME and path.is_file() else path
+def set_location(path: str | Path) -> str:
+    """The set a path or URL names: itself, or the set of the ``manifest.json`` it names."""
+    parent, name = locations.split(path)
+    if name == MANIFEST_NAME and (locations.is_remote(path) or Path(path).is_file()):
+        return parent
+    return str(path).rstrip("/") if locations.is_remote(path) else str(path)
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
     """Read ``PATH/manifest.json`` (``PATH`` may also be the manifest file itself)."""
-    set_dir = _set_dir(path)
-    file = set_dir / MANIFEST_NAME
-    hint = f"run deepfake-dist prepare --source SOURCE --out {set_dir} first"
-    if not set_dir.is_dir():
-        raise UserError(f"shard set {set_dir} does not exist; {hint}")
-    if not file.is_file():
-        raise UserError(f"{set_dir} has no {MANIFEST_NAME} (not a finished shard set); {hint}")
+    location = set_location(path)
+    file = locations.join(location, MANIFEST_NAME)
+    hint = (f"run deepfake-dist prepare --source SOURCE --out {location} first (or deepfake-dist shards index "
+            f"{location} for shards made elsewhere)")
+    if not locations.is_remote(location) and not Path(location).is_dir():
+        raise UserError(f"shard set {location} does not exist; {hint}")
     try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
+        manifest = json.loads(locations.read_bytes(file))
+    except FileNotFoundError:
+        raise UserError(f"{location} has no {MANIFEST_NAME} (not a finished shard set); {hint}") from None
+    except PermissionError as err:
+        raise UserError(f"{err}; check the credentials for {location}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{file} is unreadable ({err}); "
-                        f"re-create it: deepfake-dist prepare ... --out {set_dir} --overwrite") from None
+                        f"re-create it: deepfake-dist prepare ... --out {location} --overwrite") from None
     missing = [k for k in _REQUIRED if k not in manifest] if isinstance(manifest, dict) else list(_REQUIRED)
     if missing:
-        raise UserError(f"{file} lacks {', '.join(missing)}; re-create it: deepfake-dist prepare ... --out {set_dir} --overwrite")
+        raise UserError(f"{file} lacks {', '.join(missing)}; re-create it: deepfake-dist prepare ... --out {location} "
+                        "--overwrite")
     if manifest["format_version"] > FORMAT_VERSION:
         raise UserError(
             f"{file} has format_version {manifest['format_version']}, newer than this deepfake_dist "
@@ -73,30 +83,35 @@ def _check_split(split: str) -> None:
         raise UserError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
 
 
-def listed_shards(set_dir: str | Path, split: str) -> list[tuple[Path, dict[str, Any]]]:
-    """``(path, manifest entry)`` of each of ``split``'s shards in manifest order, whether or not
+def listed_shards(set_path: str | Path, split: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(url, manifest entry)`` of each of ``split``'s shards in manifest order, whether or not
     the file is there (the training loader may go on without a missing one)."""
     _check_split(split)
-    set_dir = _set_dir(set_dir)
-    return [(set_dir / s["file"], s) for s in load_manifest(set_dir)["shards"] if s["split"] == split]
+    location = set_location(set_path)
+    return [(locations.join(location, s["file"]), s) for s in load_manifest(location)["shards"] if s["split"] == split]
 
 
-def missing_shard_error(path: Path) -> UserError:
-    set_dir = path.parent
+def missing_locally(urls: list[str]) -> list[str]:
+    """The local files of ``urls`` that are not there. Remote shards are not checked up front
+    (a request each): one that is gone is found when it is read, as a shard deleted mid-run is."""
+    return [url for url in urls if not locations.is_remote(url) and not Path(url).is_file()]
+
+
+def missing_shard_error(url: str) -> UserError:
+    location = locations.split(url)[0]
     return UserError(
-        f"{path} is listed in {set_dir / MANIFEST_NAME} but missing; run deepfake-dist "
-        f"shards verify {set_dir}, or re-create the set with deepfake-dist prepare ... --overwrite"
+        f"{url} is listed in {locations.join(location, MANIFEST_NAME)} but missing; run deepfake-dist "
+        f"shards verify {location}, or re-create the set with deepfake-dist prepare ... --overwrite"
     )
 
 
-def shard_urls(set_dir: str | Path, split: str) -> list[str]:
-    """Paths of ``split``'s shards in manifest order ([] when the set has none for that split);
-    a listed shard that is missing is an error."""
-    urls = []
-    for path, _ in listed_shards(set_dir, split):
-        if not path.is_file():
-            raise missing_shard_error(path)
-        urls.append(str(path))
+def shard_urls(set_path: str | Path, split: str) -> list[str]:
+    """URLs of ``split``'s shards in manifest order ([] when the set has none for that split);
+    a listed local shard that is missing is an error."""
+    urls = [url for url, _ in listed_shards(set_path, split)]
+    missing = missing_locally(urls)
+    if missing:
+        raise missing_shard_error(missing[0])
     return urls
 
 
@@ -113,69 +128,84 @@ def image_members(manifest: dict[str, Any]) -> list[str]:
     return [f"f{i:03d}.{fmt}" for i in range(frames)] if frames else [fmt]
 
 
-def _read_shard(path: Path, images: list[str]) -> tuple[Counter, list[str]]:
-    """Label counts of a shard's samples by reading the tar, and problems with its samples."""
-    members: dict[str, dict[str, bytes | None]] = {}
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
-            key, dot, ext = base.partition(".")
-            if not dot:
-                continue
-            entry = members.setdefault(key, {})
-            entry[ext] = tar.extractfile(info).read() if ext == "cls" else None
+class HashingStream:
+    """A stream (``locations.open_stream``) whose every byte, read or skipped, goes into a sha256:
+    a shard checked in one pass."""
+
+    def __init__(self, stream):
+        self.stream, self.url, self.size = stream, stream.url, stream.size
+        self.digest = hashlib.sha256()
+
+    def read(self, n: int) -> bytes:
+        data = self.stream.read(n)
+        self.digest.update(data)
+        return data
+
+    def skip(self, n: int) -> None:
+        while n > 0 and (data := self.read(min(n, 1 << 20))):
+            n -= len(data)
+
+    def drain(self) -> str:
+        """Read to the end; the file's sha256."""
+        while self.read(1 << 20):
+            pass
+        return self.digest.hexdigest()
+
+
+def _sample_problem(sample: dict, manifest: dict[str, Any], rule: LabelRule) -> tuple[int | None, str | None]:
+    """A sample's label, and what is wrong with it (None: nothing)."""
+    key = sample["__key__"]
+    try:
+        label = rule.label(sample)
+    except ValueError as err:
+        return None, f"sample {key}: {err}"
+    if "indexed" in manifest:  # shards made elsewhere: any image member
+        missing = [] if any(k in sample for k in IMAGE_KEYS) else ["an image"]
+    else:
+        missing = [ext for ext in (*image_members(manifest), "json") if ext not in sample]
+    return label, f"sample {key} lacks {' and '.join(missing)}" if missing else None
+
+
+def _read_shard(stream: HashingStream, manifest: dict[str, Any], rule: LabelRule,
+                known: set[str]) -> tuple[Counter, list[str]]:
+    """Label counts of a shard's samples by reading the tar, and problems with its samples
+    (not those in ``known``: the unusable samples an index listed). Only label members are kept."""
     labels: Counter = Counter()
     problems = []
-    for key, entry in members.items():
-        cls = entry.get("cls")
-        if cls not in (b"0", b"1"):
-            problems.append(f"sample {key} has cls {cls!r}, expected b'0' or b'1'")
-        else:
-            labels[LABEL_NAMES[int(cls)]] += 1
-        missing = [ext for ext in (*images, "json") if ext not in entry]
-        if missing:
-            problems.append(f"sample {key} lacks {' and '.join(missing)}")
-    labels["total"] = len(members)
+    for sample in tar_samples(stream, want=rule.reads):
+        labels["total"] += 1
+        if sample["__key__"] in known:
+            continue
+        label, problem = _sample_problem(sample, manifest, rule)
+        if problem:
+            problems.append(problem)
+        if label is not None:
+            labels[LABEL_NAMES[label]] += 1
     return labels, problems
 
 
-def verify(set_dir: str | Path) -> list[str]:
+def verify(set_path: str | Path) -> list[str]:
     """Re-read every shard and compare it with the manifest; returns one line per problem
-    (``[]`` when the set is intact). Each line starts with the shard file it is about."""
-    set_dir = _set_dir(set_dir)
-    manifest = load_manifest(set_dir)
+    (``[]`` when the set is intact). Each line starts with the shard file it is about. Each shard
+    is read once (its sha256, size and samples together), streamed from wherever it lives."""
+    location = set_location(set_path)
+    manifest = load_manifest(location)
+    rule = LabelRule.from_manifest(manifest)
     problems: list[str] = []
-    listed = set()
     totals: dict[str, Counter] = {split: Counter() for split in SPLITS}
     for shard in manifest["shards"]:
         name = shard["file"]
-        listed.add(name)
-        path = set_dir / name
-        if not path.is_file():
-            problems.append(f"{name}: listed in the manifest but missing from {set_dir}")
-            continue
-        size = path.stat().st_size
-        if size != shard["bytes"]:
-            problems.append(f"{name}: {size} bytes on disk, manifest says {shard['bytes']}")
-        digest = file_sha256(path)
-        if digest != shard["sha256"]:
-            problems.append(f"{name}: sha256 {digest[:12]}... differs from the manifest's {shard['sha256'][:12]}...")
+        known = {u["key"] for u in manifest.get("unusable", []) if u["shard"] == name}
         try:
-            for _ in tar_members(path):  # the loader's reader first: tarfile loops on or misreads some damaged headers
-                pass
-            labels, sample_problems = _read_shard(path, image_members(manifest))
-        except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-            problems.append(f"{name}: not a readable tar ({err})")
+            found = _check_shard(locations.join(location, name), shard, manifest, rule, known)
+        except FileNotFoundError:
+            problems.append(f"{name}: listed in the manifest but missing from {location}")
             continue
-        problems += [f"{name}: {p}" for p in sample_problems]
-        if labels["total"] != shard["samples"]:
-            problems.append(f"{name}: {labels['total']} samples in the tar, manifest says {shard['samples']}")
-        for label in LABEL_NAMES:
-            if label in shard and labels[label] != shard[label]:
-                problems.append(f"{name}: {labels[label]} {label} samples in the tar, manifest says {shard[label]}")
-        totals[shard["split"]].update(labels)
+        except OSError as err:
+            problems.append(f"{name}: unreadable ({err})")
+            continue
+        problems += [f"{name}: {p}" for p in found[1]]
+        totals[shard["split"]].update(found[0])
     for split in SPLITS:
         expected = manifest["counts"].get(split, {})
         for label in (*LABEL_NAMES, "total"):
@@ -183,12 +213,41 @@ def verify(set_dir: str | Path) -> list[str]:
                 problems.append(
                     f"manifest counts: {split} {label} is {expected.get(label, 0)} but its shards hold {totals[split][label]}"
                 )
-    for path in sorted(set_dir.glob("*.tar")):
-        if path.name not in listed:
-            problems.append(f"{path.name}: on disk but not listed in the manifest")
+    if not locations.is_remote(location) or location.startswith("s3://"):  # an HTTP location cannot be listed
+        listed = {shard["file"] for shard in manifest["shards"]}
+        for name in locations.list_names(location):
+            if name.endswith(".tar") and name not in listed:
+                problems.append(f"{name}: on disk but not listed in the manifest")
     if manifest_id(manifest["shards"]) != manifest["id"]:
         problems.append(f"manifest id {manifest['id']} does not match its shard list")
     return problems
+
+
+def _check_shard(url: str, shard: dict[str, Any], manifest: dict[str, Any], rule: LabelRule,
+                 known: set[str]) -> tuple[Counter, list[str]]:
+    """One shard against its manifest entry: (its label counts, its problems)."""
+    with locations.open_stream(url) as raw:
+        stream = HashingStream(raw)
+        try:
+            labels, sample_problems = _read_shard(stream, manifest, rule, known)
+            broken = None
+        except (tarfile.TarError, ValueError) as err:
+            labels, sample_problems, broken = Counter(), [], err
+        digest = stream.drain()
+    problems = []
+    if stream.size != shard["bytes"]:
+        problems.append(f"{stream.size} bytes on disk, manifest says {shard['bytes']}")
+    if digest != shard["sha256"]:
+        problems.append(f"sha256 {digest[:12]}... differs from the manifest's {shard['sha256'][:12]}...")
+    if broken is not None:
+        return labels, [*problems, f"not a readable tar ({broken})"]
+    problems += sample_problems
+    if labels["total"] != shard["samples"]:
+        problems.append(f"{labels['total']} samples in the tar, manifest says {shard['samples']}")
+    for label in LABEL_NAMES:
+        if label in shard and labels[label] != shard[label]:
+            problems.append(f"{labels[label]} {label} samples in the tar, manifest says {shard[label]}")
+    return labels, problems
 
 
 def _human_bytes(n: float) -> str:
@@ -244,6 +303,11 @@ def info_table(manifest: dict[str, Any]):
         ("command", created.get("command") or "?"),
     ):
         settings.add_row(key, str(value))
+    if "indexed" in manifest:  # shards made elsewhere: how labels are read, what could not be used
+        unusable = manifest.get("unusable", [])
+        settings.add_row("labels", LabelRule.from_manifest(manifest).describe())
+        settings.add_row("unusable", f"{len(unusable)}" + (f" (first: {unusable[0]['shard']}: {unusable[0]['key']}: "
+                                                           f"{unusable[0]['reason']})" if unusable else ""))
     video = pre.get("video")
     if video:
         sampling = f"every {video['frame_step']}" if video["sampling"] == "step" else "uniform"

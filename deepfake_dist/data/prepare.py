@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from deepfake_dist.data import imageio
@@ -25,7 +24,7 @@ RESOLUTION, SHARD_SIZE = 64, 1000  # when neither the caller nor the source kind
 
 def prepare(opts: PrepareOptions, *, command: str | None = None, progress: bool = False) -> dict[str, Any]:
     """Shard ``opts.source`` (``builtin:lfw``, ``celeba:PATH``, ``folder:PATH``, ``videos:PATH``)
-    into ``opts.out``.
+    into ``opts.out`` (a folder or ``s3://bucket/prefix``).
 
     Call it on every rank (under ``accelerate launch`` each rank writes its part); every rank
     returns the manifest. ``label`` ("real"/"fake") is for a flat folder; ``split`` fractions
@@ -39,9 +38,8 @@ def prepare(opts: PrepareOptions, *, command: str | None = None, progress: bool 
     """
     fmt = _check_args(opts.format, opts.resolution, opts.shard_size, opts.workers, opts.quality)
     fractions = parse_split(opts.split)
-    out = Path(opts.out)
     state = distributed_state()
-    writer = ShardSetWriter(out, opts.overwrite, state, opts.workers)
+    writer = ShardSetWriter(opts.out, opts.overwrite, state, opts.workers)
     src = open_source(opts.source, opts.label, opts.options)
     given, opts = opts, replace(opts, resolution=opts.resolution or src.resolution or RESOLUTION,
                                 shard_size=opts.shard_size or src.shard_size or SHARD_SIZE)
@@ -52,7 +50,7 @@ def prepare(opts: PrepareOptions, *, command: str | None = None, progress: bool 
         used = {k: v for k, v in opts.options.items() if v is not None}
         same = replace(given, format=fmt, split=fractions, options=used, overwrite=False)
         created = created_info(command or command_line("prepare", same), opts.workers, state.num_processes)
-        fields = _manifest_fields(src, out, encoding, fractions, opts, created)
+        fields = _manifest_fields(src, writer.name, encoding, fractions, opts, created)
     return writer.finish(fields, src.skipped, len(src.items) + len(src.skipped))
 
 
@@ -70,12 +68,12 @@ def _check_args(fmt: str, resolution: int | None, shard_size: int | None, worker
     return fmt
 
 
-def _manifest_fields(src: Source, out: Path, encoding: Encoding, fractions: Sequence[float], opts: PrepareOptions,
+def _manifest_fields(src: Source, name: str, encoding: Encoding, fractions: Sequence[float], opts: PrepareOptions,
                      created: dict[str, Any]) -> dict[str, Any]:
     """What the manifest records about a prepared set: every setting that made it."""
     jpg = encoding.fmt == "jpg"
     return {
-        "name": out.resolve().name,
+        "name": name,
         "source": src.spec,
         "resolution": encoding.resolution,
         "format": encoding.fmt,

@@ -9,6 +9,8 @@ images) both write through here; on every rank::
 
 Output: ``out/{train,val,test}-NNNNNN.tar`` (names contiguous from 000000 per split) and
 ``out/manifest.json``, written last and atomically, so a set with a manifest is always complete.
+``out`` is a folder or an ``s3://bucket/prefix`` (``locations``); there, each shard is written
+to a local temporary folder and uploaded as soon as it closes, the manifest last.
 
 Determinism. The shard layout is planned before any image is decoded: items whose split the
 source does not fix are assigned by a seeded shuffle of their sorted keys (per label, so both
@@ -24,7 +26,7 @@ Parallelism. Ranks come from the caller's ``accelerate.PartialState``
 (``engine.distributed.distributed_state``); each rank runs its ``workers`` units in spawned
 processes. Units write into ``out/.tmp/unit-G/``; after a barrier the main process renames the
 shards to their final names and writes the manifest; the other ranks wait at a final barrier.
-With several nodes, ``out`` must be on a filesystem all of them see.
+With several nodes, ``out`` must be on a filesystem all of them see, or in S3.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import os
 import platform
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -45,8 +48,7 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-from deepfake_dist.atomic import write_text_atomic
-from deepfake_dist.data import imageio
+from deepfake_dist.data import imageio, locations
 from deepfake_dist.data.common import LABEL_NAMES, SPLITS, Expanded, Item, Sample
 from deepfake_dist.data.manifest import (
     FORMAT_VERSION,
@@ -85,12 +87,14 @@ class ShardPlan:
 
 @dataclass
 class UnitJob:
-    """What one worker process writes (picklable: sent to spawned workers)."""
+    """What one worker process writes (picklable: sent to spawned workers): shards into the local
+    folder ``staging``, each uploaded to ``publish_to`` as it closes when the set is remote."""
 
     unit: int
-    tmp_dir: str
+    staging: str
     shards: list[ShardPlan]
     encoding: Encoding
+    publish_to: str | None = None
 
 
 # ------------------------------------------------------------------------------- planning
@@ -187,23 +191,33 @@ def _encode_item(item: Item, enc: Encoding) -> tuple[list[dict[str, Any]], list[
 
 
 def _write_unit(job: UnitJob) -> dict[str, Any]:
-    """Write this unit's planned shards into ``job.tmp_dir`` with ``webdataset.ShardWriter``;
-    returns (and saves as ``report.json``) each shard's counts, size and sha256, and the skips."""
+    """Write this unit's planned shards with ``webdataset.ShardWriter``; returns (and saves as
+    ``report.json`` beside them) each shard's counts, size and sha256, and the skips."""
     import webdataset as wds
 
-    tmp = Path(job.tmp_dir)
-    tmp.mkdir(parents=True, exist_ok=True)
+    staging = Path(job.staging)
+    staging.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
+    closed: dict[str, dict[str, Any]] = {}
+
+    def publish(fname: str) -> None:
+        """A shard closed: its size and sha256; a remote set's is uploaded now and its local copy freed."""
+        path = Path(fname)
+        closed[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        if job.publish_to is not None:
+            locations.upload(path, locations.join(job.publish_to, path.name))
+            path.unlink()
+
     for split, run in groupby(job.shards, key=lambda p: p.split):
         run = list(run)  # consecutive indices of one split
-        pattern = str(tmp).replace("%", "%%") + os.sep + f"{split}-%06d.tar"
+        pattern = str(staging).replace("%", "%%") + os.sep + f"{split}-%06d.tar"
         # The layout is planned: the writer starts at this run's first index and we move it to
         # the next file at each planned boundary (so skipped inputs never shift later shards,
         # and an input with several samples never spills into the next one).
         writer = wds.ShardWriter(
             pattern, maxcount=float("inf"), maxsize=float("inf"), start_shard=run[0].index,
-            verbose=0, encoder=False, mtime=TAR_MTIME,
+            verbose=0, encoder=False, mtime=TAR_MTIME, post=publish,
         )
         try:
             for n, plan in enumerate(run):
@@ -228,11 +242,9 @@ def _write_unit(job: UnitJob) -> dict[str, Any]:
         finally:
             writer.close()
     for shard in shards:
-        path = tmp / shard["file"]
-        shard["bytes"] = path.stat().st_size
-        shard["sha256"] = file_sha256(path)
+        shard.update(closed[shard["file"]])
     report = {"unit": job.unit, "shards": shards, "skipped": skipped}
-    _write_json(tmp / "report.json", report)
+    _write_json(locations.join(job.publish_to or job.staging, "report.json"), report)
     return report
 
 
@@ -289,29 +301,30 @@ def _progress_bar(show: bool, total: int):
 # ------------------------------------------------------------------------------- finishing
 
 
-def _write_json(path: Path, data: Any) -> None:
+def _write_json(url: str, data: Any) -> None:
     """Atomic: a reader sees the old file or the complete new one, never a partial one."""
-    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+    locations.write_bytes(url, (json.dumps(data, indent=1) + "\n").encode())
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
+def _check_output(out: str, overwrite: bool) -> None:
+    locations.check_writable(out)
+    if not locations.is_remote(out) and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the shard set")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if locations.list_names(out, folders=True) and not overwrite:
         raise UserError(f"--out {out} is not empty; pass --overwrite to replace the shard set there, or choose another --out")
 
 
-def _clear_output(out: Path) -> None:
+def _clear_output(out: str) -> None:
     """Remove what a previous prepare left (manifest first, then shards and .tmp); nothing else."""
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    shutil.rmtree(out / TMP_DIR, ignore_errors=True)
-    for path in out.iterdir():
-        if SHARD_PATTERN.match(path.name) or (path.name.startswith(f".{MANIFEST_NAME}.") and path.name.endswith(".tmp")):
-            path.unlink()
+    locations.remove(locations.join(out, MANIFEST_NAME))
+    locations.remove_tree(locations.join(out, TMP_DIR))
+    for name in locations.list_names(out):
+        if SHARD_PATTERN.match(name) or (name.startswith(f".{MANIFEST_NAME}.") and name.endswith(".tmp")):
+            locations.remove(locations.join(out, name))
 
 
 @contextmanager
-def _out_of_space(out: Path):
+def _out_of_space(out: str):
     """A write into the set refused for lack of space (a full disk, a quota, a file-size limit)
     becomes one line naming ``out``, after what the failed write left there (shards, ``.tmp``, a
     partial manifest) is removed: nothing half-written is left looking like a finished set."""
@@ -326,17 +339,18 @@ def _out_of_space(out: Path):
                               "nothing was kept (no manifest.json, no shards); free space and rerun") from None
 
 
-def _finalize(out: Path, n_units: int, fields: dict[str, Any], pre_skipped: list[dict[str, str]],
+def _finalize(out: str, n_units: int, fields: dict[str, Any], pre_skipped: list[dict[str, str]],
               inputs: int) -> dict[str, Any]:
     """Main process: gather the units' reports, rename shards contiguously, write the manifest."""
-    tmp = out / TMP_DIR
+    tmp = locations.join(out, TMP_DIR)
     found: list[tuple[int, dict[str, Any]]] = []
     skipped = list(pre_skipped)
     for unit in range(n_units):
-        report_file = tmp / f"unit-{unit}" / "report.json"
-        if not report_file.is_file():
-            raise RuntimeError(f"sharding unit {unit} left no report in {report_file.parent}; did a rank or worker fail?")
-        report = json.loads(report_file.read_text(encoding="utf-8"))
+        unit_dir = locations.join(tmp, f"unit-{unit}")
+        try:
+            report = json.loads(locations.read_bytes(locations.join(unit_dir, "report.json")))
+        except FileNotFoundError:
+            raise RuntimeError(f"sharding unit {unit} left no report in {unit_dir}; did a rank or worker fail?") from None
         found += [(unit, shard) for shard in report["shards"]]
         skipped += report["skipped"]
     found.sort(key=lambda us: (SPLITS.index(us[1]["split"]), us[1]["index"]))
@@ -349,7 +363,7 @@ def _finalize(out: Path, n_units: int, fields: dict[str, Any], pre_skipped: list
         split = shard["split"]
         name = f"{split}-{next_index[split]:06d}.tar"
         next_index[split] += 1
-        os.replace(tmp / f"unit-{unit}" / shard["file"], out / name)
+        locations.move(locations.join(tmp, f"unit-{unit}", shard["file"]), locations.join(out, name))
         shards.append({"split": split, "file": name, "samples": shard["samples"],
                        **{label: shard[label] for label in LABEL_NAMES},
                        "bytes": shard["bytes"], "sha256": shard["sha256"]})
@@ -362,8 +376,8 @@ def _finalize(out: Path, n_units: int, fields: dict[str, Any], pre_skipped: list
         raise UserError(f"--source {fields['source']}: none of its {inputs} inputs could be decoded{first}")
     manifest = {"format_version": FORMAT_VERSION, "id": manifest_id(shards), **fields,
                 "counts": counts, "shards": shards, "skipped": skipped}
-    _write_json(out / MANIFEST_NAME, manifest)
-    shutil.rmtree(tmp, ignore_errors=True)
+    _write_json(locations.join(out, MANIFEST_NAME), manifest)
+    locations.remove_tree(tmp)
     return manifest
 
 
@@ -391,16 +405,22 @@ class ShardSetWriter:
     with the same arguments; ``out`` is checked here, so all ranks raise or none."""
 
     def __init__(self, out: str | Path, overwrite: bool, state, workers: int = 1):
-        self.out, self.state, self.workers = Path(out), state, workers
+        self.out, self.state, self.workers = str(out), state, workers
         self.n_units = state.num_processes * workers
-        self.tmp = (self.out / TMP_DIR).resolve()
+        remote = locations.is_remote(self.out)
+        self.name = locations.set_name(self.out if remote else Path(self.out).resolve())
+        self.tmp = locations.join(self.out, TMP_DIR) if remote else str((Path(self.out) / TMP_DIR).resolve())
+        # where the units write their shards: beside the set, or (a remote set) on this machine
+        self.staging = tempfile.mkdtemp(prefix="deepfake_dist-shards-") if remote else self.tmp
         _check_output(self.out, overwrite)
 
     def jobs(self, plans: list[ShardPlan], encoding: Encoding) -> list[UnitJob]:
         """This rank's units: each a contiguous run of the planned shards (some may be empty)."""
         runs = _split_units(plans, self.n_units)
         first = self.state.process_index * self.workers
-        return [UnitJob(u, str(self.tmp / f"unit-{u}"), runs[u], encoding) for u in range(first, first + self.workers)]
+        publish = self.tmp if self.staging != self.tmp else None
+        return [UnitJob(u, os.path.join(self.staging, f"unit-{u}"), runs[u], encoding,
+                        publish and locations.join(publish, f"unit-{u}")) for u in range(first, first + self.workers)]
 
     def write(self, jobs: list[UnitJob], progress: bool = False) -> None:
         """Clear what a previous write left in ``out`` (main process, once every rank has checked
@@ -408,11 +428,15 @@ class ShardSetWriter:
         with _out_of_space(self.out):
             self.state.wait_for_everyone()  # nobody writes before every rank has checked the output folder
             if self.state.is_main_process:
-                if self.out.is_dir():
-                    _clear_output(self.out)
-                self.tmp.mkdir(parents=True, exist_ok=True)
+                _clear_output(self.out)
+                if not locations.is_remote(self.out):
+                    Path(self.tmp).mkdir(parents=True, exist_ok=True)
             self.state.wait_for_everyone()
-            _run_units(jobs, self.workers, progress and self.state.is_main_process)
+            try:
+                _run_units(jobs, self.workers, progress and self.state.is_main_process)
+            finally:
+                if self.staging != self.tmp:
+                    shutil.rmtree(self.staging, ignore_errors=True)
 
     def finish(self, fields: dict[str, Any] | None, skipped: list[dict[str, str]], inputs: int) -> dict[str, Any]:
         """Publish the shards and the manifest; every rank returns the manifest. The main process
@@ -431,7 +455,7 @@ class ShardSetWriter:
             if error is not None:
                 raise error
             if manifest is None:
-                if not (self.out / MANIFEST_NAME).is_file():
+                if not locations.exists(locations.join(self.out, MANIFEST_NAME)):
                     raise UserError(f"--out {self.out}: the main process wrote no manifest; see its error above")
                 manifest = load_manifest(self.out)
             return manifest

@@ -18,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from accelerate.utils import gather_object, set_seed
 
@@ -25,6 +26,7 @@ from deepfake_dist import __version__
 from deepfake_dist.atomic import write_json_atomic
 from deepfake_dist.config import Config, to_dict
 from deepfake_dist.console import console
+from deepfake_dist.data.common import DataUnavailable
 from deepfake_dist.data.loader import manifest_ids, resolve_channels, train_loader
 from deepfake_dist.data.manifest import shard_urls
 from deepfake_dist.engine.runtime import (
@@ -116,14 +118,12 @@ class Trainer:
         return self.finish()
 
     def train_epoch(self) -> dict | None:
-        """One pass over the loader from the epoch's resume point; the summary of a run stopped on request."""
+        """One pass over the loader from the epoch's resume point (the loader starts there,
+        without making the batches before it); the summary of a run stopped on request."""
         cfg, acc, state = self.cfg, self.accelerator, self.state
-        self.stream.set_epoch(state.epoch)
+        self.stream.set_epoch(state.epoch, state.batch)
         clock = _Throughput()
-        for index, batch in enumerate(self.loader):
-            if index < state.batch:  # replay to the resume point of this epoch
-                clock.restart()
-                continue
+        for index, batch in enumerate(self._batches(), start=state.batch):
             self.faults.add(batch.problems)
             clock.compute_started()
             logs = self.task.train_step(batch)
@@ -147,6 +147,30 @@ class Trainer:
                 return None
             clock.restart()  # logging and checkpoints are neither data wait nor compute
         return None
+
+    def _batches(self):
+        """The loader's batches. When a rank's loader can read no more shards (``DataUnavailable``),
+        every rank stops before its next step, with a checkpoint: the ranks agree on it before
+        each batch (a rank without a batch cannot take part in the step's collectives)."""
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch, failure = next(batches), None
+            except StopIteration:
+                return
+            except DataUnavailable as err:
+                batch, failure = None, err
+            if self.accelerator.num_processes > 1:
+                flag = torch.tensor([0.0 if failure is None else 1.0], device=self.accelerator.device)
+                failed = self.accelerator.reduce(flag, reduction="sum").item() > 0
+            else:
+                failed = failure is not None
+            if failed:
+                saved = self.checkpoint()
+                self.tracker.close({"stopped at step": self.state.step})
+                why = str(failure) if failure is not None else "another rank could not read its training data"
+                raise DataUnavailable(f"stopped: {why}; checkpoint written at {saved}")
+            yield batch
 
     def _log_step(self, logs: dict, skipped, clock: _Throughput) -> None:
         state = self.state

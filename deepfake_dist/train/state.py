@@ -14,7 +14,7 @@ FAULT_KEYS = ("skipped_samples", "unreadable_shards", "nonfinite_steps")
 class RunState:
     epoch: int = 0
     step: int = 0  # optimizer steps
-    batch: int = 0  # batches of this epoch already trained: a resumed run replays the loader to here
+    batch: int = 0  # batches of this epoch already trained: a resumed run's loader starts after them
     best: Optional[float] = None  # the best validation value of ``train.monitor`` so far
     best_step: Optional[int] = None
     stale_epochs: int = 0  # epochs since ``best`` last improved (early stopping)
