@@ -41,14 +41,20 @@ def start_trackers(accelerator: Accelerator, cfg: Config, extra: dict) -> None:
 
 
 class Tracker:
-    """Fans one ``log(values, step)`` out to metrics.jsonl, wandb and the progress bar."""
+    """Fans one ``log(values, step)`` out to metrics.jsonl, wandb and the progress bar. A resumed
+    run passes ``records``, the lines metrics.jsonl held at its checkpoint (``lines`` now): what
+    was logged after the checkpoint is cut, as the run logs it again."""
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, total_steps: int, start_step: int):
+    def __init__(self, accelerator: Accelerator, cfg: Config, total_steps: int, start_step: int,
+                 records: int | None = None):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.jsonl = cfg.run_dir / "metrics.jsonl"
         self.progress = None
+        self.lines = 0
         if self.main:
+            with out_of_space_is_one_line(str(self.jsonl), self.jsonl.parent):
+                self.lines = _cut_lines(self.jsonl, records)
             self.progress = Progress(
                 TextColumn("[bold]{task.fields[epoch]}"),
                 BarColumn(),
@@ -66,6 +72,7 @@ class Tracker:
             record = {"step": step, "time": time.time(), **values}
             with out_of_space_is_one_line(str(self.jsonl), self.jsonl.parent), open(self.jsonl, "a") as f:
                 f.write(json_text(record, indent=None) + "\n")
+            self.lines += 1
         self.accelerator.log(values, step=step)
 
     def advance(self, step: int, epoch: int, stats: dict) -> None:
@@ -83,6 +90,23 @@ class Tracker:
                 table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
             console.print(table)
         self.accelerator.end_training()
+
+
+def _cut_lines(path: Path, keep: int | None) -> int:
+    """Cut ``path`` after its first ``keep`` lines (None: after its last whole one; a line a kill
+    cut short always goes); returns the lines left. One ``truncate``, so a kill leaves the file
+    as it was or as it is meant to be."""
+    if not path.is_file():
+        return 0
+    offset = lines = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if lines == keep or not line.endswith(b"\n"):
+                break
+            offset, lines = offset + len(line), lines + 1
+    if path.stat().st_size > offset:
+        os.truncate(path, offset)
+    return lines
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -58,8 +58,13 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
+    found = [p for p in folder.iterdir() if _STEP.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=_step)
+
+
+def _step(checkpoint: Path) -> int:
+    """The step in a ``step-N`` folder's name."""
+    return int(_STEP.match(checkpoint.name).group(1))
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: RunState, keep_last: int,
@@ -162,6 +167,7 @@ def _choose_resume(run_dir: Path, resume: str) -> str | None:
         if problem:
             raise UserError(f"checkpoint.resume: {resume} is damaged: {problem}; choose another checkpoint "
                             "folder, or checkpoint.resume: auto")
+        _move_newer_aside(run_dir, Path(resume))
         return resume
     damaged = []
     for found in reversed(complete_checkpoints(run_dir)):
@@ -178,6 +184,25 @@ def _choose_resume(run_dir: Path, resume: str) -> str | None:
         raise UserError(f"no intact checkpoint to resume from in {checkpoint_dir(run_dir)} ({'; '.join(damaged)}); "
                         "move that folder away to start afresh, or set checkpoint.resume: none")
     return None
+
+
+def _move_newer_aside(run_dir: Path, resume: Path) -> None:
+    """This run's checkpoints newer than an explicit resume point belong to the history the run
+    goes back on: they move to ``checkpoints/abandoned-<time>/``, kept, but out of reach of
+    pruning (which would keep them as the newest) and of a later ``resume: auto``."""
+    step = int(json.loads((resume / STATE_FILE).read_text()).get("step", 0))
+    newer = [p for p in complete_checkpoints(run_dir) if _step(p) > step and p.resolve() != resume.resolve()]
+    if not newer:
+        return
+    aside = checkpoint_dir(run_dir) / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    while aside.exists():
+        aside = aside.with_name(f"{aside.name}-1")
+    aside.mkdir()
+    for found in newer:
+        os.replace(found, aside / found.name)
+    console.print(f"moved the checkpoints newer than step {step} ({', '.join(p.name for p in newer)}) aside to "
+                  f"{escape(str(aside))}, so that resume: auto never returns to them; delete that folder when "
+                  "you no longer need it", soft_wrap=True)
 
 
 def find_resume(accelerator: Accelerator, run_dir: Path, resume: str) -> Path | None:
