@@ -110,8 +110,14 @@ def checksums(folder: Path) -> dict[str, str]:
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why the checkpoint folder ``path`` must not be loaded, or None: a file missing, truncated or
-    changed since it was written, or a torch.save file that holds more than tensors (code)."""
+    """Why the checkpoint folder ``path`` must not be loaded, or None: a link in it, a file
+    missing, truncated or changed since it was written, or a torch.save file that holds more than
+    tensors (code). A link is refused wherever it points: ``rglob`` does not enter a linked
+    folder, so the files behind it would be loaded (DeepSpeed's with ``weights_only=False``)
+    without being vetted, and what a link points to can change between the check and the load."""
+    link = _first_link(path)
+    if link is not None:
+        return f"{link.relative_to(path)} is a symbolic link; a checkpoint holds its own files only, refusing to load it"
     try:
         sums = json.loads((path / CHECKSUMS_FILE).read_text())
     except FileNotFoundError:
@@ -136,6 +142,15 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"{file.relative_to(path)} {what}; refusing to load it"
         except Exception as err:  # noqa: BLE001 - any other failure to read: damaged
             return f"{file.relative_to(path)} cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
+    return None
+
+
+def _first_link(folder: Path) -> Path | None:
+    """The first symbolic link under ``folder`` (to a file or a folder; linked folders not entered)."""
+    for parent, folders, files in os.walk(folder):
+        for name in sorted(folders + files):
+            if (Path(parent) / name).is_symlink():
+                return Path(parent) / name
     return None
 
 
