@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,30 @@ from deepfake_dist.atomic import json_text
 from deepfake_dist.config import Config, to_dict
 from deepfake_dist.console import console
 from deepfake_dist.errors import out_of_space_is_one_line
+
+
+_live_bars: list[Progress] = []  # progress bars on screen: their locks are taken around a fork
+_held = threading.local()  # the locks the forking thread took
+
+
+def _hold_live_locks() -> None:
+    """Before a fork (a data loader starting its workers): take the locks a live progress bar's
+    refresh thread holds while it draws, the bar's then the console's (the order it takes them
+    in), so that no child is born holding one. A child that inherits a held lock hangs at its
+    first write to stderr, which the bar redirects through the console. rich has no public
+    handle on these locks (``Live._lock``, ``Console._lock``)."""
+    _held.locks = [lock for bar in _live_bars for lock in (bar.live._lock, bar.live.console._lock)]
+    for lock in _held.locks:
+        lock.acquire()
+
+
+def _release_live_locks() -> None:
+    """After the fork, in the parent and in the child (whose only thread is the one that forked)."""
+    for lock in reversed(_held.locks):
+        lock.release()
+
+
+os.register_at_fork(before=_hold_live_locks, after_in_parent=_release_live_locks, after_in_child=_release_live_locks)
 
 
 def tracker_name(cfg: Config) -> str | None:
@@ -66,6 +91,7 @@ class Tracker:
             )
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, epoch="", stats="")
             self.progress.start()
+            _live_bars.append(self.progress)
 
     def log(self, values: dict, step: int) -> None:
         if self.main:
@@ -82,6 +108,7 @@ class Tracker:
 
     def close(self, summary: dict) -> None:
         if self.progress:
+            _live_bars.remove(self.progress)
             self.progress.stop()
             table = Table(title="run summary")
             table.add_column("what")
