@@ -13,6 +13,7 @@ from pathlib import Path
 
 import probe_model  # noqa: F401 - registers the fault_probe model
 import pytest
+from accelerate.state import AcceleratorState, GradientState
 from inject import SMOKE
 from safetensors.torch import load_file
 
@@ -43,11 +44,15 @@ def _assert_ended_as(run_dir: Path, reference: Path) -> None:
         json.loads((reference / "model.json").read_text())["val_metrics"]
 
 
-@pytest.fixture
-def reference(overrides) -> Path:
-    """The run's folder as the uninterrupted run leaves it."""
-    cfg = load_config(SMOKE, overrides + PROBE + ["name=reference"])
+@pytest.fixture(scope="module")
+def reference(face_shards, tmp_path_factory) -> Path:
+    """The run's folder as the uninterrupted run leaves it (on the same shards: their copy's path
+    changes neither the batches nor the augmentation)."""
+    runs = tmp_path_factory.mktemp("reference")
+    cfg = load_config(SMOKE, [f"data.train=[{face_shards}]", f"output_dir={runs}", "wandb.mode=disabled", *PROBE])
     assert train(cfg)["steps"] == 6
+    AcceleratorState._reset_state(True)  # as after every test (conftest), for the test that follows
+    GradientState._reset_state()
     return cfg.run_dir
 
 
