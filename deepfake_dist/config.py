@@ -253,7 +253,7 @@ def apply_override(raw: dict, item: str, where: str) -> None:
 
 def _parse_yaml(text: str) -> Any:
     """``yaml.safe_load``; its errors (a tag that is not plain data, an undefined alias, broken
-    syntax) a UserError naming the first line of the problem."""
+    syntax) a UserError saying what and where, in one line."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -78,8 +78,7 @@ class Tracker:
         self.progress = None
         self.lines = 0
         if self.main:
-            with out_of_space_is_one_line(str(self.jsonl), self.jsonl.parent):
-                self.lines = _cut_lines(self.jsonl, records)
+            self.lines = _cut_lines(self.jsonl, records)
             self.progress = Progress(
                 TextColumn("[bold]{task.fields[epoch]}"),
                 BarColumn(),
