@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import reprlib
 import types
 import typing
 from contextlib import suppress
@@ -222,9 +223,11 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file '{path}' not found; pass an existing YAML file, e.g. configs/smoke.yaml")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raw = _parse_yaml(path.read_bytes().decode("utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it as UTF-8 text ({e})") from None
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of config keys at the top level")
     return raw
@@ -238,7 +241,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 def parse_config(raw: dict, path: str | Path, overrides: list[str] = ()) -> Config:
     """The checked config from ``raw`` (read from ``path``) with ``key.sub=value`` overrides applied."""
     for item in overrides:
-        apply_override(raw, item, where=f"{path} (override '{item}')")
+        apply_override(raw, item, where=f"{path} (override {_shown(item)})")
     return build_config(raw, where=str(path))
 
 
@@ -253,7 +256,19 @@ def apply_override(raw: dict, item: str, where: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise UserError(f"{where}: '{part}' is not a section, cannot set '{key}'")
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = _parse_yaml(value)
+    except UserError as e:
+        raise UserError(f"{where}: the value is {e}; quote it to mean the text: {repr(key)[1:-1]}='\"...\"'") from None
+
+
+def _parse_yaml(text: str) -> Any:
+    """``yaml.safe_load``; its errors (a tag that is not plain data, an undefined alias, broken
+    syntax) a UserError saying what and where, in one line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"not valid YAML ({' '.join(str(e).split())[:200]})") from None
 
 
 def build_config(raw: dict, where: str) -> Config:
@@ -282,7 +297,7 @@ def _plain(value):
 
 def _build(cls, raw: Any, where: str, prefix: str):
     if not isinstance(raw, dict):
-        raise UserError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
+        raise UserError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {_shown(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     if cls is ModelConfig:  # model.<arg> keys other than name go to args
@@ -291,7 +306,7 @@ def _build(cls, raw: Any, where: str, prefix: str):
     for key, value in raw.items():
         if key not in names:
             raise UserError(
-                f"{where}: unknown key '{prefix}{key}'{closest(key, names)}; "
+                f"{where}: unknown key {_shown(prefix + str(key))}{closest(str(key), names)}; "
                 f"valid keys here: {', '.join(names)}"
             )
         values[key] = _coerce(hints[key], value, where, prefix + key)
@@ -314,7 +329,7 @@ def _coerce(tp, value, where: str, key: str):
                 return _coerce(option, value, where, key)
             except UserError as e:
                 errors.append(e)
-        raise UserError(f"{where}: '{key}' expected {_describe(tp)}, got {value!r}")
+        raise UserError(f"{where}: '{key}' expected {_describe(tp)}, got {_shown(value)}")
     if tp is type(None):
         if value is None:
             return None
@@ -323,12 +338,12 @@ def _coerce(tp, value, where: str, key: str):
             value = next((word for word in _YAML_BOOLEAN_WORDS[value] if word in args), value)
         if value in args:
             return value
-        hint = closest(str(value), [str(a) for a in args])
-        raise UserError(f"{where}: '{key}' expected one of {list(args)}, got {value!r}{hint}")
+        hint = closest(value, [str(a) for a in args]) if isinstance(value, str) else ""
+        raise UserError(f"{where}: '{key}' expected one of {list(args)}, got {_shown(value)}{hint}")
     elif origin in (list, tuple):
         if isinstance(value, (list, tuple)):
             if origin is tuple and len(value) != len(args):
-                raise UserError(f"{where}: '{key}' expected a list of {len(args)} values, got {value!r}")
+                raise UserError(f"{where}: '{key}' expected a list of {len(args)} values, got {_shown(value)}")
             inner = args if origin is tuple else [args[0]] * len(value)
             items = [_coerce(t, v, where, f"{key}[{i}]") for i, (t, v) in enumerate(zip(inner, value))]
             return tuple(items) if origin is tuple else items
@@ -352,11 +367,21 @@ def _coerce(tp, value, where: str, key: str):
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)):  # YAML read the text as a number (or a boolean)
-            raise UserError(f"{where}: '{key}' expected a string, got {value!r}; for the text, quote it: "
+            raise UserError(f"{where}: '{key}' expected a string, got {_shown(value)}; for the text, quote it: "
                             f"{key.rsplit('.', 1)[-1]}: \"...\" in YAML, {key}='\"...\"' on the command line")
     elif tp is Any:
         return value
-    raise UserError(f"{where}: '{key}' expected {_describe(tp)}, got {value!r}")
+    raise UserError(f"{where}: '{key}' expected {_describe(tp)}, got {_shown(value)}")
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 200, 200
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 4
+
+
+def _shown(value) -> str:
+    """``repr`` cut short: a value YAML built from aliases can hold billions of items (or itself)."""
+    return _SHORT.repr(value)
 
 
 def _describe(tp) -> str:
@@ -385,7 +410,7 @@ def _check_model_args(cfg: Config, where: str) -> None:
     for key in cfg.model.args:
         if key not in valid:
             raise UserError(
-                f"{where}: unknown key 'model.{key}' for model '{cfg.model.name}'{closest(key, valid)}; "
+                f"{where}: unknown key {_shown(f'model.{key}')} for model '{cfg.model.name}'{closest(str(key), valid)}; "
                 f"valid keys: name, {', '.join(valid)}"
             )
     try:
@@ -429,6 +454,33 @@ def _check_bounds(cfg: Config, where: str) -> None:
                             f"got {value}")
 
 
+def _within(where: str, key: str, value, low, high, what: str, ordered: bool = True) -> None:
+    """``value`` (a number, or each of a pair) in [low, high]; a pair also in order, if ``ordered``."""
+    values = list(value) if isinstance(value, tuple) else [value]
+    if not all(low <= v <= high for v in values) or (ordered and values != sorted(values)):
+        raise UserError(f"{where}: '{key}' is {what}, got {_shown(value)}")
+
+
+def _check_ranges(cfg: Config, where: str) -> None:
+    """Values a library would refuse mid-run (torch's optimizers, numpy's seed, the augmentations,
+    in a loader worker) or quietly turn into nonsense (a negative learning rate)."""
+    aug, eps = cfg.data.augment, 1e-12
+    for name in ("hflip", "crop", "jitter", "jpeg", "blur"):
+        _within(where, f"data.augment.{name}", getattr(aug, name), 0.0, 1.0, "a probability in [0, 1]")
+    # the narrowest crop (aspect ratio 3/4) must keep a pixel's width: sqrt(scale * side^2 * 3/4) >= 1
+    smallest = 4 / (3 * cfg.data.resolution**2)
+    _within(where, "data.augment.crop_scale", aug.crop_scale, smallest, 1.0,
+            f"the [smallest, largest] fraction of the image a crop keeps, in [{smallest:.2g}, 1] at data.resolution "
+            f"{cfg.data.resolution} (a smaller one crops nothing)")
+    _within(where, "data.augment.jitter_strength", aug.jitter_strength, 0.0, 1.0, "a strength in [0, 1]")
+    _within(where, "data.augment.jpeg_quality", aug.jpeg_quality, 1, 100, "a [low, high] JPEG quality in 1..100")
+    _within(where, "data.augment.blur_sigma", aug.blur_sigma, eps, math.inf, "a [low, high] blur sigma above 0 pixels")
+    _within(where, "optim.betas", cfg.optim.betas, 0.0, 1.0 - eps, "a pair of decay rates, each in [0, 1)", ordered=False)
+    _within(where, "optim.momentum", cfg.optim.momentum, 0.0, 1.0 - eps, "a momentum in [0, 1)")
+    _within(where, "sched.min_lr_ratio", cfg.sched.min_lr_ratio, 0.0, 1.0, "a fraction of optim.lr in [0, 1]")
+    _within(where, "seed", cfg.seed, 0, 2**32 - 1, "a seed in 0..4294967295 (numpy's range)")
+
+
 def _check_values(cfg: Config, where: str) -> None:
     """Values that mean nothing in any run; what a task needs of them is the task's to say
     (``Task.check_config``)."""
@@ -443,11 +495,7 @@ def _check_values(cfg: Config, where: str) -> None:
         raise UserError(f"{where}: 'data.channels' must be 1, 3 or auto, got {cfg.data.channels}")
     if not cfg.data.train:
         raise UserError(f"{where}: 'data.train' is empty; list at least one shard set folder, e.g. [shards/lfw]")
-    aug = cfg.data.augment
-    for name in ("hflip", "crop", "jitter", "jpeg", "blur"):
-        p = getattr(aug, name)
-        if not 0.0 <= p <= 1.0:
-            raise UserError(f"{where}: 'data.augment.{name}' is a probability in [0, 1], got {p}")
+    _check_ranges(cfg, where)
     for folder in [*cfg.data.train, *(cfg.data.val or [])]:  # a remote set (a URL) is checked when it is read
         if "://" not in str(folder) and not (Path(folder) / "manifest.json").is_file():
             raise UserError(

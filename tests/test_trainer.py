@@ -45,10 +45,10 @@ def test_loss_falls_and_best_model_is_exported(smoke_config, precision):
 
 def test_run_state_is_the_json_a_checkpoint_holds():
     state = RunState(epoch=2, step=40, batch=3, best=0.9, best_step=30, stale_epochs=1, skipped_samples=4,
-                     unreadable_shards=1, nonfinite_steps=2)
+                     unreadable_shards=1, nonfinite_steps=2, metrics_lines=25)
     saved = json.loads(json.dumps(state.state_dict()))
     assert list(saved) == ["epoch", "step", "batch", "best", "best_step", "stale_epochs", "skipped_samples",
-                           "unreadable_shards", "nonfinite_steps"]  # trainer_state.json, as resume reads it
+                           "unreadable_shards", "nonfinite_steps", "metrics_lines"]  # trainer_state.json, as resume reads it
     loaded = RunState()
     loaded.load_state_dict(saved)
     assert loaded == state

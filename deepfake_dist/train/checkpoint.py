@@ -58,8 +58,13 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
+    found = [p for p in folder.iterdir() if _STEP.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=_step)
+
+
+def _step(checkpoint: Path) -> int:
+    """The step in a ``step-N`` folder's name."""
+    return int(_STEP.match(checkpoint.name).group(1))
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: RunState, keep_last: int,
@@ -105,8 +110,14 @@ def checksums(folder: Path) -> dict[str, str]:
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why the checkpoint folder ``path`` must not be loaded, or None: a file missing, truncated or
-    changed since it was written, or a torch.save file that holds more than tensors (code)."""
+    """Why the checkpoint folder ``path`` must not be loaded, or None: a link in it, a file
+    missing, truncated or changed since it was written, or a torch.save file that holds more than
+    tensors (code). A link is refused wherever it points: ``rglob`` does not enter a linked
+    folder, so the files behind it would be loaded (DeepSpeed's with ``weights_only=False``)
+    without being vetted, and what a link points to can change between the check and the load."""
+    link = _first_link(path)
+    if link is not None:
+        return f"{link.relative_to(path)} is a symbolic link; a checkpoint holds its own files only, refusing to load it"
     try:
         sums = json.loads((path / CHECKSUMS_FILE).read_text())
     except FileNotFoundError:
@@ -131,6 +142,15 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"{file.relative_to(path)} {what}; refusing to load it"
         except Exception as err:  # noqa: BLE001 - any other failure to read: damaged
             return f"{file.relative_to(path)} cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
+    return None
+
+
+def _first_link(folder: Path) -> Path | None:
+    """The first symbolic link under ``folder`` (to a file or a folder; linked folders not entered)."""
+    for parent, folders, files in os.walk(folder):
+        for name in sorted(folders + files):
+            if (Path(parent) / name).is_symlink():
+                return Path(parent) / name
     return None
 
 
@@ -162,6 +182,7 @@ def _choose_resume(run_dir: Path, resume: str) -> str | None:
         if problem:
             raise UserError(f"checkpoint.resume: {resume} is damaged: {problem}; choose another checkpoint "
                             "folder, or checkpoint.resume: auto")
+        _move_newer_aside(run_dir, Path(resume))
         return resume
     damaged = []
     for found in reversed(complete_checkpoints(run_dir)):
@@ -178,6 +199,25 @@ def _choose_resume(run_dir: Path, resume: str) -> str | None:
         raise UserError(f"no intact checkpoint to resume from in {checkpoint_dir(run_dir)} ({'; '.join(damaged)}); "
                         "move that folder away to start afresh, or set checkpoint.resume: none")
     return None
+
+
+def _move_newer_aside(run_dir: Path, resume: Path) -> None:
+    """This run's checkpoints newer than an explicit resume point belong to the history the run
+    goes back on: they move to ``checkpoints/abandoned-<time>/``, kept, but out of reach of
+    pruning (which would keep them as the newest) and of a later ``resume: auto``."""
+    step = int(json.loads((resume / STATE_FILE).read_text()).get("step", 0))
+    newer = [p for p in complete_checkpoints(run_dir) if _step(p) > step and p.resolve() != resume.resolve()]
+    if not newer:
+        return
+    aside = checkpoint_dir(run_dir) / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    while aside.exists():
+        aside = aside.with_name(f"{aside.name}-1")
+    aside.mkdir()
+    for found in newer:
+        os.replace(found, aside / found.name)
+    console.print(f"moved the checkpoints newer than step {step} ({', '.join(p.name for p in newer)}) aside to "
+                  f"{escape(str(aside))}, so that resume: auto never returns to them; delete that folder when "
+                  "you no longer need it", soft_wrap=True)
 
 
 def find_resume(accelerator: Accelerator, run_dir: Path, resume: str) -> Path | None:

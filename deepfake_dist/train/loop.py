@@ -14,6 +14,7 @@ that can be refused up front (config, data, model) is refused before the run fol
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ from deepfake_dist.engine.step import NONFINITE
 from deepfake_dist.engine.tracking import Tracker, start_trackers
 from deepfake_dist.errors import UserError, out_of_space_is_one_line
 from deepfake_dist.tasks import task_class
-from deepfake_dist.train.checkpoint import export_model, find_resume, load_checkpoint, save_checkpoint
+from deepfake_dist.train.checkpoint import checkpoint_dir, export_model, find_resume, load_checkpoint, save_checkpoint
 from deepfake_dist.train.faults import FaultCounts, NonfiniteCount, StopRequest
 from deepfake_dist.train.heartbeat import watch_ranks
 from deepfake_dist.train.state import RunState
@@ -96,6 +97,8 @@ class Trainer:
         if resume is None:
             return
         self.task.load_state_tensors(load_checkpoint(self.accelerator, resume, self.state))
+        if resume.parent.resolve() != checkpoint_dir(self.run_dir).resolve():
+            self.state.metrics_lines = None  # another run's count: this run's metrics.jsonl is left as it is
         if self.accelerator.is_main_process:
             console.print(f"resuming from {resume} (epoch {self.state.epoch}, step {self.state.step})")
 
@@ -103,12 +106,14 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         manifests = manifest_ids(sorted(set(cfg.data.train + (cfg.data.val or []))))
         start_trackers(acc, cfg, {"manifests": manifests, "world_size": acc.num_processes})
-        self.tracker = Tracker(acc, cfg, self.total_steps, self.state.step)
+        self.tracker = Tracker(acc, cfg, self.total_steps, self.state.step, self.state.metrics_lines)
         self.export_info = {**self.task.export_info(), "model": cfg.model.name, "model_args": cfg.model.args,
                             "resolution": cfg.data.resolution, "normalize": cfg.data.normalize,
                             "manifests": manifests, "config": to_dict(cfg), "package_version": __version__}
 
     def run(self) -> dict:
+        if self.finished and self.state.batch:  # stopped or killed after its last step, before that epoch's end
+            self.end_epoch()
         while not self.finished and self.state.epoch < self.cfg.train.epochs:
             stopped = self.train_epoch()
             if stopped is not None:
@@ -229,6 +234,7 @@ class Trainer:
     def checkpoint(self) -> Path:
         self.faults.sync(self.state)
         self.nonfinite.sync(self.state)
+        self.state.metrics_lines = self.tracker.lines
         return save_checkpoint(self.accelerator, self.run_dir, self.state, self.cfg.checkpoint.keep_last,
                                self.task.state_tensors())
 
@@ -282,7 +288,11 @@ class _Throughput:
 
 
 def _improved(value: float, best: float | None, mode: str) -> bool:
-    return best is None or (value > best if mode == "max" else value < best)
+    """Whether ``value`` of ``train.monitor`` beats ``best``. NaN ranks below every number: it
+    never replaces a number, and a number always replaces it (or no best yet, None)."""
+    if best is None or math.isnan(best):
+        return True
+    return not math.isnan(value) and (value > best if mode == "max" else value < best)
 
 
 def rank_digests(accelerator, modules: dict) -> list[str]:

@@ -1,5 +1,6 @@
 """Where a run stands: the counters a checkpoint's ``trainer_state.json`` holds (JSON, not a
-pickle), so a resumed run continues at the same batch with the same best model and fault counts."""
+pickle), so a resumed run continues at the same batch with the same best model, fault counts
+and metrics records."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ class RunState:
     skipped_samples: int = 0  # unreadable samples the loaders skipped, all ranks
     unreadable_shards: int = 0
     nonfinite_steps: int = 0  # batches skipped for a NaN/inf loss
+    # records in metrics.jsonl when the checkpoint was written: a resumed run cuts the file back to
+    # them, so that nothing it logged after the checkpoint appears twice (None: left as it is)
+    metrics_lines: Optional[int] = None
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

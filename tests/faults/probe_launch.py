@@ -1,8 +1,8 @@
-"""``deepfake-dist train`` with the ``nonfinite_probe`` model registered, for launched ranks."""
+"""``deepfake-dist train`` with the ``fault_probe`` model registered, for launched ranks."""
 
 import sys
 
-import probe_model  # noqa: F401 - registers nonfinite_probe
+import probe_model  # noqa: F401 - registers fault_probe
 
 from deepfake_dist.cli import main
 from deepfake_dist.engine.distributed import exit_process

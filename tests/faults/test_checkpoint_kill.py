@@ -1,5 +1,6 @@
 """Fault 2, SIGKILL while a checkpoint is being written: the half-written ``.tmp-step-N`` folder is
-never resumed from (it is removed), and ``resume: auto`` takes the previous complete checkpoint."""
+never resumed from (it is removed), ``resume: auto`` takes the previous complete checkpoint, and
+what was logged after that checkpoint is not in ``metrics.jsonl`` twice."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from inject import SMOKE
 
 from deepfake_dist.config import load_config
+from deepfake_dist.engine.tracking import read_jsonl
 from deepfake_dist.train.checkpoint import FAULT_DELAY_ENV, STATE_FILE, checkpoint_dir, complete_checkpoints
 from deepfake_dist.train.loop import train
 
@@ -31,6 +33,8 @@ def test_kill_during_checkpoint_write_resumes_from_previous(overrides, capsys):
         time.sleep(0.02)
     job.kill()
     job.wait()
+    metrics = run_dir / "metrics.jsonl"
+    assert [r["step"] for r in read_jsonl(metrics)] == [2, 4]  # step 4 was logged before its checkpoint
 
     assert [p.name for p in complete_checkpoints(run_dir)] == ["step-2"]
     assert (half_written / "model.safetensors").is_file()  # it looks complete but for its name
@@ -42,3 +46,4 @@ def test_kill_during_checkpoint_write_resumes_from_previous(overrides, capsys):
     assert summary["steps"] == 6
     assert not half_written.exists()
     assert [p.name for p in complete_checkpoints(run_dir)] == ["step-4", "step-6"]
+    assert [r["step"] for r in read_jsonl(metrics) if "train/loss" in r] == [2, 4, 6]  # each once

@@ -11,7 +11,7 @@ import os
 import subprocess
 from pathlib import Path
 
-import probe_model  # noqa: F401 - registers the nonfinite_probe model
+import probe_model  # noqa: F401 - registers the fault_probe model
 import pytest
 import torch
 from inject import ROOT, SMOKE
@@ -28,7 +28,7 @@ from deepfake_dist.tasks import create_task
 from deepfake_dist.train.checkpoint import STATE_FILE, complete_checkpoints
 from deepfake_dist.train.loop import train
 
-PROBE = ["model.name=nonfinite_probe", "train.log_every=1"]
+PROBE = ["model.name=fault_probe", "train.log_every=1"]
 
 
 def _optimizer_steps(checkpoint: Path) -> int:

@@ -1,7 +1,8 @@
 """Fault 7, untrusted files: a pickle that runs code when loaded, placed where the platform reads
 model weights (a pretrained file, an exported model, a checkpoint, including DeepSpeed's files,
-which DeepSpeed itself would load with ``weights_only=False``). Each is refused with a clear error
-and the payload never runs. And no loader in the code can unpickle anything else."""
+which DeepSpeed itself would load with ``weights_only=False``, and files behind a link in a
+checkpoint). Each is refused with a clear error and the payload never runs. And no loader in the
+code can unpickle anything else."""
 
 from __future__ import annotations
 
@@ -97,6 +98,28 @@ def test_checkpoint_files(overrides, marker, capsys):
     plant(deepspeed / "mp_rank_00_model_states.pt")
     problem = checkpoint_problem(folder / "step-1")
     assert "pytorch_model/mp_rank_00_model_states.pt holds pickled Python objects (io.open)" in problem
+
+    linked = folder.parent / "elsewhere"  # the same folder behind a link, which rglob does not enter
+    deepspeed.rename(linked)
+    deepspeed.symlink_to(linked, target_is_directory=True)
+    write_json_atomic(deepspeed.parent / CHECKSUMS_FILE, checksums(deepspeed.parent))
+    with pytest.raises(UserError, match="pytorch_model is a symbolic link; a checkpoint holds its own files only"):
+        train(load_config(SMOKE, args + [f"checkpoint.resume={folder / 'step-1'}"]))
+
+
+def test_links_inside_a_checkpoint_are_refused(tmp_path, marker):
+    """A link to a folder or a file, wherever it points: what is loaded must be what was vetted."""
+    checkpoint, elsewhere = tmp_path / "step-1", tmp_path / "elsewhere"
+    (checkpoint / "pytorch_model").mkdir(parents=True)
+    elsewhere.mkdir()
+    armed_pickle(elsewhere / "optimizer.bin", marker)
+    (checkpoint / "pytorch_model" / "optimizer.bin").symlink_to(elsewhere / "optimizer.bin")
+    write_json_atomic(checkpoint / CHECKSUMS_FILE, {})
+    assert checkpoint_problem(checkpoint) == ("pytorch_model/optimizer.bin is a symbolic link; a checkpoint holds "
+                                              "its own files only, refusing to load it")
+    (checkpoint / "pytorch_model" / "optimizer.bin").unlink()
+    (checkpoint / "zero").symlink_to(elsewhere, target_is_directory=True)
+    assert checkpoint_problem(checkpoint).startswith("zero is a symbolic link")
 
 
 UNSAFE_CALLS = {"pickle.load", "pickle.loads", "Unpickler", "dill.load", "dill.loads", "joblib.load",
