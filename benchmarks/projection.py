@@ -3,8 +3,11 @@ step at 224 px, batch 256, channels_last, fused AdamW: measured on this machine'
 ``--measure``, or given as measured elsewhere with ``--images-per-s``) and its gradient size (its
 parameter count, fp32 gradients as DDP reduces them), through NCCL's ring all-reduce at stated
 bandwidths and latencies, give each model's scaling efficiency, and what the data path must then
-feed each 8-GPU node: images/s, MB/s from object storage at ``--bytes-per-image``, and CPU cores
-at ``--cpu-images-per-s`` (one core's decode + augmentation rate).
+feed each 8-GPU node: images/s, MB/s from object storage, and CPU cores for decode + augmentation.
+The last two come from a real face photo (matplotlib's Grace Hopper sample) cropped to 224 px and
+stored as JPEG (quality 95, as ``prepare --format jpg``): its size, and one core of this machine
+decoding it and running the platform's training augmentation (``--bytes-per-image`` and
+``--cpu-images-per-s`` give figures measured elsewhere instead).
 
 Ring all-reduce of S bytes over N GPUs: 2 (N - 1) / N * S / bus bandwidth, plus 2 (N - 1) hops
 of latency. DDP reduces gradients in 25 MB buckets while the backward pass runs, so the step hides
@@ -70,6 +73,34 @@ def step_images_per_s(model: torch.nn.Module, windows: int = 3, steps: int = 10)
     return statistics.median(rates)
 
 
+def face_jpeg() -> bytes:
+    """A 224-px face crop as JPEG quality 95: what a training image in the shards looks like."""
+    import io
+
+    from matplotlib import cbook
+    from PIL import Image
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as photo:
+        face = photo.convert("RGB").crop((110, 60, 410, 360)).resize((224, 224), Image.BICUBIC)
+    buf = io.BytesIO()
+    face.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def cpu_images_per_s(data: bytes, seconds: float = 5.0) -> float:
+    """One core's rate of decode + the default training augmentation of ``data``, per CPU-second
+    of this process on one thread (so other jobs on the machine do not lower it)."""
+    from deepfake_dist.config import AugmentConfig
+    from deepfake_dist.data.transforms import TrainAugment, decode
+
+    torch.set_num_threads(1)
+    augment, n, start = TrainAugment(224, AugmentConfig()), 0, time.process_time()
+    while time.process_time() - start < seconds:
+        augment(decode(data, 3))
+        n += 1
+    return n / (time.process_time() - start)
+
+
 def allreduce_s(grad_bytes: float, gpus: int, bus_gb_s: float, hop_us: float) -> float:
     return 2 * (gpus - 1) / gpus * grad_bytes / (bus_gb_s * 1e9) + 2 * (gpus - 1) * hop_us * 1e-6
 
@@ -79,11 +110,16 @@ def main() -> None:
     p.add_argument("--measure", action="store_true", help="time each model's step on this machine's GPU")
     p.add_argument("--images-per-s", dest="images_per_s", nargs="+", default=[], metavar="MODEL=RATE",
                    help="each model's step rate per GPU, measured elsewhere")
-    p.add_argument("--bytes-per-image", dest="bytes_per_image", type=float, default=20_000,
-                   help="a training image's size in the shards (a 224-px face crop as JPEG)")
+    p.add_argument("--bytes-per-image", dest="bytes_per_image", type=float,
+                   help="a training image's size in the shards (default: the sample face's JPEG)")
     p.add_argument("--cpu-images-per-s", dest="cpu_images_per_s", type=float,
-                   help="one CPU core's decode + augmentation rate at 224 px (for the cores a node needs)")
+                   help="one CPU core's decode + augmentation rate at 224 px (default: measured here)")
     args = p.parse_args()
+    data = face_jpeg()
+    args.bytes_per_image = args.bytes_per_image or len(data)
+    args.cpu_images_per_s = args.cpu_images_per_s or cpu_images_per_s(data)
+    console.print(f"a 224-px face as JPEG: {args.bytes_per_image / 1e3:.1f} KB; decode + augmentation on one core: "
+                  f"{args.cpu_images_per_s:,.0f} images/s")
     given = {name: float(rate) for name, rate in (item.split("=", 1) for item in args.images_per_s)}
     if not args.measure and set(given) != set(MODELS):
         raise SystemExit(f"give --measure (on a GPU) or --images-per-s for each of {', '.join(MODELS)}")
@@ -111,7 +147,7 @@ def main() -> None:
             rows.append({"model": name, "fabric": fabric, "gpus": gpus, "allreduce_ms": comm * 1e3,
                          "efficiency_no_overlap": efficiency, "efficiency_overlap": overlapped,
                          "node_images_per_s": per_node, "node_mb_per_s": per_node * args.bytes_per_image / 1e6,
-                         "node_cpu_cores": per_node / args.cpu_images_per_s if args.cpu_images_per_s else None})
+                         "node_cpu_cores": per_node / args.cpu_images_per_s})
     print_table(f"DDP projection: bf16 step at 224 px, batch {BATCH} per GPU, fp32 gradients, ring all-reduce",
                 ["model", "fabric", "GPUs", "all-reduce ms", "efficiency (no overlap)", "efficiency (overlap)",
                  "images/s per node", "MB/s per node", "CPU cores per node"],
