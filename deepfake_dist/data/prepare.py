@@ -49,7 +49,7 @@ def prepare(opts: PrepareOptions, *, command: str | None = None, progress: bool 
     encoding = Encoding("L" if src.channels == 1 else "RGB", opts.resolution, fmt, opts.quality)
     plans = [p for p in plan_shards(src.items, fractions, opts.seed, opts.shard_size) if p.split in kept]
     if not plans:
-        raise UserError(f"--splits {opts.splits}: {opts.source} has no input in {', '.join(kept)}")
+        raise UserError(f"--splits {','.join(kept)}: {opts.source} has no input in {', '.join(kept)}")
     writer.write(writer.jobs(plans, encoding), progress)
     fields = None
     if state.is_main_process:  # the manifest records the command that makes this set again
@@ -62,7 +62,7 @@ def parse_splits(value: str | Sequence[str] | None) -> tuple[str, ...]:
     """The splits to write: ``"test"``, ``"val,test"`` or a list; ``None``: all of them."""
     names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value or SPLITS)]
     if not names or any(n not in SPLITS for n in names):
-        raise UserError(f"--splits {value}: expected some of {','.join(SPLITS)}, comma-separated")
+        raise UserError(f"--splits {','.join(names)}: expected some of {','.join(SPLITS)}, comma-separated")
     return tuple(n for n in SPLITS if n in names)
 
 
@@ -70,7 +70,9 @@ def recorded_command(opts: PrepareOptions) -> str:
     """The ``deepfake-dist prepare`` command that makes the set of ``opts`` again, as its manifest
     records it: the options as given (``None`` source options left out), spelled one way."""
     used = {k: v for k, v in opts.options.items() if v is not None}
-    same = replace(opts, format=_format(opts.format), split=parse_split(opts.split), options=used, overwrite=False)
+    kept = parse_splits(opts.splits)
+    same = replace(opts, format=_format(opts.format), split=parse_split(opts.split), options=used, overwrite=False,
+                   splits=None if kept == SPLITS else ",".join(kept))
     return command_line("prepare", same)
 
 
