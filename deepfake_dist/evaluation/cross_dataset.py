@@ -231,7 +231,7 @@ def cross_dataset(opts: CrossDatasetOptions, *, accelerator=None, command: str |
         with out_of_space_is_one_line(f"the cross-dataset results in {out}", out, OUTPUTS_WHOLE):
             _write(out, summary, runs, opts, command)
         for table in tables(summary):
-            console.print(table, width=None if console.is_terminal else 240)  # logs: no truncated cells
+            console.print(table)
         console.print(f"results in {out}")
     accelerator.wait_for_everyone()
     return {"out": out, "summary": summary}

@@ -262,7 +262,7 @@ def evaluate(opts: EvaluateOptions, *, accelerator=None, command: str | None = N
         with out_of_space_is_one_line(f"the evaluation's results in {out}", out, OUTPUTS_WHOLE):
             write_outputs(out, scored, opts.data, opts.split, opts.val_split, command, explain=opts.explain,
                           report=opts.report, layer=opts.layer, table_md=table_md)
-        console.print(comparison_table(rows), width=None if console.is_terminal else 240)  # logs: no truncated cells
+        console.print(comparison_table(rows))
         console.print(f"results in {out}" + (f" (open {out / 'index.html'})" if opts.report else ""))
     accelerator.wait_for_everyone()
     return {"rows": rows, "out": out, "table_md": table_md, "results": [s.result for s in scored]}
