@@ -25,6 +25,7 @@ from deepfake_dist.errors import GroupFailure, UserError
 from deepfake_dist.options import (
     BenchOptions,
     CompressOptions,
+    CrossDatasetOptions,
     EvaluateOptions,
     ExplainOptions,
     ExportOptions,
@@ -152,6 +153,13 @@ def cmd_evaluate(opts: EvaluateOptions) -> int:
     return 0
 
 
+def cmd_cross_dataset(opts: CrossDatasetOptions) -> int:
+    from deepfake_dist.evaluation.cross_dataset import cross_dataset
+
+    cross_dataset(opts, command=_command_line())
+    return 0
+
+
 def cmd_predict(opts: PredictOptions) -> int:
     from deepfake_dist.atomic import json_text
     from deepfake_dist.deploy.predict import rows_table, score_files
@@ -238,6 +246,8 @@ COMMANDS = {
     "shards": Command(ShardsOptions, cmd_shards, "check, describe or index a shard set"),
     "evaluate": Command(EvaluateOptions, cmd_evaluate, "metrics, per-source, calibration, robustness, Grad-CAM and a "
                                                        "report for one or more detectors (any launch mode)"),
+    "cross-dataset": Command(CrossDatasetOptions, cmd_cross_dataset, "frame and video AUC of detectors on each test "
+                                                                     "set, beside DeepfakeBench's published table"),
     "predict": Command(PredictOptions, cmd_predict, "score image files, folders and videos; one row per file "
                                                     "(exit status 1 when a file could not be scored)"),
     "explain": Command(ExplainOptions, cmd_explain, "Grad-CAM overlays for any images"),

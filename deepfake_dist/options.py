@@ -106,6 +106,8 @@ class PrepareOptions:
     shard_size: Optional[int] = option(None, "inputs (images, videos) per shard (default 1000; 32 videos for ffpp, celebdf, "
                                              "dfdc, dfdcp)")
     split: Split = option((0.8, 0.1, 0.1), "train,val,test fractions for unsplit sources", type=str)
+    splits: Optional[Union[str, list[str]]] = option(None, "write only these splits, comma-separated (e.g. test, for a "
+                                                           "set kept for testing); default all", type=str)
     workers: int = option(1)
     label: Optional[str] = option(None, "label of a flat folder", choices=("real", "fake"))
     seed: int = option(0)
@@ -160,6 +162,20 @@ class EvaluateOptions:
     report: bool = option(True, "skip index.html and report.md", flags=("--no-report",))
     video_aggregate: str = option("mean", "how a video's clip or frame scores pool into its video-level score",
                                   choices=("mean", "max", "median"))
+
+
+@dataclass(kw_only=True)
+class CrossDatasetOptions:
+    checkpoints: list[str] = option(help="run folder(s) or model .safetensors file(s), a row each",
+                                    flags=("--checkpoint",), metavar="CHECKPOINT")
+    data: list[str] = option(help="test sets, a shard set folder each (real and fake videos), e.g. shards/ffpp-c23 "
+                                  "shards/celebdf shards/dfdc shards/dfdcp")
+    split: str = option("test", "split to score in every set")
+    out: Optional[str] = option(None, "output folder (default RUN/cross-dataset for one checkpoint, else ./cross-dataset)")
+    reference: Optional[str] = option(None, "DeepfakeBench's published row beside every checkpoint: xception or "
+                                            "efficientnet_b4 (default: each checkpoint's own model, when published)")
+    batch_size: int = option(64, "per process")
+    workers: int = option(1, "data loader workers per process")
 
 
 @dataclass(kw_only=True)

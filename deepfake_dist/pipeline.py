@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 from deepfake_dist.config import Config, apply_override, read_yaml
 from deepfake_dist.envvars import temporary_env
 from deepfake_dist.errors import UserError
-from deepfake_dist.options import EvaluateOptions, GenerateOptions, PrepareOptions, stage_keys
+from deepfake_dist.options import CrossDatasetOptions, EvaluateOptions, GenerateOptions, PrepareOptions, stage_keys
 from deepfake_dist.registry import Registry, closest
 
 STAGES = Registry("stage")
@@ -97,6 +97,16 @@ class Stage:
         """Paths the stage (re)writes; removed before a changed stage is rebuilt."""
         return []
 
+    def done(self) -> bool:
+        """Whether the outputs of a stage stamped "done" are still there as it made them."""
+        return all(p.exists() for p in self.outputs())
+
+    def adopt(self) -> dict | None:
+        """The result of outputs found without this pipeline's stamp that record being made with
+        exactly this stage's settings (by another pipeline's identical stage), which the stage
+        then takes as its own instead of refusing them; None: they are not."""
+        return None
+
     def run(self, ctx: dict) -> dict:
         raise NotImplementedError
 
@@ -139,6 +149,27 @@ class PrepareStage(ShardSetStage):
         from deepfake_dist.data.prepare import prepare
 
         return self.result(prepare(PrepareOptions(**self.spec, overwrite=True), progress=True))
+
+    def _made_by_this(self) -> dict | None:
+        """The set's manifest when it records this very ``prepare`` (the same options, spelled the
+        same), else None."""
+        from deepfake_dist.data.manifest import load_manifest
+        from deepfake_dist.data.prepare import recorded_command
+
+        if not self.outputs()[0].is_file():
+            return None
+        manifest = load_manifest(self.spec["out"])
+        same = manifest.get("created", {}).get("command") == recorded_command(PrepareOptions(**self.spec))
+        return manifest if same else None
+
+    def done(self) -> bool:
+        """A set shared with another pipeline (``adopt``) may have been made again with its settings."""
+        return self._made_by_this() is not None
+
+    def adopt(self) -> dict | None:
+        """The two benchmark pipelines share the four prepared datasets this way."""
+        manifest = self._made_by_this()
+        return None if manifest is None else self.result(manifest)
 
 
 @STAGES.register("train")
@@ -225,10 +256,35 @@ class EvaluateStage(Stage):
                 "split": self.spec["split"]}
 
 
+@STAGES.register("cross-dataset")
+class CrossDatasetStage(Stage):
+    """``evaluation.cross_dataset``: detectors' frame and video AUC on each test set."""
+
+    options = CrossDatasetOptions
+    required, optional = stage_keys(options, also_required=("out",))
+
+    def inputs(self) -> dict[str, str]:
+        weights = {str(c): _weights_sha(c, "model") for c in self.spec["checkpoints"]}
+        return {**weights, **_manifest_ids(self.spec["data"])}
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.spec["out"]) / "cross_dataset.md"]
+
+    def owned(self) -> list[Path]:
+        return [Path(self.spec["out"])]
+
+    def run(self, ctx: dict) -> dict:
+        from deepfake_dist.evaluation.cross_dataset import cross_dataset
+
+        result = cross_dataset(CrossDatasetOptions(**self.spec))
+        return {"written": [str(result["out"])], "cross_dataset": result["summary"]}
+
+
 @STAGES.register("compare")
 class CompareStage(Stage):
-    """Prints the last evaluation's comparison table (``evaluate`` prints it when it runs; this
-    stage when it was skipped), what it was computed on, and every path the pipeline wrote."""
+    """Prints the last evaluation's comparison table and cross-dataset tables (``evaluate`` and
+    ``cross-dataset`` print them when they run; this stage when they were skipped), what they
+    were computed on, and every path the pipeline wrote."""
 
     stamped = False
 
@@ -236,20 +292,28 @@ class CompareStage(Stage):
         from deepfake_dist.console import console
         from deepfake_dist.engine.distributed import distributed_state
         from deepfake_dist.evaluation.compare import comparison_table
+        from deepfake_dist.evaluation.cross_dataset import tables
 
         evaluation = next((r for r in reversed(ctx["results"]) if "rows" in r), None)
-        if evaluation is None:
-            raise UserError(f"{self.where}: no evaluate stage before it; add one whose rows it can compare")
-        if distributed_state().is_main_process:
+        cross = next((r for r in reversed(ctx["results"]) if "cross_dataset" in r), None)
+        if evaluation is None and cross is None:
+            raise UserError(f"{self.where}: no evaluate or cross-dataset stage before it; add one whose rows it can "
+                            "compare")
+        if not distributed_state().is_main_process:
+            return {}
+        if evaluation is not None:
             rows = evaluation["rows"]
             images = rows[0].get("test_images", "?") if rows else "?"
             if evaluation.get("skipped"):  # a fresh evaluation has just printed it
                 console.print(comparison_table(rows))
             console.print(f"data: {', '.join(evaluation['data'])} ({evaluation['split']} split, {images} images)",
                           soft_wrap=True)
-            console.print("written:", soft_wrap=True)
-            for path in dict.fromkeys(p for r in ctx["results"] for p in r.get("written", [])):
-                console.print(f"  {path}", soft_wrap=True)
+        if cross is not None and cross.get("skipped"):
+            for table in tables(cross["cross_dataset"]):
+                console.print(table)
+        console.print("written:", soft_wrap=True)
+        for path in dict.fromkeys(p for r in ctx["results"] for p in r.get("written", [])):
+            console.print(f"  {path}", soft_wrap=True)
         return {}
 
 
@@ -374,10 +438,20 @@ def _run_stages(pipeline: dict) -> int:
         identity = _identity(stage)
         stamp = _read_stamp(stamp_file)
         same = stamp is not None and stamp.get("identity") == identity
-        if same and stamp.get("status") == "done" and all(p.exists() for p in stage.outputs()):
+        if same and stamp.get("status") == "done" and stage.done():
             if main:
                 console.print(f"[{i}] {kind}: up to date, skipped ({stamp_file})", soft_wrap=True)
             ctx["results"].append({**stamp.get("result", {}), "skipped": True})
+            continue
+        adopted = stage.adopt() if stamp is None else None
+        if adopted is not None:  # another pipeline's identical stage made them
+            state.wait_for_everyone()  # every rank has read them before the stamp exists
+            if main:
+                console.print(f"[{i}] {kind}: made by the same stage of another pipeline, taken as done", soft_wrap=True)
+                stamp_file.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(stamp_file, {"stage": kind, "identity": identity, "status": "done", "adopted": True,
+                                               "settings": stage.settings(), "inputs": stage.inputs(), "result": adopted})
+            ctx["results"].append(adopted)
             continue
         if stamp is None:
             taken = [p for p in stage.owned() if p.exists() and (not p.is_dir() or any(p.iterdir()))]

@@ -272,12 +272,32 @@ def test_short_and_faceless_videos_are_listed_and_the_rest_is_prepared(dfdc, tmp
     assert verify(tmp_path / "dfdc") == []
 
 
-def test_colour_stays_rgb_from_the_video_to_the_shard(tmp_path):
-    root = tmp_path / "DFDCP"
+def test_a_set_kept_for_testing_holds_its_test_split_only(celebdf, tmp_path):
+    """``--splits test``: the cross-dataset sets (Celeb-DF, DFDC, DFDCP) are prepared for testing
+    only; the manifest's command says so."""
+    out = tmp_path / "cdf"
+    manifest = prepare(PrepareOptions(source=f"celebdf:{celebdf.root}", out=str(out), splits="test", resolution=32,
+                                      options=FAST))
+    assert {s: c["total"] for s, c in manifest["counts"].items()} == {"train": 0, "val": 0, "test": 3 * 4}
+    assert "--splits test" in manifest["created"]["command"] and verify(out) == []
+    with pytest.raises(UserError, match=r"^--splits test,tset: expected some of train,val,test, comma-separated$"):
+        prepare(PrepareOptions(source=f"celebdf:{celebdf.root}", out=str(tmp_path / "x"), splits="test,tset"))
+    root = _colour_dfdcp(tmp_path / "DFDCP")  # a test set only
+    with pytest.raises(UserError, match="--splits train: dfdcp:.* has no input in train"):
+        prepare(PrepareOptions(source=f"dfdcp:{root}", out=str(tmp_path / "x"), splits=["train"]))
+
+
+def _colour_dfdcp(root: Path) -> Path:
+    """A DFDCP layout holding one real test video, ``write_colour_video``'s."""
     for folder in ("method_A", "method_B"):
         (root / folder).mkdir(parents=True)
     replicas.write_colour_video(root / "original_videos" / "c.mp4")
     (root / "dataset.json").write_text(json.dumps({"original_videos/c.mp4": {"label": "real", "set": "test"}}))
+    return root
+
+
+def test_colour_stays_rgb_from_the_video_to_the_shard(tmp_path):
+    root = _colour_dfdcp(tmp_path / "DFDCP")
     prepare(PrepareOptions(source=f"dfdcp:{root}", out=str(tmp_path / "out"), options={"frames": 2, "margin": 0.5}))
     (sample, _) = _samples(tmp_path / "out", "test")
     crop = np.asarray(Image.open(io.BytesIO(sample["png"])), dtype=float)

@@ -63,6 +63,26 @@ def test_outputs_the_pipeline_did_not_write_are_left_alone(tmp_path):
     assert (tmp_path / "lfw" / "mine.txt").read_text() == "precious"
 
 
+def test_a_set_prepared_by_the_same_stage_of_another_pipeline_is_taken_as_done(tmp_path, capsys):
+    """As the two DeepfakeBench configs share their prepared datasets; a set made with other
+    settings is still refused."""
+    stage = {"prepare": {"source": "builtin:lfw", "out": "${root}/lfw", "resolution": 16, "splits": ["val", "test"]}}
+    first = load_pipeline(write(tmp_path, [stage], stamps="${root}/stamps-a"))
+    assert run_pipeline(first) == 0
+    made = load_manifest(tmp_path / "lfw")
+    same = {"prepare": {**stage["prepare"], "splits": "test, val"}}  # the same splits, spelled otherwise
+    capsys.readouterr()
+    assert run_pipeline(load_pipeline(write(tmp_path, [same], stamps="${root}/stamps-b"))) == 0
+    assert "[0] prepare: made by the same stage of another pipeline, taken as done" in capsys.readouterr().err
+    assert load_manifest(tmp_path / "lfw")["id"] == made["id"]
+    assert json.loads((tmp_path / "stamps-b" / "00-prepare.json").read_text())["status"] == "done"
+    other = {"prepare": {**stage["prepare"], "resolution": 24}}
+    with pytest.raises(UserError, match="lfw exists but this pipeline did not write it"):
+        run_pipeline(load_pipeline(write(tmp_path, [other], stamps="${root}/stamps-c")))
+    assert run_pipeline(first) == 0
+    assert "[0] prepare: up to date, skipped" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("stages, message", [
     ([{"prepair": {}}], r"stages\[0\]: unknown stage 'prepair' \(did you mean 'prepare'\?\)"),
     ([{"prepare": {"source": "builtin:lfw", "out": "${rot}/x"}}], r"unknown variable \$\{rot\} \(did you mean 'root'\?\)"),

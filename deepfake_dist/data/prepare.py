@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from deepfake_dist.data import imageio
+from deepfake_dist.data.common import SPLITS
 from deepfake_dist.data.shard_writer import Encoding, ShardSetWriter, created_info, parse_split, plan_shards
 from deepfake_dist.data.sources import open_source
 from deepfake_dist.data.sources.base import Source
@@ -37,27 +38,50 @@ def prepare(opts: PrepareOptions, *, command: str | None = None, progress: bool 
     non-empty ``out`` without ``overwrite`` -- before any file is written.
     """
     fmt = _check_args(opts.format, opts.resolution, opts.shard_size, opts.workers, opts.quality)
-    fractions = parse_split(opts.split)
+    fractions, kept = parse_split(opts.split), parse_splits(opts.splits)
     state = distributed_state()
     writer = ShardSetWriter(opts.out, opts.overwrite, state, opts.workers)
     src = open_source(opts.source, opts.label, opts.options)
     given, opts = opts, replace(opts, resolution=opts.resolution or src.resolution or RESOLUTION,
                                 shard_size=opts.shard_size or src.shard_size or SHARD_SIZE)
     encoding = Encoding("L" if src.channels == 1 else "RGB", opts.resolution, fmt, opts.quality)
-    writer.write(writer.jobs(plan_shards(src.items, fractions, opts.seed, opts.shard_size), encoding), progress)
+    plans = [p for p in plan_shards(src.items, fractions, opts.seed, opts.shard_size) if p.split in kept]
+    if not plans:
+        raise UserError(f"--splits {','.join(kept)}: {opts.source} has no input in {', '.join(kept)}")
+    writer.write(writer.jobs(plans, encoding), progress)
     fields = None
     if state.is_main_process:  # the manifest records the command that makes this set again
-        used = {k: v for k, v in opts.options.items() if v is not None}
-        same = replace(given, format=fmt, split=fractions, options=used, overwrite=False)
-        created = created_info(command or command_line("prepare", same), opts.workers, state.num_processes)
+        created = created_info(command or recorded_command(given), opts.workers, state.num_processes)
         fields = _manifest_fields(src, writer.name, encoding, fractions, opts, created)
     return writer.finish(fields, src.skipped, len(src.items) + len(src.skipped))
+
+
+def parse_splits(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The splits to write: ``"test"``, ``"val,test"`` or a list; ``None``: all of them."""
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value or SPLITS)]
+    if not names or any(n not in SPLITS for n in names):
+        raise UserError(f"--splits {','.join(names)}: expected some of {','.join(SPLITS)}, comma-separated")
+    return tuple(n for n in SPLITS if n in names)
+
+
+def recorded_command(opts: PrepareOptions) -> str:
+    """The ``deepfake-dist prepare`` command that makes the set of ``opts`` again, as its manifest
+    records it: the options as given (``None`` source options left out), spelled one way."""
+    used = {k: v for k, v in opts.options.items() if v is not None}
+    kept = parse_splits(opts.splits)
+    same = replace(opts, format=_format(opts.format), split=parse_split(opts.split), options=used, overwrite=False,
+                   splits=None if kept == SPLITS else ",".join(kept))
+    return command_line("prepare", same)
+
+
+def _format(fmt: str) -> str:
+    return {"jpeg": "jpg"}.get(str(fmt).lower(), str(fmt).lower())
 
 
 def _check_args(fmt: str, resolution: int | None, shard_size: int | None, workers: int, quality: int) -> str:
     """The shard image format, normalised (``jpeg`` -> ``jpg``); a bad argument is a UserError
     (``None`` resolution or shard size: the default, which needs no check)."""
-    fmt = {"jpeg": "jpg"}.get(str(fmt).lower(), str(fmt).lower())
+    fmt = _format(fmt)
     if fmt not in imageio.FORMATS:
         raise UserError(f"--format {fmt}: expected one of {', '.join(imageio.FORMATS)}")
     for name, value, low in (("--resolution", resolution, 8), ("--shard-size", shard_size, 1), ("--workers", workers, 1)):

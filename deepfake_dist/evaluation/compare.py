@@ -3,6 +3,9 @@
 Accuracy, precision, recall and F1 are at the fixed threshold 0.5; the ``@val`` columns are at
 the threshold chosen on the validation split (never on the test split); ROC-AUC, AP and EER do
 not depend on a threshold. Each table says so in its title.
+
+``rich_table``, ``markdown`` and ``csv_rows`` render any rows under any ``(key, header, format)``
+columns, so every table of the evaluation (``evaluation.cross_dataset`` too) looks the same.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ VIDEO_COLUMNS = [
 ]
 
 
+TEXT = ("run", "model")  # left-aligned columns; the rest are numbers
+
+
 def columns(rows: list[dict]) -> list[tuple[str, str, str]]:
     return COLUMNS + (VIDEO_COLUMNS if any(r.get("videos") for r in rows) else [])
 
@@ -54,15 +60,38 @@ def title(rows: list[dict]) -> str:
     return TITLE.format(split=first.get("split", "test"), images=first.get("test_images", "?"))
 
 
+def rich_table(heading: str, cols: list[tuple[str, str, str]], rows: list[dict], text: tuple[str, ...] = TEXT) -> Table:
+    """A rich ``Table`` of ``rows`` under ``cols``; a missing value reads n/a."""
+    table = Table(title=heading, title_justify="left")
+    for key, header, _ in cols:
+        table.add_column(header, justify="left" if key in text else "right")
+    for row in rows:
+        table.add_row(*(_cell(row, key, fmt) for key, _, fmt in cols))
+    return table
+
+
+def markdown(heading: str, cols: list[tuple[str, str, str]], rows: list[dict], text: tuple[str, ...] = TEXT) -> str:
+    """A Markdown table of ``rows`` under ``cols``, its heading in bold above it."""
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |",
+             "|" + "|".join("---" if k in text else "---:" for k, _, _ in cols) + "|",
+             *("| " + " | ".join(_cell(r, k, f) for k, _, f in cols) + " |" for r in rows)]
+    return "\n".join([f"**{heading}**", "", *lines]) + "\n"
+
+
+def csv_rows(cols: list[tuple[str, str, str]], rows: list[dict]) -> str:
+    """Plain numbers (no formatting) under the row keys, for spreadsheets and scripts."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([k for k, _, _ in cols])
+    for row in rows:
+        writer.writerow(["" if row.get(k) is None else row[k] for k, _, _ in cols])
+    return buffer.getvalue()
+
+
 def comparison_table(rows: list[dict]) -> Table:
     """A rich ``Table``: run, model, accuracy, precision, recall, F1, ROC-AUC, AP, EER, the
     validation threshold and the metrics there, parameters and inference images/s."""
-    table = Table(title=title(rows), title_justify="left")
-    for key, header, _ in columns(rows):
-        table.add_column(header, justify="left" if key in ("run", "model") else "right")
-    for row in rows:
-        table.add_row(*(_cell(row, key, fmt) for key, _, fmt in columns(rows)))
-    return table
+    return rich_table(title(rows), columns(rows), rows)
 
 
 def cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -71,18 +100,8 @@ def cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    headers, body = cells(rows)
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---" if k in ("run", "model") else "---:" for k, _, _ in columns(rows)) + "|",
-             *("| " + " | ".join(r) + " |" for r in body)]
-    return "\n".join([f"**{title(rows)}**", "", *lines]) + "\n"
+    return markdown(title(rows), columns(rows), rows)
 
 
 def csv_text(rows: list[dict]) -> str:
-    """Plain numbers (no formatting) under the row keys, for spreadsheets and scripts."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([k for k, _, _ in columns(rows)])
-    for row in rows:
-        writer.writerow(["" if row.get(k) is None else row[k] for k, _, _ in columns(rows)])
-    return buffer.getvalue()
+    return csv_rows(columns(rows), rows)
