@@ -135,7 +135,8 @@ def cmd_generate(args) -> int:
         raise UserError("--out is required (a shard set folder, e.g. shards/lfw-dcgan-fake), or --output_dir with --format png")
     result = generate(args.checkpoint, args.num_images, target, fmt=args.format, truncation=args.truncation,
                       seed=args.seed, batch_size=args.batch_size, split=args.split, shard_size=args.shard_size,
-                      encoding=args.encoding, overwrite=args.overwrite, command=_command_line(), progress=True)
+                      encoding=args.encoding, overwrite=args.overwrite, command=_command_line(), progress=True,
+                      steps=args.steps)
     if distributed_state().is_main_process:
         if args.format == "png":
             first, last = result["keys"]
@@ -153,7 +154,10 @@ def _add_generate(sub):
     p.add_argument("--out", help="shard set folder, e.g. shards/lfw-dcgan-fake")
     p.add_argument("--format", choices=["shards", "png"], default="shards")
     p.add_argument("--output_dir", "--output-dir", dest="output_dir", help="folder for --format png")
-    p.add_argument("--truncation", type=float, help="truncation trick: latents resampled within +-T std")
+    p.add_argument("--truncation", type=float, help="truncation trick: DCGAN/VAE latents resampled within +-T std; "
+                   "StyleGAN2: psi, w pulled towards the average w (1: none, 0.7 usual)")
+    p.add_argument("--steps", type=int, help="diffusion generators: denoising steps (default: the run's "
+                   "diffusion.sample_steps)")
     p.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions of the shard set")

@@ -175,7 +175,8 @@ class GenerateStage(Stage):
 
     required = ("checkpoint", "num_images", "out")
     optional: ClassVar[dict[str, Any]] = {
-        "truncation": None, "seed": 0, "batch_size": 64, "split": [0.8, 0.1, 0.1], "shard_size": 1000, "encoding": "png"}
+        "truncation": None, "steps": None, "seed": 0, "batch_size": 64, "split": [0.8, 0.1, 0.1], "shard_size": 1000,
+        "encoding": "png"}
 
     def inputs(self) -> dict[str, str]:
         from deepfake_dist.tasks.generative import EXPORT_NAME
@@ -194,7 +195,7 @@ class GenerateStage(Stage):
         s = self.spec
         manifest = generate(s["checkpoint"], s["num_images"], s["out"], truncation=s["truncation"], seed=s["seed"],
                             batch_size=s["batch_size"], split=s["split"], shard_size=s["shard_size"],
-                            encoding=s["encoding"], overwrite=True, progress=True)
+                            encoding=s["encoding"], overwrite=True, progress=True, steps=s["steps"])
         return {"written": [str(s["out"])], "id": manifest["id"], "counts": manifest["counts"]}
 
 
