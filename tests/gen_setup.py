@@ -14,7 +14,8 @@ CONFIGS = ROOT / "configs"
 
 
 def tiny(shards: Path, output_dir: Path, name: str, steps: int = 4, **extra) -> list[str]:
-    """Overrides that make configs/dcgan.yaml or vae.yaml train in seconds on 32-px faces."""
+    """Overrides that make a generator's config (configs/dcgan.yaml, vae.yaml, ...) train in seconds
+    on 32-px faces."""
     values = {"data.train": f"[{shards}]", "data.resolution": 32, "data.batch_size": 8, "data.num_workers": 0,
               "data.shuffle_buffer": 32, "train.max_steps": steps, "train.log_every": 1, "samples.every": 2,
               "samples.grid": 16, "samples.fid_every": 0, "output_dir": output_dir, "name": name,
@@ -22,8 +23,28 @@ def tiny(shards: Path, output_dir: Path, name: str, steps: int = 4, **extra) -> 
     return [f"{k}={v}" for k, v in values.items()]
 
 
+# Per generator config (configs/NAME.yaml): the smallest networks that still exercise every part
+# (StyleGAN2: R1, path length and style mixing every other step, its DiffAugment; DDPM: attention).
+TINY = {
+    "dcgan": {"model.ngf": 8, "model.ndf": 8},
+    "cdcgan": {"model.ngf": 8, "model.ndf": 8},
+    "vae": {"model.width": 8, "model.latent_dim": 16},
+    "stylegan2": {"model.z_dim": 32, "model.w_dim": 32, "model.mapping_layers": 2, "model.channel_base": 128,
+                  "model.channel_max": 16, "stylegan2.r1_every": 2, "stylegan2.pl_weight": 2, "stylegan2.pl_every": 2,
+                  "stylegan2.style_mixing": 0.9},
+    "ddpm": {"model.width": 8, "model.channel_mult": "[1, 2]", "model.attention_resolutions": "[16]",
+             "model.layers_per_block": 1, "diffusion.sample_steps": 3},
+}
+GENERATORS = ["dcgan", "stylegan2", "ddpm"]  # what the training, resume and synthesis tests run
+
+
+def tiny_generator(model: str, shards: Path, output_dir: Path, name: str, steps: int = 4, **extra) -> list[str]:
+    """``tiny`` with configs/MODEL.yaml's networks shrunk (``TINY``)."""
+    return tiny(shards, output_dir, name, steps, **{**TINY[model], **extra})
+
+
 def tiny_gan(shards: Path, output_dir: Path, name: str, steps: int = 4, **extra) -> list[str]:
-    return tiny(shards, output_dir, name, steps, **{"model.ngf": 8, "model.ndf": 8, **extra})
+    return tiny_generator("dcgan", shards, output_dir, name, steps, **extra)
 
 
 GLOO = ["--config_file", str(CONFIGS / "accelerate" / "cpu_gloo.yaml")]

@@ -1,5 +1,5 @@
 """Synthesis: exactly N fakes with unique keys and a valid manifest, on one rank or two, as
-shards or PNG files."""
+shards or PNG files, from each kind of generator (DCGAN, StyleGAN2, DDPM) with its own options."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import webdataset as wds
-from gen_setup import launch
+from gen_setup import GENERATORS, launch
 from PIL import Image
 
 from deepfake_dist.data.common import SPLITS
@@ -60,10 +60,38 @@ def test_png_files_and_the_truncation_trick(gan_run, tmp_path):
     assert np.array_equal(a, np.asarray(Image.open(tmp_path / "again" / names[0])))
 
 
+def test_stylegan2_truncation_and_diffusion_steps(generator_run, tmp_path):
+    def images(run, name, **options) -> np.ndarray:
+        generate(run, 4, tmp_path / name, fmt="png", **options)
+        return np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / name).iterdir())]).astype(int)
+
+    stylegan2, ddpm = generator_run("stylegan2"), generator_run("ddpm")
+    plain, truncated = images(stylegan2, "plain"), images(stylegan2, "psi", truncation=1e-4)
+    assert plain.shape == (4, 32, 32)  # grey
+    # psi -> 0 pulls every latent onto the average w: the images all but agree
+    assert np.abs(truncated - truncated[0]).max() <= 1 < np.abs(plain - plain[0]).max()
+
+    default, fewer = images(ddpm, "default"), images(ddpm, "fewer", steps=1)
+    assert default.shape == fewer.shape == (4, 32, 32) and not np.array_equal(default, fewer)
+    assert np.array_equal(default, images(ddpm, "again", steps=3))  # the run's diffusion.sample_steps
+    manifest = generate(ddpm, 2, tmp_path / "set", shard_size=5, steps=2)
+    assert (manifest["generator"]["steps"], manifest["generator"]["sampler"]) == (2, "ddim")
+    assert {meta["steps"] for _, _, meta, _ in read_set(tmp_path / "set").values()} == {2}
+
+    with pytest.raises(UserError, match="--steps does not apply to .*tinystylegan2: it holds a stylegan2 generator"):
+        generate(stylegan2, 2, tmp_path / "x", steps=5)
+    with pytest.raises(UserError, match="--truncation does not apply to .*tinyddpm: it holds a ddpm generator"):
+        generate(ddpm, 2, tmp_path / "x", truncation=0.7)
+    with pytest.raises(UserError, match="--steps 0: expected an integer >= 1"):
+        generate(ddpm, 2, tmp_path / "x", steps=0)
+
+
 @pytest.mark.slow
-def test_two_ranks_write_the_same_n_images_as_one(gan_run, tmp_path):
-    generate(gan_run, 37, tmp_path / "one", shard_size=5)
-    result = launch(["-m", "deepfake_dist", "generate", "--checkpoint", str(gan_run), "--num-images", "37",
+@pytest.mark.parametrize("model", GENERATORS)
+def test_two_ranks_write_the_same_n_images_as_one(model, generator_run, tmp_path):
+    run = generator_run(model)
+    generate(run, 37, tmp_path / "one", shard_size=5)
+    result = launch(["-m", "deepfake_dist", "generate", "--checkpoint", str(run), "--num-images", "37",
                      "--out", str(tmp_path / "two"), "--shard-size", "5"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert verify(tmp_path / "two") == []
