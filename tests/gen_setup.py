@@ -48,8 +48,12 @@ def tiny_gan(shards: Path, output_dir: Path, name: str, steps: int = 4, **extra)
 
 
 GLOO = ["--config_file", str(CONFIGS / "accelerate" / "cpu_gloo.yaml")]
-DEEPSPEED_ZERO2 = ["--use_deepspeed", "--zero_stage", "2", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def deepspeed_zero2(precision: str = "no") -> list[str]:
+    """``accelerate launch`` flags for DeepSpeed ZeRO-2 on two processes, in ``precision``."""
+    return ["--use_deepspeed", "--zero_stage", "2", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", precision, "--dynamo_backend", "no"]
 
 
 def launch(args: list[str], launcher: list[str] = GLOO, env: dict | None = None,

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 from fidelity_launch import SmallExtractor, fixed_images
-from gen_setup import CONFIGS, DEEPSPEED_ZERO2, GENERATORS, ROOT, launch, tiny, tiny_gan, tiny_generator
+from gen_setup import CONFIGS, GENERATORS, ROOT, deepspeed_zero2, launch, tiny, tiny_gan, tiny_generator
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -65,11 +65,12 @@ def test_two_gloo_ranks_train_identical_replicas_and_draw_grids(model, real_face
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                     reason="DeepSpeed is not installed (pip install 'deepfake_dist[deepspeed]')")
-@pytest.mark.parametrize("model", GENERATORS)
-def test_deepspeed_zero2_trains_generators(model, real_face_shards, tmp_path):
-    """The GANs with two engines (one per network), the diffusion model with one."""
+@pytest.mark.parametrize("model, precision", [("dcgan", "no"), ("stylegan2", "bf16"), ("ddpm", "bf16")])
+def test_deepspeed_zero2_trains_generators(model, precision, real_face_shards, tmp_path):
+    """The GANs with two engines (one per network), the diffusion model with one; StyleGAN2 and
+    DDPM in bf16 (the EMA, exported, stays fp32)."""
     args = tiny_generator(model, real_face_shards, tmp_path, "zero2", **{"checkpoint.every_steps": 2})
-    result = launch(["launch/train.py", "--config", str(CONFIGS / f"{model}.yaml"), *args], DEEPSPEED_ZERO2)
+    result = launch(["launch/train.py", "--config", str(CONFIGS / f"{model}.yaml"), *args], deepspeed_zero2(precision))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_generator_learned_and_replicas_agree(tmp_path / "zero2")
 

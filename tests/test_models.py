@@ -34,8 +34,10 @@ def test_registry_lists_every_model_with_its_kind():
         "temporal": "detector",
         "dcgan": "gan",
         "cdcgan": "gan",
+        "stylegan2": "gan",
         "ae": "autoencoder",
         "vae": "autoencoder",
+        "ddpm": "diffusion",
     }
     # the fault tests add a probe model of their own, so the registry may hold more than the shipped ones
     assert set(shipped) <= set(MODELS.names())

@@ -96,7 +96,9 @@ class DDPM(nn.Module):
         """Images in [-1, 1] from the starting noise (B, channels, res, res) in ``steps`` steps."""
         import diffusers
 
-        solver = getattr(diffusers, SAMPLERS[sampler]).from_config(self.schedule.config, timestep_spacing="trailing")
+        # "leading" steps start below the last training timestep, where the signal is nearly gone
+        # and a data-predicting solver (DPM-Solver++) would divide by almost nothing
+        solver = getattr(diffusers, SAMPLERS[sampler]).from_config(self.schedule.config, timestep_spacing="leading")
         solver.set_timesteps(steps, device=noise.device)
         x = noise * solver.init_noise_sigma
         for t in solver.timesteps:

@@ -7,6 +7,8 @@ non-saturating BCE or hinge. Under DDP one ``prepare(G, D, opt_g, opt_d)``; unde
 each network is its own engine (``engines``), prepared after selecting its plugin, and each
 loss goes to its own engine's backward and step. The EMA generator is what samples, FID,
 synthesis and the exported ``generator.safetensors`` use; it is checkpointed as safetensors.
+A GAN that trains differently (StyleGAN2: noise inputs, penalties, augmentation) overrides the
+step's parts: ``_generate``, ``_discriminate``, ``_d_loss`` and ``_g_loss``.
 """
 
 from __future__ import annotations
