@@ -4,7 +4,8 @@ predicting the noise added by ``DDPMScheduler``'s forward process, sampled with 
 ``forward(noisy, timesteps)`` is the noise prediction (what training regresses onto the true noise
 with MSE). ``sample(noise, steps, sampler)`` denoises N(0, I) images in ``steps`` steps with DDIM
 (eta 0) or DPM-Solver++ (2nd order): both deterministic, so an image depends on its starting noise
-only, and images in [-1, 1] (clamped). The noise schedule (``num_train_timesteps``,
+only, and images in [-1, 1] (clamped). DDIM is the robust choice; DPM-Solver++ wants a well
+trained network (an undertrained one gives washed-out samples where DDIM's are already faces). The noise schedule (``num_train_timesteps``,
 ``beta_schedule``) belongs to the model: a network is only valid with the schedule it learned.
 
 diffusers is an optional dependency (``pip install 'deepfake_dist[diffusion]'``, Python >= 3.11);
@@ -96,9 +97,13 @@ class DDPM(nn.Module):
         """Images in [-1, 1] from the starting noise (B, channels, res, res) in ``steps`` steps."""
         import diffusers
 
-        # "leading" steps start below the last training timestep, where the signal is nearly gone
-        # and a data-predicting solver (DPM-Solver++) would divide by almost nothing
-        solver = getattr(diffusers, SAMPLERS[sampler]).from_config(self.schedule.config, timestep_spacing="leading")
+        # "leading" steps start below the last training timestep, where the signal is nearly gone;
+        # both solvers clip their estimate of the clean image to [-1, 1] (DDIM: the schedule's
+        # clip_sample; DPM-Solver++: thresholding at 1), which an estimate divided by a tiny signal
+        # scale would otherwise blow up
+        solver = getattr(diffusers, SAMPLERS[sampler]).from_config(
+            self.schedule.config, timestep_spacing="leading", **({"thresholding": True, "sample_max_value": 1.0}
+                                                                 if sampler == "dpm" else {}))
         solver.set_timesteps(steps, device=noise.device)
         x = noise * solver.init_noise_sigma
         for t in solver.timesteps:

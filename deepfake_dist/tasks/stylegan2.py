@@ -50,6 +50,11 @@ class StyleGAN2Task(GANTask):
             raise UserError(f"{where}: 'stylegan2.augment' lists an operation twice: {s.augment}")
 
     def __init__(self, cfg, accelerator, channels: int):
+        plugins = accelerator.state.deepspeed_plugins or {}
+        if any(p.zero_stage == 3 for p in plugins.values()) and (cfg.stylegan2.r1_gamma or cfg.stylegan2.pl_weight):
+            raise UserError("stylegan2's R1 and path-length penalties run the bare networks, whose weights ZeRO-3 "
+                            "partitions; launch with ZeRO-1 or 2 (configs/accelerate/deepspeed_zero2.yaml), or set "
+                            "stylegan2.r1_gamma: 0 and stylegan2.pl_weight: 0")
         super().__init__(cfg, accelerator, channels)
         self.pl_mean = torch.zeros((), device=accelerator.device)
 
