@@ -1,7 +1,7 @@
-"""Training tasks: what differs between detectors, GANs and autoencoders (their step, what they
-validate, what they export, which settings they refuse). The trainer in ``deepfake_dist.train.loop``
-runs any of them; the task is picked by the model's entry in the model registry (its ``task``, else
-its ``kind``)."""
+"""Training tasks: what differs between detectors, GANs, autoencoders and diffusion models (their
+step, what they validate, what they export, which settings they refuse). The trainer in
+``deepfake_dist.train.loop`` runs any of them; the task is picked by the model's entry in the model
+registry (its ``task``, else its ``kind``)."""
 
 from __future__ import annotations
 
