@@ -1,6 +1,6 @@
-"""Generator training: DCGAN, StyleGAN2 and DDPM on two gloo ranks and under DeepSpeed ZeRO-2 (a
-GAN with two engines), bit-exact resume with the EMA, the conditional GAN, the VAE, the refusals,
-and FID/KID across ranks."""
+"""Generator training: DCGAN, StyleGAN2 and DDPM on two gloo ranks (then generating on both) and under
+DeepSpeed ZeRO-2 (a GAN with two engines), bit-exact resume with the EMA, the conditional GAN, the VAE,
+the refusals, and FID/KID across ranks."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import re
 
 import pytest
 import torch
+import yaml
 from fidelity_launch import SmallExtractor, fixed_images
-from gen_setup import CONFIGS, GENERATORS, ROOT, deepspeed_zero2, launch, tiny, tiny_gan, tiny_generator
+from gen_setup import (CONFIGS, GENERATORS, ROOT, TINY, assert_one_rank_and_two_agree, deepspeed_zero2, launch, tiny,
+                       tiny_gan, tiny_generator, tiny_settings)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -55,11 +57,20 @@ def assert_generator_learned_and_replicas_agree(run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", GENERATORS)
-def test_two_gloo_ranks_train_identical_replicas_and_draw_grids(model, real_face_shards, tmp_path):
-    args = tiny_generator(model, real_face_shards, tmp_path, "ddp", **{"checkpoint.every_steps": 2})
-    result = launch(["launch/train.py", "--config", str(CONFIGS / f"{model}.yaml"), *args])
+def test_two_gloo_ranks_train_identical_replicas_draw_grids_and_generate(model, real_face_shards, tmp_path):
+    """A pipeline under the launcher: training, then ``generate`` split over the two ranks, which
+    writes the same 37 images one rank writes."""
+    settings = tiny_settings(real_face_shards, tmp_path, "ddp", **{**TINY[model], "checkpoint.every_steps": 2})
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"name": "two-ranks", "stamps": str(tmp_path / "stamps"), "stages": [
+        {"train": {"config": str(CONFIGS / f"{model}.yaml"), "set": settings}},
+        {"generate": {"checkpoint": str(tmp_path / "ddp"), "num_images": 37, "out": str(tmp_path / "two"),
+                      "shard_size": 5}}]}))
+    result = launch(["launch/train.py", "--config", str(pipeline)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_generator_learned_and_replicas_agree(tmp_path / "ddp")
+    generate(tmp_path / "ddp", 37, tmp_path / "one", shard_size=5)
+    assert_one_rank_and_two_agree(tmp_path / "one", tmp_path / "two", 37)
 
 
 @pytest.mark.slow

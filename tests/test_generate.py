@@ -1,32 +1,18 @@
-"""Synthesis: exactly N fakes with unique keys and a valid manifest, on one rank or two, as
-shards or PNG files, from each kind of generator (DCGAN, StyleGAN2, DDPM) with its own options."""
+"""Synthesis: exactly N fakes with unique keys and a valid manifest, as shards or PNG files, from each
+kind of generator (DCGAN, StyleGAN2, DDPM) with its own options. On two ranks: test_gan.py, whose
+two-rank training pipelines end with a generate stage."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-import webdataset as wds
-from gen_setup import GENERATORS, launch
+from gen_setup import read_set
 from PIL import Image
 
 from deepfake_dist.data.common import SPLITS
-from deepfake_dist.data.imageio import decode
-from deepfake_dist.data.manifest import file_sha256, load_manifest, shard_urls, verify
+from deepfake_dist.data.manifest import file_sha256, verify
 from deepfake_dist.errors import UserError
 from deepfake_dist.generate import generate
-
-
-def read_set(set_dir) -> dict[str, tuple]:
-    """key -> (split, cls, json, pixels) for every sample of every split; duplicates fail."""
-    samples = {}
-    for split in SPLITS:
-        urls = shard_urls(set_dir, split)
-        for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False) if urls else []:
-            assert s["__key__"] not in samples, f"duplicate key {s['__key__']}"
-            samples[s["__key__"]] = (split, int(s["cls"]), json.loads(s["json"]), np.asarray(decode(s["png"])))
-    return samples
 
 
 def test_generate_writes_exactly_n_fakes_with_a_manifest(gan_run, tmp_path):
@@ -84,24 +70,6 @@ def test_stylegan2_truncation_and_diffusion_steps(generator_run, tmp_path):
         generate(ddpm, 2, tmp_path / "x", truncation=0.7)
     with pytest.raises(UserError, match="--steps 0: expected an integer >= 1"):
         generate(ddpm, 2, tmp_path / "x", steps=0)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("model", GENERATORS)
-def test_two_ranks_write_the_same_n_images_as_one(model, generator_run, tmp_path):
-    run = generator_run(model)
-    generate(run, 37, tmp_path / "one", shard_size=5)
-    result = launch(["-m", "deepfake_dist", "generate", "--checkpoint", str(run), "--num-images", "37",
-                     "--out", str(tmp_path / "two"), "--shard-size", "5"])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert verify(tmp_path / "two") == []
-    manifest = load_manifest(tmp_path / "two")
-    assert manifest["created"]["world_size"] == 2
-    one, two = read_set(tmp_path / "one"), read_set(tmp_path / "two")
-    assert set(two) == set(one) and len(two) == 37  # no duplicates, no gaps
-    for key in one:
-        assert one[key][:3] == two[key][:3]
-        assert np.abs(one[key][3].astype(int) - two[key][3].astype(int)).max() <= 1, key
 
 
 def test_bad_generate_input_is_one_clear_line(gan_run, tmp_path, smoke_config):

@@ -5,8 +5,9 @@ predicting the noise added by ``DDPMScheduler``'s forward process, sampled with 
 with MSE). ``sample(noise, steps, sampler)`` denoises N(0, I) images in ``steps`` steps with DDIM
 (eta 0) or DPM-Solver++ (2nd order): both deterministic, so an image depends on its starting noise
 only, and images in [-1, 1] (clamped). DDIM is the robust choice; DPM-Solver++ wants a well
-trained network (an undertrained one gives washed-out samples where DDIM's are already faces). The noise schedule (``num_train_timesteps``,
-``beta_schedule``) belongs to the model: a network is only valid with the schedule it learned.
+trained network (an undertrained one gives washed-out samples where DDIM's are already faces). The
+noise schedule (``num_train_timesteps``, ``beta_schedule``) belongs to the model: a network is only
+valid with the schedule it learned.
 
 diffusers is an optional dependency (``pip install 'deepfake_dist[diffusion]'``, Python >= 3.11);
 without it, building this model is a one-line error.
