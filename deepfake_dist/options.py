@@ -123,7 +123,10 @@ class GenerateOptions:
     format: str = option("shards", choices=("shards", "png"), stage=False)
     output_dir: Optional[str] = option(None, "folder for --format png", flags=("--output_dir", "--output-dir"),
                                        stage=False)
-    truncation: Optional[float] = option(None, "truncation trick: latents resampled within +-T std")
+    truncation: Optional[float] = option(None, "truncation trick: DCGAN/VAE latents resampled within +-T std; "
+                                               "StyleGAN2: psi, w pulled towards the average w (1: none, 0.7 usual)")
+    steps: Optional[int] = option(None, "diffusion generators: denoising steps (default: the run's "
+                                        "diffusion.sample_steps)")
     seed: int = option(0, "image i depends only on (seed, i)")
     batch_size: int = option(64)
     split: Split = option((0.8, 0.1, 0.1), "train,val,test fractions of the shard set", type=str)
