@@ -29,6 +29,7 @@ from deepfake_dist.options import (
     ExplainOptions,
     ExportOptions,
     GenerateOptions,
+    MatrixOptions,
     PredictOptions,
     PrepareOptions,
     RunOptions,
@@ -137,6 +138,12 @@ def cmd_evaluate(opts: EvaluateOptions) -> int:
     return 0
 
 
+def cmd_matrix(opts: MatrixOptions) -> int:
+    from deepfake_dist.pipeline import matrix_pipeline, run_pipeline
+
+    return run_pipeline(matrix_pipeline(opts))
+
+
 def cmd_predict(opts: PredictOptions) -> int:
     from deepfake_dist.atomic import json_text
     from deepfake_dist.deploy.predict import rows_table, score_files
@@ -223,6 +230,8 @@ COMMANDS = {
     "shards": Command(ShardsOptions, cmd_shards, "check or describe a shard set"),
     "evaluate": Command(EvaluateOptions, cmd_evaluate, "metrics, per-source, calibration, robustness, Grad-CAM and a "
                                                        "report for one or more detectors (any launch mode)"),
+    "matrix": Command(MatrixOptions, cmd_matrix, "the cross-generator matrix: a detector per fake set (and one on all), "
+                                                 "each tested on every generator (any launch mode)"),
     "predict": Command(PredictOptions, cmd_predict, "score image files, folders and videos; one row per file "
                                                     "(exit status 1 when a file could not be scored)"),
     "explain": Command(ExplainOptions, cmd_explain, "Grad-CAM overlays for any images"),

@@ -48,7 +48,7 @@ class Scored:
     videos: Predictions | None = None  # one row per video, when the samples name their video
 
 
-def _accelerator():
+def eval_accelerator():
     """An Accelerator for any launch: gloo on CPU-only machines under torchrun / accelerate
     launch (see ``engine.distributed.distributed_state``), the GPU otherwise."""
     from accelerate import Accelerator
@@ -133,13 +133,19 @@ def _video_level(videos: Predictions, val: Predictions | None, how: str) -> dict
             "metrics": _metrics_pair(videos, threshold)}
 
 
-def _score_one(accelerator, opts: EvaluateOptions, checkpoint: str, run: str) -> Scored:
+def load_detector(checkpoint: str | Path, batch_size: int, workers: int, device) -> tuple[torch.nn.Module, dict, EvalOptions]:
+    """An exported detector on ``device``, its JSON, and how to read shards for it (its
+    resolution, channels and normalisation)."""
     model, info = load_exported(checkpoint)
     if info.get("kind") != "detector":
         raise UserError(f"--checkpoint {checkpoint}: holds a {info.get('kind', 'unknown')} model; evaluate takes detectors")
-    channels, data, split = in_channels(info), opts.data, opts.split
-    reading = EvalOptions(int(info["resolution"]), channels, info.get("normalize", "imagenet"), opts.batch_size, opts.workers)
-    model.to(accelerator.device)
+    reading = EvalOptions(int(info["resolution"]), in_channels(info), info.get("normalize", "imagenet"), batch_size, workers)
+    return model.to(device), info, reading
+
+
+def _score_one(accelerator, opts: EvaluateOptions, checkpoint: str, run: str) -> Scored:
+    model, info, reading = load_detector(checkpoint, opts.batch_size, opts.workers, accelerator.device)
+    channels, data, split = reading.channels, opts.data, opts.split
     rank, world = accelerator.process_index, accelerator.num_processes
 
     def score(which: str, perturb=None) -> Predictions:
@@ -238,7 +244,7 @@ def evaluate(opts: EvaluateOptions, *, accelerator=None, command: str | None = N
     if opts.batch_size <= 0:
         raise UserError(f"--batch-size {opts.batch_size}: must be positive")
     aggregate_scores(torch.zeros(1), opts.video_aggregate)  # a bad --video-aggregate fails before any work
-    accelerator = accelerator or _accelerator()
+    accelerator = accelerator or eval_accelerator()
     out = Path(opts.out) if opts.out is not None else default_out(opts.checkpoints, opts.split)
     command = command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     runs = _unique_runs(opts.checkpoints)
