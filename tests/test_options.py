@@ -21,6 +21,7 @@ from deepfake_dist.pipeline import STAGES
 README = Path(__file__).resolve().parents[1] / "README.md"
 LIBRARY = {"prepare": ["data.prepare.prepare"], "generate": ["generate.generate"], "evaluate": ["evaluation.evaluate"],
            "predict": ["deploy.predict.score_files"], "explain": ["deploy.predict.explain_files"],
+           "matrix": ["evaluation.matrix.plan", "evaluation.matrix.matrix"],
            "compress": ["deploy.compress.compress"], "export": ["deploy.onnx_export.export_onnx"],
            "serve": ["serve.app.create_app", "serve.app.serve"]}
 
