@@ -141,3 +141,10 @@ def test_two_sets_of_one_name_are_refused(matrix_sets, tmp_path):
     opts = MatrixOptions(real=matrix_sets["real"], fakes=[*matrix_sets["fakes"], str(twin)], model="cnn")
     with pytest.raises(UserError, match="two sets are named 'lfw-checker-fake'"):
         plan(opts, "test")
+
+
+def test_sets_given_the_wrong_way_round_are_refused_before_training(matrix_sets, tmp_path):
+    swapped = MatrixOptions(real=matrix_sets["fakes"][0], fakes=[matrix_sets["real"], matrix_sets["fakes"][1]],
+                            model="cnn", out=str(tmp_path))
+    with pytest.raises(UserError, match=f"the 'test' split of {matrix_sets['fakes'][0]} holds no real images"):
+        plan(swapped, "test")

@@ -61,7 +61,8 @@ def config_path(opts: MatrixOptions, where: str) -> Path:
 
 def plan(opts: MatrixOptions, where: str) -> list[MatrixRun]:
     """The training runs, every (row, seed): refused in one line before any work when a set is
-    missing, lacks the split, or two sets share a name (their samples could not be told apart)."""
+    missing, lacks the split or its images of the label it is given as (real or fake), or two
+    sets share a name (their samples could not be told apart)."""
     taken = next((f for f in opts.fakes if "=" in str(f)), None)
     if taken is not None:  # --fakes a b key=value: argparse gives the override to --fakes
         raise UserError(f"{where}: fake set '{taken}' looks like an override; put overrides before --real and "
@@ -76,9 +77,13 @@ def plan(opts: MatrixOptions, where: str) -> list[MatrixRun]:
                         "so give each set a folder name of its own")
     if ALL in names:
         raise UserError(f"{where}: a set may not be named '{ALL}' (the row of the detector trained on all fakes)")
-    for shard_set in sets:
-        if split_count(load_manifest(shard_set), opts.split) == 0:
+    for shard_set, label in zip(sets, ["real", *["fake"] * len(opts.fakes)]):
+        manifest = load_manifest(shard_set)
+        if split_count(manifest, opts.split) == 0:
             raise UserError(f"{where}: {shard_set} has no '{opts.split}' split to test on; prepare it with one")
+        if split_count(manifest, opts.split, label) == 0:
+            raise UserError(f"{where}: the '{opts.split}' split of {shard_set} holds no {label} images; give the real "
+                            "faces as real and each generator's fakes in fakes")
     if not opts.seeds or len(set(opts.seeds)) != len(opts.seeds):
         raise UserError(f"{where}: seeds must be one or more distinct integers (seeds: {opts.seeds})")
     overrides = _overrides(opts.overrides, where)
@@ -140,22 +145,24 @@ def _spread(values: list[float]) -> dict:
             "min": min(values), "max": max(values), "seeds": values}
 
 
+def _off_diagonal(row_scores: dict[str, dict], row: str, metric: str) -> float:
+    """A row's mean over the generators its detector did not see."""
+    return statistics.fmean(cell[metric] for column, cell in row_scores.items() if column != row)
+
+
 def summarise(scores: dict[tuple[str, int], dict], rows: list[str], columns: list[str], seeds: list[int]) -> dict:
     """From ``scores[(row, seed)][column][metric]``: each cell's and each row's off-diagonal mean
     over the seeds (mean, std, min, max), and the detector's diagonal and off-diagonal mean
     (averaged over the single-generator rows for each seed, then spread over the seeds)."""
+    own = [r for r in rows if r in columns]  # the rows of one generator: ALL has no off-diagonal
     out: dict = {"cells": {}, "off_diagonal": {}, "overall": {}}
     for metric in METRICS:
         out["cells"][metric] = {r: {c: _spread([scores[r, s][c][metric] for s in seeds]) for c in columns} for r in rows}
-        own = [r for r in rows if r in columns]
-
-        def off(row: str, seed: int) -> float:
-            return statistics.fmean(scores[row, seed][c][metric] for c in columns if c != row)
-
-        out["off_diagonal"][metric] = {r: _spread([off(r, s) for s in seeds]) for r in own}
+        out["off_diagonal"][metric] = {r: _spread([_off_diagonal(scores[r, s], r, metric) for s in seeds]) for r in own}
         out["overall"][metric] = {
             "diagonal": _spread([statistics.fmean(scores[r, s][r][metric] for r in own) for s in seeds]),
-            "off_diagonal": _spread([statistics.fmean(off(r, s) for r in own) for s in seeds])}
+            "off_diagonal": _spread([statistics.fmean(_off_diagonal(scores[r, s], r, metric) for r in own)
+                                     for s in seeds])}
     auc = out["overall"]["auroc"]
     out["aim_met"] = auc["diagonal"]["mean"] >= AIM["diagonal"] and auc["off_diagonal"]["mean"] >= AIM["off_diagonal"]
     return out
