@@ -182,6 +182,23 @@ class CrossDatasetOptions:
 
 
 @dataclass(kw_only=True)
+class MatrixOptions:
+    real: str = option(help="shard set of real faces, e.g. shards/lfw")
+    fakes: list[str] = option(help="two or more fake shard sets, one per generator, e.g. shards/lfw-dcgan-fake "
+                                   "shards/lfw-vae-fake")
+    model: Optional[str] = option(None, "detector: trains configs/MODEL.yaml (or give --config)")
+    config: Optional[str] = option(None, "detector training config, instead of --model")
+    out: Optional[str] = option(None, "output folder: the runs, the matrix and its report (default runs/matrix-MODEL)")
+    seeds: list[int] = option([0], "train each detector once per seed; the matrix gives the mean and the spread")
+    all: bool = option(True, "skip the detector trained on all fake sets", flags=("--no-all",))
+    split: str = option("test", "split every detector is tested on (each picks its model on its own val split)")
+    batch_size: int = option(64, "per process, when scoring")
+    workers: int = option(0, "data loader workers per process, when scoring")
+    overrides: list[str] = option([], "override a key of the training config for every run, e.g. train.epochs=3",
+                                  positional=True, metavar="key.sub=value")
+
+
+@dataclass(kw_only=True)
 class PredictOptions:
     checkpoint: str = option(help="run folder or model .safetensors file")
     paths: list[str] = option(help="images, folders (searched recursively) or videos", positional=True, metavar="PATH")
