@@ -30,6 +30,7 @@ from deepfake_dist.options import (
     ExplainOptions,
     ExportOptions,
     GenerateOptions,
+    MatrixOptions,
     PredictOptions,
     PrepareOptions,
     RunOptions,
@@ -160,6 +161,12 @@ def cmd_cross_dataset(opts: CrossDatasetOptions) -> int:
     return 0
 
 
+def cmd_matrix(opts: MatrixOptions) -> int:
+    from deepfake_dist.pipeline import matrix_pipeline, run_pipeline
+
+    return run_pipeline(matrix_pipeline(opts))
+
+
 def cmd_predict(opts: PredictOptions) -> int:
     from deepfake_dist.atomic import json_text
     from deepfake_dist.deploy.predict import rows_table, score_files
@@ -248,6 +255,8 @@ COMMANDS = {
                                                        "report for one or more detectors (any launch mode)"),
     "cross-dataset": Command(CrossDatasetOptions, cmd_cross_dataset, "frame and video AUC of detectors on each test "
                                                                      "set, beside DeepfakeBench's published table"),
+    "matrix": Command(MatrixOptions, cmd_matrix, "the cross-generator matrix: a detector per fake set (and one on all), "
+                                                 "each tested on every generator (any launch mode)"),
     "predict": Command(PredictOptions, cmd_predict, "score image files, folders and videos; one row per file "
                                                     "(exit status 1 when a file could not be scored)"),
     "explain": Command(ExplainOptions, cmd_explain, "Grad-CAM overlays for any images"),

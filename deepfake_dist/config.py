@@ -128,6 +128,29 @@ class GanConfig:
 
 
 @dataclass
+class StyleGAN2Config:
+    """StyleGAN2 training (model stylegan2), beside the gan section's loss, d_steps, d_lr and ema_decay."""
+
+    r1_gamma: float = 1.0  # R1: gamma/2 * |grad of D on real images|^2; 0: off
+    r1_every: int = 16  # lazy R1: every this many batches, weighted by it
+    pl_weight: float = 0.0  # path-length regularisation of G; 0: off (StyleGAN2 uses 2)
+    pl_every: int = 4  # lazy: every this many batches, weighted by it
+    style_mixing: float = 0.9  # probability that a training batch mixes two latents' styles
+    # differentiable augmentation of real and fake images before D (DiffAugment; for small sets):
+    # any of translation, cutout, color
+    augment: list[Literal["translation", "cutout", "color"]] = field(default_factory=list)
+
+
+@dataclass
+class DiffusionConfig:
+    """Diffusion training (model ddpm): noise prediction (epsilon) with DDPM's schedule, MSE."""
+
+    ema_decay: float = 0.999  # EMA of the network used for samples, FID, synthesis and export
+    sampler: Literal["ddim", "dpm"] = "ddim"  # fast sampler: DDIM (eta 0) or DPM-Solver++ (2nd order)
+    sample_steps: int = 50  # denoising steps for grids and FID, and generate's default (--steps)
+
+
+@dataclass
 class VaeConfig:
     """Autoencoder / VAE training (models ae, vae)."""
 
@@ -180,8 +203,13 @@ class ModelConfig:
 
     @property
     def kind(self) -> str:
-        """``detector``, ``gan`` or ``autoencoder``: what picks the training task."""
+        """``detector``, ``gan``, ``autoencoder`` or ``diffusion``."""
         return self.meta["kind"]
+
+    @property
+    def task(self) -> str:
+        """The training task's name: the model's ``task`` where it names one, else its kind."""
+        return self.meta.get("task", self.kind)
 
     def build(self, **inputs):
         """The model, from ``inputs`` (what the data decides: channels, resolution) and ``args``."""
@@ -209,6 +237,8 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     gan: GanConfig = field(default_factory=GanConfig)
+    stylegan2: StyleGAN2Config = field(default_factory=StyleGAN2Config)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
 

@@ -19,6 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 def _ramped(decay: float):
     def average(ema_params, params, num_averaged):
         n = int(num_averaged)
+        params = [p.to(e.dtype) for e, p in zip(ema_params, params)]  # a bf16 DeepSpeed engine into the fp32 copy
         get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)))(ema_params, params, num_averaged)
 
     return average

@@ -123,7 +123,10 @@ class GenerateOptions:
     format: str = option("shards", choices=("shards", "png"), stage=False)
     output_dir: Optional[str] = option(None, "folder for --format png", flags=("--output_dir", "--output-dir"),
                                        stage=False)
-    truncation: Optional[float] = option(None, "truncation trick: latents resampled within +-T std")
+    truncation: Optional[float] = option(None, "truncation trick: DCGAN/VAE latents resampled within +-T std; "
+                                               "StyleGAN2: psi, w pulled towards the average w (1: none, 0.7 usual)")
+    steps: Optional[int] = option(None, "diffusion generators: denoising steps (default: the run's "
+                                        "diffusion.sample_steps)")
     seed: int = option(0, "image i depends only on (seed, i)")
     batch_size: int = option(64)
     split: Split = option((0.8, 0.1, 0.1), "train,val,test fractions of the shard set", type=str)
@@ -176,6 +179,23 @@ class CrossDatasetOptions:
                                             "efficientnet_b4 (default: each checkpoint's own model, when published)")
     batch_size: int = option(64, "per process")
     workers: int = option(1, "data loader workers per process")
+
+
+@dataclass(kw_only=True)
+class MatrixOptions:
+    real: str = option(help="shard set of real faces, e.g. shards/lfw")
+    fakes: list[str] = option(help="two or more fake shard sets, one per generator, e.g. shards/lfw-dcgan-fake "
+                                   "shards/lfw-vae-fake")
+    model: Optional[str] = option(None, "detector: trains configs/MODEL.yaml (or give --config)")
+    config: Optional[str] = option(None, "detector training config, instead of --model")
+    out: Optional[str] = option(None, "output folder: the runs, the matrix and its report (default runs/matrix-MODEL)")
+    seeds: list[int] = option([0], "train each detector once per seed; the matrix gives the mean and the spread")
+    all: bool = option(True, "skip the detector trained on all fake sets", flags=("--no-all",))
+    split: str = option("test", "split every detector is tested on (each picks its model on its own val split)")
+    batch_size: int = option(64, "per process, when scoring")
+    workers: int = option(0, "data loader workers per process, when scoring")
+    overrides: list[str] = option([], "override a key of the training config for every run, e.g. train.epochs=3",
+                                  positional=True, metavar="key.sub=value")
 
 
 @dataclass(kw_only=True)

@@ -31,13 +31,15 @@ import json
 import re
 import shutil
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
 from deepfake_dist.config import Config, apply_override, read_yaml
 from deepfake_dist.envvars import temporary_env
 from deepfake_dist.errors import UserError
-from deepfake_dist.options import CrossDatasetOptions, EvaluateOptions, GenerateOptions, PrepareOptions, stage_keys
+from deepfake_dist.options import (CrossDatasetOptions, EvaluateOptions, GenerateOptions, MatrixOptions, PrepareOptions,
+                                   stage_keys)
 from deepfake_dist.registry import Registry, closest
 
 STAGES = Registry("stage")
@@ -315,6 +317,63 @@ class CompareStage(Stage):
         for path in dict.fromkeys(p for r in ctx["results"] for p in r.get("written", [])):
             console.print(f"  {path}", soft_wrap=True)
         return {}
+
+
+@STAGES.register("matrix")
+class MatrixStage(Stage):
+    """The cross-generator matrix (``evaluation.matrix``): a detector per fake set and seed,
+    trained on ``real`` and that set alone (and one on all of them), each tested on every
+    generator. Its trainings are a pipeline of ``train`` stages of its own (stamps in
+    ``OUT/runs/stages``), so an interrupted matrix skips the finished runs and resumes the
+    unfinished one; the scoring, seconds long, follows them."""
+
+    options = MatrixOptions
+    required, optional = stage_keys(options, also_required=("out",))
+
+    def __init__(self, spec: dict, where: str):
+        super().__init__(spec, where)
+        self.opts = MatrixOptions(**self.spec)
+
+    @cached_property
+    def runs(self) -> list:
+        """The training runs (``evaluation.matrix.plan``), checked once the sets exist: at the
+        stage's turn, after the stages that write them."""
+        from deepfake_dist.evaluation.matrix import plan
+
+        return plan(self.opts, self.where)
+
+    @cached_property
+    def trainings(self) -> list[TrainStage]:
+        return [TrainStage(run.train, f"{self.where}: run {run.run_dir.name}") for run in self.runs]
+
+    def settings(self) -> dict:
+        return {**self.spec, "trainings": [t.settings() for t in self.trainings]}
+
+    def inputs(self) -> dict[str, str]:
+        return _manifest_ids([self.opts.real, *self.opts.fakes])
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.opts.out) / "matrix.md"]
+
+    def owned(self) -> list[Path]:
+        return [Path(self.opts.out)]
+
+    def run(self, ctx: dict) -> dict:
+        from deepfake_dist.evaluation.matrix import matrix
+
+        trainings = [("train", t.spec, t.where) for t in self.trainings]
+        if _run_stages({"name": "matrix", "stamps": Path(self.opts.out) / "runs" / "stages", "stages": trainings}):
+            raise StopPipeline()
+        _fresh_state()
+        return matrix(self.opts, self.runs, wandb=self.trainings[0].cfg.wandb)
+
+
+def matrix_pipeline(opts: MatrixOptions) -> dict:
+    """``deepfake-dist matrix``: a pipeline of the one ``matrix`` stage (its stamp in ``OUT/stages``),
+    so the command skips, resumes and rebuilds as the stage does in any pipeline."""
+    out = Path(opts.out or f"runs/matrix-{opts.model or Path(opts.config or 'detector').stem}")
+    spec = {**dataclasses.asdict(opts), "out": str(out)}
+    return {"name": "matrix", "stamps": out / "stages", "stages": [("matrix", spec, "deepfake-dist matrix")]}
 
 
 class StopPipeline(Exception):

@@ -203,3 +203,25 @@ def gan_run(real_face_shards, tmp_path_factory) -> Path:
     cfg = load_config(CONFIGS / "dcgan.yaml", tiny_gan(real_face_shards, tmp_path_factory.mktemp("gan_runs"), "tinygan"))
     train(cfg)
     return cfg.run_dir
+
+
+@pytest.fixture(scope="session")
+def generator_run(real_face_shards, tmp_path_factory, gan_run):
+    """``generator_run(model)``: the run folder of that generator (configs/MODEL.yaml, ``gen_setup.TINY``)
+    trained for 4 steps on ``real_face_shards``, trained on first use; dcgan's is ``gan_run``."""
+    from gen_setup import CONFIGS, tiny_generator
+
+    from deepfake_dist.config import load_config
+    from deepfake_dist.train.loop import train
+
+    runs = {"dcgan": gan_run}
+
+    def run(model: str) -> Path:
+        if model not in runs:
+            out = tmp_path_factory.mktemp(f"{model}_runs")
+            cfg = load_config(CONFIGS / f"{model}.yaml", tiny_generator(model, real_face_shards, out, f"tiny{model}"))
+            train(cfg)
+            runs[model] = cfg.run_dir
+        return runs[model]
+
+    return run

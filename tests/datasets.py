@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 from skimage.data import lfw_subset
 
 
@@ -26,6 +26,14 @@ def toy_fake(face: np.ndarray, seed: int) -> np.ndarray:
     checker = 18.0 * (((yy + xx) % 2) * 2 - 1)
     out = up + checker + rng.normal(0, 4, face.shape)
     return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def blurry_fake(face: np.ndarray, seed: int) -> np.ndarray:
+    """A face through another crude 'generator', one that over-smooths (as a VAE's decoder
+    does): a Gaussian blur and a little noise, no checkerboard."""
+    rng = np.random.default_rng(seed)
+    smooth = np.asarray(Image.fromarray(face).filter(ImageFilter.GaussianBlur(1.2))).astype(np.float32)
+    return np.clip(smooth + rng.normal(0, 3, face.shape), 0, 255).astype(np.uint8)
 
 
 def write_face_folder(root: Path, n_real: int = 40, n_fake: int = 40) -> Path:

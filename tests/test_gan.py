@@ -1,5 +1,6 @@
-"""Generator training: the GAN on two gloo ranks and under DeepSpeed ZeRO-2 (two engines),
-resume with the EMA, the conditional GAN, the VAE, and FID/KID across ranks."""
+"""Generator training: DCGAN, StyleGAN2 and DDPM on two gloo ranks (then generating on both) and under
+DeepSpeed ZeRO-2 (a GAN with two engines), bit-exact resume with the EMA, the conditional GAN, the VAE,
+the refusals, and FID/KID across ranks."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import re
 
 import pytest
 import torch
+import yaml
 from fidelity_launch import SmallExtractor, fixed_images
-from gen_setup import CONFIGS, DEEPSPEED_ZERO2, ROOT, launch, tiny, tiny_gan
+from gen_setup import (CONFIGS, GENERATORS, ROOT, TINY, assert_one_rank_and_two_agree, deepspeed_zero2, launch, tiny,
+                       tiny_gan, tiny_generator, tiny_settings)
+from PIL import Image
 from safetensors.torch import load_file
 
 from deepfake_dist.config import load_config
@@ -22,71 +26,90 @@ from deepfake_dist.engine.step import NONFINITE
 from deepfake_dist.engine.tracking import read_jsonl
 from deepfake_dist.errors import UserError
 from deepfake_dist.evaluation.fidelity import INCEPTION_FILE, Fidelity, find_inception_weights
-from deepfake_dist.models import create_model
+from deepfake_dist.generate import generate
 from deepfake_dist.models.exported import load_exported
-from deepfake_dist.options import PrepareOptions
+from deepfake_dist.options import GenerateOptions, PrepareOptions
 from deepfake_dist.tasks import create_task, task_class
 from deepfake_dist.tasks.gan import GANTask
 from deepfake_dist.train.loop import train
 
 
-def ema_parameters(checkpoint) -> dict[str, torch.Tensor]:
-    """The EMA generator's parameters (not its BatchNorm buffers) saved in a checkpoint."""
-    names = dict(create_model("dcgan", resolution=32, channels=1, ngf=8, ndf=8).generator.named_parameters())
+def ema_parameters(checkpoint, generator: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The EMA generator's parameters (not its buffers) saved in a checkpoint."""
     tensors = load_file(str(checkpoint / "task_state.safetensors"))
-    return {name: tensors[f"ema.module.{name}"] for name in names}
+    return {name: tensors[f"ema.module.{name}"] for name, _ in generator.named_parameters()}
 
 
 def assert_generator_learned_and_replicas_agree(run):
     summary = json.loads((run / "summary.json").read_text())
-    assert len(summary["rank_digests"]) == 2 and summary["ranks agree"], summary  # G and D, params and buffers
-    early, late = ema_parameters(run / "checkpoints" / "step-2"), ema_parameters(run / "checkpoints" / "step-4")
+    assert len(summary["rank_digests"]) == 2 and summary["ranks agree"], summary  # the replicas, params and buffers
+    generator, info = load_exported(run, "generator")
+    early = ema_parameters(run / "checkpoints" / "step-2", generator)
+    late = ema_parameters(run / "checkpoints" / "step-4", generator)
     assert any(not torch.equal(early[k], late[k]) for k in early), "the generator's weights never changed"
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step-000002.png", "step-000004.png"]
-    generator, info = load_exported(run, "generator")
-    assert info["module"] == "generator" and info["build_args"] == {"resolution": 32, "channels": 1}
-    with torch.no_grad():
-        images = generator(generator.sample_noise(3))
-    assert images.shape == (3, 1, 32, 32)  # grey faces in, grey faces out
+    assert info["build_args"] == {"resolution": 32, "channels": 1}
+    result = generate(GenerateOptions(checkpoint=run, num_images=3, out=run / "fakes", format="png"))
+    assert result["images"] == 3
+    for png in (run / "fakes").iterdir():  # grey faces in, grey faces out
+        image = Image.open(png)
+        assert (image.mode, image.size) == ("L", (32, 32))
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_train_identical_replicas_and_draw_grids(real_face_shards, tmp_path):
-    args = tiny_gan(real_face_shards, tmp_path, "ddp", **{"checkpoint.every_steps": 2})
-    result = launch(["launch/train.py", "--config", str(CONFIGS / "dcgan.yaml"), *args])
+@pytest.mark.parametrize("model", GENERATORS)
+def test_two_gloo_ranks_train_identical_replicas_draw_grids_and_generate(model, real_face_shards, tmp_path):
+    """A pipeline under the launcher: training, then ``generate`` split over the two ranks, which
+    writes the same 37 images one rank writes."""
+    settings = tiny_settings(real_face_shards, tmp_path, "ddp", **{**TINY[model], "checkpoint.every_steps": 2})
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"name": "two-ranks", "stamps": str(tmp_path / "stamps"), "stages": [
+        {"train": {"config": str(CONFIGS / f"{model}.yaml"), "set": settings}},
+        {"generate": {"checkpoint": str(tmp_path / "ddp"), "num_images": 37, "out": str(tmp_path / "two"),
+                      "shard_size": 5}}]}))
+    result = launch(["launch/train.py", "--config", str(pipeline)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_generator_learned_and_replicas_agree(tmp_path / "ddp")
+    generate(GenerateOptions(checkpoint=tmp_path / "ddp", num_images=37, out=tmp_path / "one", shard_size=5))
+    assert_one_rank_and_two_agree(tmp_path / "one", tmp_path / "two", 37)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                     reason="DeepSpeed is not installed (pip install 'deepfake_dist[deepspeed]')")
-def test_deepspeed_zero2_gan_trains_with_two_engines(real_face_shards, tmp_path):
-    args = tiny_gan(real_face_shards, tmp_path, "zero2", **{"checkpoint.every_steps": 2})
-    result = launch(["launch/train.py", "--config", str(CONFIGS / "dcgan.yaml"), *args], DEEPSPEED_ZERO2)
+@pytest.mark.parametrize("model, precision", [("dcgan", "no"), ("stylegan2", "bf16"), ("ddpm", "bf16")])
+def test_deepspeed_zero2_trains_generators(model, precision, real_face_shards, tmp_path):
+    """The GANs with two engines (one per network), the diffusion model with one; StyleGAN2 and
+    DDPM in bf16 (the EMA, exported, stays fp32)."""
+    args = tiny_generator(model, real_face_shards, tmp_path, "zero2", **{"checkpoint.every_steps": 2})
+    result = launch(["launch/train.py", "--config", str(CONFIGS / f"{model}.yaml"), *args], deepspeed_zero2(precision))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_generator_learned_and_replicas_agree(tmp_path / "zero2")
 
 
-def test_gan_resume_continues_at_the_saved_step_with_the_same_ema(real_face_shards, tmp_path):
-    full = load_config(CONFIGS / "dcgan.yaml", tiny_gan(real_face_shards, tmp_path, "full", steps=4, **{
-        "checkpoint.every_steps": 2, "checkpoint.keep_last": 5}))
+@pytest.mark.parametrize("model", GENERATORS)
+def test_resume_continues_at_the_saved_step_bit_exactly(model, real_face_shards, tmp_path):
+    config = CONFIGS / f"{model}.yaml"
+    full = load_config(config, tiny_generator(model, real_face_shards, tmp_path, "full", steps=4, **{
+        "checkpoint.every_steps": 2, "checkpoint.keep_last": 5, "samples.every": 0}))
     train(full)
     step2 = full.run_dir / "checkpoints" / "step-2"
-    resumed = load_config(CONFIGS / "dcgan.yaml", tiny_gan(real_face_shards, tmp_path, "resumed", steps=4, **{
-        "checkpoint.every_steps": 2, "checkpoint.resume": str(step2)}))
+    resumed = load_config(config, tiny_generator(model, real_face_shards, tmp_path, "resumed", steps=4, **{
+        "checkpoint.every_steps": 2, "checkpoint.resume": str(step2), "samples.every": 0}))
     summary = train(resumed)
     assert summary["steps"] == 4
-    logged = [r["step"] for r in read_jsonl(resumed.run_dir / "metrics.jsonl") if "train/loss_g" in r]
+    logged = [r["step"] for r in read_jsonl(resumed.run_dir / "metrics.jsonl") if "train/lr" in r]
     assert logged == [3, 4]  # continued after the saved step
-    # the EMA was restored: an EMA restarted at step 2 would end elsewhere
+    # the EMA (and the task's counters, StyleGAN2's path-length mean) came back: restarted at step 2
+    # they would end elsewhere
     a = load_file(str(full.run_dir / "checkpoints" / "step-4" / "task_state.safetensors"))
     b = load_file(str(resumed.run_dir / "checkpoints" / "step-4" / "task_state.safetensors"))
     assert a.keys() == b.keys() and int(b["ema.n_averaged"]) == 4
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert torch.equal(load_file(str(full.run_dir / "generator.safetensors"))["net.0.weight"],
-                       load_file(str(resumed.run_dir / "generator.safetensors"))["net.0.weight"])
+    exported = [load_file(str(run / "generator.safetensors")) for run in (full.run_dir, resumed.run_dir)]
+    assert exported[0].keys() == exported[1].keys()
+    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
 
 
 def test_conditional_gan_reads_its_label_from_the_sample_json(celeba_folder, tmp_path):
@@ -115,10 +138,14 @@ def test_conditional_gan_reads_its_label_from_the_sample_json(celeba_folder, tmp
     ("dcgan.yaml", "model.resolution=64", "remove model.resolution"),
     ("cdcgan.yaml", "gan.condition=null", "cdcgan is conditional; set gan.condition"),
     ("vae.yaml", "train.monitor=val/auroc_typo", "'train.monitor' is 'val/auroc_typo', which a vae run does not"),
+    ("stylegan2.yaml", "stylegan2.r1_every=0", "'stylegan2.r1_every' is a number of batches, at least 1"),
+    ("stylegan2.yaml", "stylegan2.augment=[cutout, blur]", r"'stylegan2.augment\[1\]' expected one of"),
+    ("ddpm.yaml", "diffusion.sample_steps=2000", "'diffusion.sample_steps' must be from 1 to the model's "
+                                                 "num_train_timesteps \\(1000\\)"),
 ])
 def test_bad_generator_settings_are_refused_when_the_config_is_loaded(real_face_shards, tmp_path, config, override,
                                                                       message):
-    overrides = (tiny_gan if "gan" in config else tiny)(real_face_shards, tmp_path, "bad") + [override]
+    overrides = tiny_generator(config.removesuffix(".yaml"), real_face_shards, tmp_path, "bad") + [override]
     with pytest.raises(UserError, match=f"^{re.escape(str(CONFIGS / config))}: .*{message}"):
         load_config(CONFIGS / config, overrides)
 
@@ -149,10 +176,21 @@ def test_vae_loss_falls_and_reconstructions_keep_shape_and_range(real_face_shard
     assert recon_images.min() >= -1 and recon_images.max() <= 1
 
 
-@pytest.mark.parametrize("config, extra", [
-    ("dcgan.yaml", {"model.ngf": 8, "model.ndf": 8}), ("vae.yaml", {"model.width": 8, "model.latent_dim": 16})])
-def test_generator_tasks_skip_a_nonfinite_batch_without_an_update(config, extra, real_face_shards, tmp_path):
-    cfg = load_config(CONFIGS / config, tiny(real_face_shards, tmp_path, "nan", **extra))
+def test_ddpm_without_diffusers_is_one_line_naming_the_extra(real_face_shards, tmp_path, monkeypatch):
+    from deepfake_dist.models import ddpm
+
+    overrides = tiny_generator("ddpm", real_face_shards, tmp_path, "bad")
+    monkeypatch.setattr(ddpm.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"ddpm.yaml: model ddpm needs diffusers: pip install 'deepfake_dist\[diffusion\]'$"):
+        load_config(CONFIGS / "ddpm.yaml", overrides)
+    monkeypatch.setattr(ddpm, "MIN_PYTHON", (99, 0))
+    with pytest.raises(UserError, match=r"needs diffusers, which needs Python >= 99.0 \(this is 3\."):
+        load_config(CONFIGS / "ddpm.yaml", overrides)
+
+
+@pytest.mark.parametrize("model", [*GENERATORS, "vae"])
+def test_generator_tasks_skip_a_nonfinite_batch_without_an_update(model, real_face_shards, tmp_path):
+    cfg = load_config(CONFIGS / f"{model}.yaml", tiny_generator(model, real_face_shards, tmp_path, "nan"))
     task = create_task(cfg, make_accelerator(cfg, engines=task_class(cfg).engines), channels=1)
     task.set_total_steps(4)
     batch = next(iter(eval_loader([str(real_face_shards)], "train", EvalOptions.from_data(cfg.data, 1))))

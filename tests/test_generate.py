@@ -1,33 +1,19 @@
-"""Synthesis: exactly N fakes with unique keys and a valid manifest, on one rank or two, as
-shards or PNG files."""
+"""Synthesis: exactly N fakes with unique keys and a valid manifest, as shards or PNG files, from each
+kind of generator (DCGAN, StyleGAN2, DDPM) with its own options. On two ranks: test_gan.py, whose
+two-rank training pipelines end with a generate stage."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-import webdataset as wds
-from gen_setup import launch
+from gen_setup import read_set
 from PIL import Image
 
 from deepfake_dist.data.common import SPLITS
-from deepfake_dist.data.imageio import decode
-from deepfake_dist.data.manifest import file_sha256, load_manifest, shard_urls, verify
+from deepfake_dist.data.manifest import file_sha256, verify
 from deepfake_dist.errors import UserError
 from deepfake_dist.generate import generate
 from deepfake_dist.options import GenerateOptions
-
-
-def read_set(set_dir) -> dict[str, tuple]:
-    """key -> (split, cls, json, pixels) for every sample of every split; duplicates fail."""
-    samples = {}
-    for split in SPLITS:
-        urls = shard_urls(set_dir, split)
-        for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False) if urls else []:
-            assert s["__key__"] not in samples, f"duplicate key {s['__key__']}"
-            samples[s["__key__"]] = (split, int(s["cls"]), json.loads(s["json"]), np.asarray(decode(s["png"])))
-    return samples
 
 
 def test_generate_writes_exactly_n_fakes_with_a_manifest(gan_run, tmp_path):
@@ -62,20 +48,30 @@ def test_png_files_and_the_truncation_trick(gan_run, tmp_path):
     assert np.array_equal(a, np.asarray(Image.open(tmp_path / "again" / names[0])))
 
 
-@pytest.mark.slow
-def test_two_ranks_write_the_same_n_images_as_one(gan_run, tmp_path):
-    generate(GenerateOptions(checkpoint=gan_run, num_images=37, out=tmp_path / "one", shard_size=5))
-    result = launch(["-m", "deepfake_dist", "generate", "--checkpoint", str(gan_run), "--num-images", "37",
-                     "--out", str(tmp_path / "two"), "--shard-size", "5"])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert verify(tmp_path / "two") == []
-    manifest = load_manifest(tmp_path / "two")
-    assert manifest["created"]["world_size"] == 2
-    one, two = read_set(tmp_path / "one"), read_set(tmp_path / "two")
-    assert set(two) == set(one) and len(two) == 37  # no duplicates, no gaps
-    for key in one:
-        assert one[key][:3] == two[key][:3]
-        assert np.abs(one[key][3].astype(int) - two[key][3].astype(int)).max() <= 1, key
+def test_stylegan2_truncation_and_diffusion_steps(generator_run, tmp_path):
+    def images(run, name, **options) -> np.ndarray:
+        generate(GenerateOptions(checkpoint=run, num_images=4, out=tmp_path / name, format="png", **options))
+        return np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / name).iterdir())]).astype(int)
+
+    stylegan2, ddpm = generator_run("stylegan2"), generator_run("ddpm")
+    plain, truncated = images(stylegan2, "plain"), images(stylegan2, "psi", truncation=1e-4)
+    assert plain.shape == (4, 32, 32)  # grey
+    # psi -> 0 pulls every latent onto the average w: the images all but agree
+    assert np.abs(truncated - truncated[0]).max() <= 1 < np.abs(plain - plain[0]).max()
+
+    default, fewer = images(ddpm, "default"), images(ddpm, "fewer", steps=1)
+    assert default.shape == fewer.shape == (4, 32, 32) and not np.array_equal(default, fewer)
+    assert np.array_equal(default, images(ddpm, "again", steps=3))  # the run's diffusion.sample_steps
+    manifest = generate(GenerateOptions(checkpoint=ddpm, num_images=2, out=tmp_path / "set", shard_size=5, steps=2))
+    assert (manifest["generator"]["steps"], manifest["generator"]["sampler"]) == (2, "ddim")
+    assert {meta["steps"] for _, _, meta, _ in read_set(tmp_path / "set").values()} == {2}
+
+    with pytest.raises(UserError, match="--steps does not apply to .*tinystylegan2: it holds a stylegan2 generator"):
+        generate(GenerateOptions(checkpoint=stylegan2, num_images=2, out=tmp_path / "x", steps=5))
+    with pytest.raises(UserError, match="--truncation does not apply to .*tinyddpm: it holds a ddpm generator"):
+        generate(GenerateOptions(checkpoint=ddpm, num_images=2, out=tmp_path / "x", truncation=0.7))
+    with pytest.raises(UserError, match="--steps 0: expected an integer >= 1"):
+        generate(GenerateOptions(checkpoint=ddpm, num_images=2, out=tmp_path / "x", steps=0))
 
 
 def test_bad_generate_input_is_one_clear_line(gan_run, tmp_path, smoke_config):

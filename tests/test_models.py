@@ -43,8 +43,10 @@ def test_registry_lists_every_model_with_its_kind():
         "probe": "detector",
         "dcgan": "gan",
         "cdcgan": "gan",
+        "stylegan2": "gan",
         "ae": "autoencoder",
         "vae": "autoencoder",
+        "ddpm": "diffusion",
     }
     # the fault tests add a probe model of their own, so the registry may hold more than the shipped ones
     assert set(shipped) <= set(MODELS.names())
@@ -298,3 +300,14 @@ def test_pickle_with_a_payload_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is live: plain unpickling would run it
     assert marker.exists()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_ddpm_samplers_are_deterministic_and_stay_in_the_image_range(sampler):
+    pytest.importorskip("diffusers", reason="model ddpm needs diffusers (pip install 'deepfake_dist[diffusion]')")
+    model = create_model("ddpm", resolution=16, channels=1, width=8, channel_mult=[1, 2], layers_per_block=1,
+                         attention_resolutions=[]).eval()
+    noise = torch.randn(2, 1, 16, 16)
+    images = model.sample(noise, 3, sampler)
+    assert images.shape == noise.shape and torch.isfinite(images).all() and images.abs().max() <= 1
+    assert torch.equal(images, model.sample(noise, 3, sampler))

@@ -22,6 +22,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 LIBRARY = {"prepare": ["data.prepare.prepare"], "generate": ["generate.generate"], "evaluate": ["evaluation.evaluate"],
            "cross-dataset": ["evaluation.cross_dataset.cross_dataset"],
            "predict": ["deploy.predict.score_files"], "explain": ["deploy.predict.explain_files"],
+           "matrix": ["evaluation.matrix.plan", "evaluation.matrix.matrix"],
            "compress": ["deploy.compress.compress"], "export": ["deploy.onnx_export.export_onnx"],
            "serve": ["serve.app.create_app", "serve.app.serve"]}
 

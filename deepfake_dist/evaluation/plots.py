@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from torchmetrics.functional import classification as C
 
 from deepfake_dist.atomic import atomic_path
@@ -128,3 +129,25 @@ def feature_maps_plot(maps: torch.Tensor, path: Path, title: str, limit: int = 1
     maps = maps.detach().float().cpu()[:limit]
     return image_grid([m.numpy() for m in maps], [f"channel {i}" for i in range(len(maps))], path,
                       columns=min(8, len(maps)), title=title)
+
+
+def matrix_heatmap(panels: dict[str, tuple[np.ndarray, np.ndarray]], rows: list[str], columns: list[str], path: Path,
+                   title: str) -> Path:
+    """A cross-generator matrix, one panel per ``metric name -> (means, stds)`` (rows: trained on,
+    columns: tested on), each cell's mean and spread written in it; a row tested on its own
+    generator (the diagonal) is outlined."""
+    fig = Figure(figsize=(1.6 + 1.5 * len(columns) * len(panels), 1.4 + 0.7 * len(rows)))
+    for i, (name, (means, stds)) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        image = ax.imshow(means, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+        for (r, c), value in np.ndenumerate(means):
+            spread = f"\n±{stds[r, c]:.2f}" if stds[r, c] > 0 else ""
+            ax.text(c, r, f"{value:.2f}{spread}", ha="center", va="center", fontsize=8)
+            if rows[r] == columns[c]:
+                ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, linewidth=2))
+        ax.set(xticks=range(len(columns)), yticks=range(len(rows)), xlabel="tested on", ylabel="trained on", title=name)
+        ax.set_xticklabels(columns, rotation=20, ha="right", fontsize=8)
+        ax.set_yticklabels(rows, fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

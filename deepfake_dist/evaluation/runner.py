@@ -133,7 +133,7 @@ def _video_level(videos: Predictions, val: Predictions | None, how: str) -> dict
             "metrics": _metrics_pair(videos, threshold)}
 
 
-def load_detector(checkpoint: str, batch_size: int, workers: int, device) -> tuple[torch.nn.Module, dict, EvalOptions]:
+def load_detector(checkpoint: str | Path, batch_size: int, workers: int, device) -> tuple[torch.nn.Module, dict, EvalOptions]:
     """An exported detector on ``device``, its JSON, and how evaluation reads images for it (its
     resolution, channels and normalisation; ``batch_size`` and ``workers`` per process)."""
     model, info = load_exported(checkpoint)

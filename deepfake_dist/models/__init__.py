@@ -1,7 +1,8 @@
 """The model registry: every architecture registers itself by name where it is defined.
 
 ``create_model(name, **kwargs)`` builds any of them. Each entry carries ``kind`` metadata:
-``detector`` (image or clip -> one logit per sample, fake = positive), ``gan`` or ``autoencoder``.
+``detector`` (image or clip -> one logit per sample, fake = positive), ``gan``, ``autoencoder`` or
+``diffusion``; an entry whose training differs from its kind's names its ``task`` (e.g. StyleGAN2).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Training tasks: what differs between detectors, GANs and autoencoders (their step, what they
-validate, what they export, which settings they refuse). The trainer in ``deepfake_dist.train.loop``
-runs any of them; the task is picked by the model's ``kind`` in the model registry."""
+"""Training tasks: what differs between detectors, GANs, autoencoders and diffusion models (their
+step, what they validate, what they export, which settings they refuse). The trainer in
+``deepfake_dist.train.loop`` runs any of them; the task is picked by the model's entry in the model
+registry (its ``task``, else its ``kind``)."""
 
 from __future__ import annotations
 
@@ -102,10 +103,10 @@ def memory_format(channels_last: bool, device: torch.device, deepspeed: bool) ->
 
 
 def task_class(cfg) -> type[Task]:
-    """A student detector's task when ``distill.teacher`` is set, else the one for the model's kind."""
+    """A student detector's task when ``distill.teacher`` is set, else the model's own (``ModelConfig.task``)."""
     for module in pkgutil.iter_modules(__path__):  # every task module registers itself
         importlib.import_module(f"{__name__}.{module.name}")
-    return TASKS.get("distill" if cfg.distill.teacher else cfg.model.kind)
+    return TASKS.get("distill" if cfg.distill.teacher else cfg.model.task)
 
 
 def create_task(cfg, accelerator, channels: int) -> Task:

@@ -7,12 +7,13 @@ non-saturating BCE or hinge. Under DDP one ``prepare(G, D, opt_g, opt_d)``; unde
 each network is its own engine (``engines``), prepared after selecting its plugin, and each
 loss goes to its own engine's backward and step. The EMA generator is what samples, FID,
 synthesis and the exported ``generator.safetensors`` use; it is checkpointed as safetensors.
+A GAN that trains differently (StyleGAN2: noise inputs, penalties, augmentation) overrides the
+step's parts: ``_generate``, ``_discriminate``, ``_d_loss`` and ``_g_loss``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from functools import reduce
 
 import torch
@@ -26,7 +27,7 @@ from deepfake_dist.engine.step import NONFINITE, nonfinite
 from deepfake_dist.errors import UserError
 from deepfake_dist.models.convstacks import gaussian
 from deepfake_dist.tasks import TASKS
-from deepfake_dist.tasks.generative import EXPORT_NAME, GenerativeTask
+from deepfake_dist.tasks.generative import EXPORT_NAME, GenerativeTask, step_generator
 
 
 def d_loss(real: Tensor, fake: Tensor, kind: str) -> Tensor:
@@ -97,11 +98,8 @@ class GANTask(GenerativeTask):
         return condition_labels(batch.meta, self.cfg.gan.condition, self.num_classes).to(self.accelerator.device)
 
     def _step_rng(self) -> torch.Generator:
-        """This step's noise: its own seed per (seed, rank, step), so ranks draw different fakes
-        and a resumed run draws what the uninterrupted one did (the global RNG is also used by
-        the data loader)."""
-        key = (self.cfg.seed, "gan", self.accelerator.process_index, self.step)
-        return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+        """This step's noise (see ``step_generator``), drawn on the CPU."""
+        return step_generator((self.cfg.seed, "gan", self.accelerator.process_index, self.step), "cpu")
 
     def _noise(self, n: int, rng: torch.Generator) -> Tensor:
         return gaussian(n, self.z_dim, self.accelerator.device, rng)
@@ -119,24 +117,22 @@ class GANTask(GenerativeTask):
         opt.zero_grad(set_to_none=True)
 
     def train_step(self, batch) -> dict[str, float | torch.Tensor]:
-        kind, steps = self.cfg.gan.loss, self.cfg.gan.d_steps
+        steps = self.cfg.gan.d_steps
         self.G.train()
         self.D.train()
         real, labels = batch.image, self._labels(batch)
-        n, rng = real.shape[0], self._step_rng()
+        rng = self._step_rng()
         for i in range(steps):
             with torch.set_grad_enabled(i == steps - 1):  # the last fakes also train G
-                fake = self.G(self._noise(n, rng), labels)
-            real_logits = self.D(real, labels).float()
-            fake_logits = self.D(fake.detach(), labels).float()
-            loss_d = d_loss(real_logits, fake_logits, kind)
+                fake = self._generate(real.shape[0], labels, rng)
+            loss_d, real_logits, fake_logits, logs = self._d_loss(real, fake.detach(), labels, rng)
             if nonfinite(self.accelerator, loss_d):
                 return self._skip()
             self._update(self.D, self.opt_d, loss_d)
 
         self.D.requires_grad_(False)
         try:
-            loss_g = g_loss(self.D(fake, labels).float(), kind)
+            loss_g, g_logs = self._g_loss(fake, labels, rng)
             if nonfinite(self.accelerator, loss_g):
                 return self._skip()  # the discriminator updates of this batch stay: they were finite
             self._update(self.G, self.opt_g, loss_g)
@@ -148,7 +144,26 @@ class GANTask(GenerativeTask):
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(),
                 "d_real": torch.sigmoid(real_logits.detach()).mean(),
                 "d_fake": torch.sigmoid(fake_logits.detach()).mean(),
-                "lr": self.opt_g.param_groups[0]["lr"]}
+                **logs, **g_logs, "lr": self.opt_g.param_groups[0]["lr"]}
+
+    def _generate(self, n: int, labels: Tensor | None, rng: torch.Generator) -> Tensor:
+        """``n`` training fakes (the prepared generator, in train mode)."""
+        return self.G(self._noise(n, rng), labels)
+
+    def _discriminate(self, images: Tensor, labels: Tensor | None, rng: torch.Generator) -> Tensor:
+        """The discriminator's logits, in fp32 for the losses."""
+        return self.D(images, labels).float()
+
+    def _d_loss(self, real: Tensor, fake: Tensor, labels: Tensor | None,
+                rng: torch.Generator) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """(loss, real logits, fake logits, extra values to log) of one discriminator update."""
+        real_logits = self._discriminate(real, labels, rng)
+        fake_logits = self._discriminate(fake, labels, rng)
+        return d_loss(real_logits, fake_logits, self.cfg.gan.loss), real_logits, fake_logits, {}
+
+    def _g_loss(self, fake: Tensor, labels: Tensor | None, rng: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, extra values to log) of the generator update, through the frozen discriminator."""
+        return g_loss(self._discriminate(fake, labels, rng), self.cfg.gan.loss), {}
 
     def _skip(self) -> dict[str, float]:
         """A NaN/inf loss: no update from it (see ``engine.step``); the batch counts as a step

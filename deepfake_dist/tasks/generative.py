@@ -1,4 +1,5 @@
-"""What the GAN and autoencoder tasks share: fixed-noise sample grids, FID/KID, export info.
+"""What the generator tasks (GANs, autoencoders, diffusion) share: fixed-noise sample grids, FID/KID,
+export info, each step's own random generator.
 
 A generator run writes ``runs/NAME/samples/step-NNNNNN.png`` every ``samples.every`` steps and
 at the last step (also logged to wandb), and reports FID/KID against the held-out real split
@@ -9,6 +10,7 @@ It exports ``generator.safetensors`` + ``generator.json``, which ``deepfake-dist
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 
 import torch
@@ -26,10 +28,19 @@ from deepfake_dist.tasks import Task
 EXPORT_NAME = "generator"
 
 
+def step_generator(key: tuple, device: torch.device | str) -> torch.Generator:
+    """A random generator of one training step's own, seeded by ``key`` (seed, task, rank, step):
+    ranks draw different noise, and a resumed run draws what the uninterrupted one did (the global
+    RNG is also used by the data loader). On ``device``, so a GPU draws its noise where it uses it."""
+    return torch.Generator(device).manual_seed(zlib.crc32(repr(key).encode()))
+
+
 class GenerativeTask(Task):
     """Subclasses build their models and implement ``train_step`` and ``sample``."""
 
     metrics = ("fid", "kid", "kid_std", "fid_real", "fid_fake")  # with the Inception weights (``evaluation.fidelity``)
+    # how ``deepfake-dist generate`` turns the exported generator into images (``generate.SYNTHESIZERS``)
+    synthesis = "latent"
 
     @classmethod
     def check_config(cls, cfg, where: str) -> None:
@@ -129,4 +140,5 @@ class GenerativeTask(Task):
         return {}
 
     def export_info(self) -> dict:
-        return {"kind": "generator", "build_args": self.build_args, "channels": self.channels}
+        return {"kind": "generator", "synthesis": self.synthesis, "build_args": self.build_args,
+                "channels": self.channels}
