@@ -97,14 +97,14 @@ class RunOptions:
 @dataclass(kw_only=True)
 class PrepareOptions:
     source: str = option(help="builtin:lfw | celeba:PATH | folder:PATH | videos:PATH | ffpp:PATH | celebdf:PATH | "
-                              "dfdc:PATH | dfdcp:PATH")
+                              "dfdc:PATH | dfdcp:PATH | fakeavceleb:PATH")
     out: str = option(help="output folder, e.g. shards/lfw")
-    resolution: Optional[int] = option(None, "pixels (default 64; 256 for ffpp, celebdf, dfdc, dfdcp)")
+    resolution: Optional[int] = option(None, "pixels (default 64; 256 for ffpp, celebdf, dfdc, dfdcp, fakeavceleb)")
     format: str = option("png", "png (lossless) by default, so real and generated sets carry no compression "
                                 "difference", choices=("jpg", "png"))
     quality: int = option(95, "JPEG quality")
     shard_size: Optional[int] = option(None, "inputs (images, videos) per shard (default 1000; 32 videos for ffpp, celebdf, "
-                                             "dfdc, dfdcp)")
+                                             "dfdc, dfdcp, fakeavceleb)")
     split: Split = option((0.8, 0.1, 0.1), "train,val,test fractions for unsplit sources", type=str)
     workers: int = option(1)
     label: Optional[str] = option(None, "label of a flat folder", choices=("real", "fake"))

@@ -17,7 +17,8 @@ and the loop counts them (``train/skipped_samples``, ``train/unreadable_shards``
 evaluation always, stop with a one-line ``UserError``.
 
 A sample is one image (C, H, W) or, in a clip set (manifest ``frames``: K), a clip (K, C, H, W)
-from its members ``f000.<fmt>``, ``f001.<fmt>``, ... in order. The transforms act on the whole
+from its members ``f000.<fmt>``, ``f001.<fmt>``, ... in order; in sets with sound it also carries
+the clip's waveform and per-stream labels (``Batch.extra``, see ``data.audio``). The transforms act on the whole
 clip tensor, so every frame of a clip gets the same random crop, flip, jitter, JPEG and blur.
 
 Workers hand over uint8 images, stacked into shared-memory buffers they reuse and the training
@@ -49,6 +50,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from deepfake_dist.config import DataConfig
 from deepfake_dist.console import console
 from deepfake_dist.data import transforms
+from deepfake_dist.data.audio import audio_samples, decode_extra
 from deepfake_dist.data.common import ReadProblem
 from deepfake_dist.data.handoff import HandOffRing
 from deepfake_dist.data.manifest import listed_shards, load_manifest, missing_shard_error, shard_urls, split_count
@@ -87,9 +89,9 @@ def _read_shards(urls, expected: dict[str, int], problems: list[ReadProblem]):
                                             sample=False))
 
 
-def _decode_or_report(sample: dict, channels: int, problems: list[ReadProblem]) -> tuple | None:
+def _decode_or_report(sample: dict, channels: int, problems: list[ReadProblem], audio: int | None = None) -> tuple | None:
     try:
-        return _decode_sample(sample, channels)
+        return _decode_sample(sample, channels, audio)
     except Exception as err:  # noqa: BLE001 - any undecodable sample is reported, not fatal to the worker
         problems.append(ReadProblem(sample.get("__url__", "?"), sample.get("__key__"), _reason(err), sample=True))
         return None
@@ -183,7 +185,9 @@ def clip_frames(sets: list[str]) -> int | None:
     return next(iter(frames.values()), None)
 
 
-def _decode_sample(sample: dict, channels: int) -> tuple:
+def _decode_sample(sample: dict, channels: int, audio: int | None = None) -> tuple:
+    """(image or clip, label, key, json bytes, extra): ``extra`` holds the sound and per-stream
+    labels (``data.audio.decode_extra``) when the sets have sound (``audio``: its samples)."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is not None:
         image = transforms.decode(sample[key], channels)
@@ -197,7 +201,8 @@ def _decode_sample(sample: dict, channels: int) -> tuple:
     label = int(sample["cls"])
     # keys are unique within a set; the set's folder name makes them unique across sets. The json
     # member stays bytes until something reads it (``Batch.meta``).
-    return image, label, f"{_set_name(sample['__url__'])}/{sample['__key__']}", sample.get("json", b"{}")
+    extra = decode_extra(sample, label, audio) if audio else {}
+    return image, label, f"{_set_name(sample['__url__'])}/{sample['__key__']}", sample.get("json", b"{}"), extra
 
 
 @functools.lru_cache(maxsize=4096)
@@ -219,6 +224,8 @@ class TrainStream(IterableDataset):
     """Endless seeded shard resampling, cut to ``batches_per_worker`` batches per epoch, yielded
     ``per_transfer`` batches at a time as one ``Batch`` (the loader splits them again)."""
 
+    audio: int | None = None  # samples of each clip's sound when the sets have sound (``data.audio``)
+
     def __init__(self, urls, cfg: DataConfig, channels: int, rank: int, batches_per_worker: int, seed: int,
                  expected: dict[str, int] | None = None, per_transfer: int = 1):
         self.urls, self.cfg, self.channels, self.rank, self.seed = urls, cfg, channels, rank, seed
@@ -238,11 +245,11 @@ class TrainStream(IterableDataset):
         the generator for all: a fork per sample adds its cost to every sample (BENCHMARKS.md, loader)."""
         augmented = []
         with torch.random.fork_rng(devices=[]):
-            for image, label, key, meta in items:
+            for image, label, key, *rest in items:
                 # the CPU generator only: torch.manual_seed also queues a seed for every accelerator
                 # backend, recording a stack trace each time (dearer than the decode: BENCHMARKS.md, loader)
                 torch.default_generator.manual_seed(_seed(self.seed, epoch, key))
-                augmented.append((self.transform(image), label, key, meta))
+                augmented.append((self.transform(image), label, key, *rest))
         return augmented
 
     def __iter__(self):
@@ -268,7 +275,7 @@ class TrainStream(IterableDataset):
         samples = _shuffled(_read_shards(shards, self.expected, problems), self.cfg.shuffle_buffer, rng,
                             lambda: left * size - len(group))
         for sample in samples:
-            item = _decode_or_report(sample, self.channels, problems)
+            item = _decode_or_report(sample, self.channels, problems, self.audio)
             if problems and self.cfg.on_error == "raise":
                 yield [], list(problems)
                 return
@@ -345,6 +352,7 @@ def train_loader(cfg: DataConfig, channels: int, rank: int, world: int, seed: in
     stream = TrainStream(urls, cfg, channels, rank, per_worker, seed, expected,
                          batches_per_transfer(cfg, channels, frames))
     stream.missing = [str(path) for path in missing]
+    stream.audio = audio_samples(cfg.train)
     hint = ("data.on_error is raise; set it to skip to train on without it, or find what is wrong with "
             "deepfake-dist shards verify {set} and re-create the set")
     loader = ShardLoader(
@@ -377,6 +385,8 @@ class EvalOptions:
 class EvalStream(IterableDataset):
     """Every sample of the split once: shards split over ranks then workers, last batch kept."""
 
+    audio: int | None = None  # samples of each clip's sound when the sets have sound (``data.audio``)
+
     def __init__(self, urls, options: EvalOptions, rank: int, world: int, perturb=None,
                  frames: int | None = None, expected: dict[str, int] | None = None):
         self.urls, self.options, self.rank, self.world = urls, options, rank, world
@@ -392,12 +402,12 @@ class EvalStream(IterableDataset):
         problems: list[ReadProblem] = []
         batch = []
         for sample in _read_shards(mine, self.expected, problems):
-            item = _decode_or_report(sample, self.options.channels, problems)
+            item = _decode_or_report(sample, self.options.channels, problems, self.audio)
             if problems:  # every sample counts: stop at the first problem (the loader raises)
                 yield self.ring.collate([], problems)
                 return
-            image, label, key, meta = item
-            batch.append((self.transform(image), label, key, meta))
+            image, *rest = item
+            batch.append((self.transform(image), *rest))
             if len(batch) == self.options.batch_size:
                 yield self.ring.collate(batch)
                 batch = []
@@ -417,6 +427,7 @@ def eval_loader(sets: list[str], split: str, options: EvalOptions, rank: int = 0
         raise UserError(f"no '{split}' shards in {sets}; prepare the sets with a {split} split")
     expected = {str(path): int(entry.get("samples", 0)) for s in sets for path, entry in listed_shards(s, split)}
     stream = EvalStream(urls, options, rank, world, perturb, clip_frames(sets), expected)
+    stream.audio = audio_samples(sets)
     workers = min(options.num_workers, max(len(urls) // world, 1))
     hint = ("evaluation reads every sample, so it stops; find what is wrong with deepfake-dist shards verify {set} "
             "and re-create the set")
