@@ -103,22 +103,30 @@ def cut(track: Track, start: float, end: float) -> tuple[np.ndarray | None, int,
     return np.pad(piece, (before, n - before - len(piece))), before + after, ""
 
 
+def clip_sounds(clips: list[list[int]], path: str | Path, fps: float) -> list[tuple[np.ndarray | None, dict[str, Any]]]:
+    """Each clip's sound (None when the track does not cover it) and the json fields that say so
+    (see the module)."""
+    windows = [clip_window(frames, fps) for frames in clips]
+    track = read_track(path, max((end for _, end in windows), default=0.0))
+    sounds = []
+    for start, end in windows:
+        piece, padded, reason = cut(track, start, end)
+        meta = {"audio": False, "audio_reason": reason} if piece is None else {
+            "audio": True, "audio_start": round(start, 4), "audio_end": round(end, 4), "audio_samples": len(piece),
+            "sample_rate": SAMPLE_RATE, **({"audio_padded": padded} if padded else {})}
+        sounds.append((piece, meta))
+    return sounds
+
+
 def attach_audio(samples: list, path: str | Path, fps: float, fmt: str) -> None:
     """Give each clip sample (``data.common.Sample`` with ``meta["frames"]``) its sound as a
     member ``fmt`` and its json fields, or ``audio: false`` and the reason (see the module)."""
     if fmt not in AUDIO_FORMATS:
         raise UserError(f"--audio-format {fmt}: expected one of {', '.join(AUDIO_FORMATS)}")
-    windows = [clip_window(s.meta["frames"], fps) for s in samples]
-    track = read_track(path, max((end for _, end in windows), default=0.0))
-    for sample, (start, end) in zip(samples, windows):
-        piece, padded, reason = cut(track, start, end)
-        if piece is None:
-            sample.meta.update(audio=False, audio_reason=reason)
-            continue
-        sample.members[fmt] = encode(piece, fmt)
-        sample.meta.update(audio=True, audio_start=round(start, 4), audio_end=round(end, 4),
-                           audio_samples=len(piece), sample_rate=SAMPLE_RATE,
-                           **({"audio_padded": padded} if padded else {}))
+    for sample, (piece, meta) in zip(samples, clip_sounds([s.meta["frames"] for s in samples], path, fps)):
+        if piece is not None:
+            sample.members[fmt] = encode(piece, fmt)
+        sample.meta.update(meta)
 
 
 # ------------------------------------------------------------------------------- encoding
@@ -177,16 +185,22 @@ def audio_samples(sets: list[str]) -> int | None:
     return max(lengths) if lengths else None
 
 
+def fit_length(samples: np.ndarray | None, length: int) -> torch.Tensor:
+    """``length`` float32 samples: the sound cut at the end, or zero-padded there (all zeros for none)."""
+    out = torch.zeros(length)
+    if samples is not None:
+        kept = torch.from_numpy(np.ascontiguousarray(samples[:length], dtype=np.float32))
+        out[:len(kept)] = kept
+    return out
+
+
 def decode_extra(sample: dict[str, Any], label: int, length: int) -> dict[str, torch.Tensor]:
     """What a sample carries besides its frames: ``audio`` (``length`` float32 samples), ``has_audio``
     and the per-stream labels ``label_video`` and ``label_audio`` (the sample's label where its
     set gives none)."""
     key = next((k for k in AUDIO_FORMATS if k in sample), None)
-    audio = torch.zeros(length)
-    if key is not None:
-        samples = torch.from_numpy(decode(sample[key], key))[:length]
-        audio[:len(samples)] = samples
-    extra = {"audio": audio, "has_audio": torch.tensor(key is not None)}
+    extra = {"audio": fit_length(None if key is None else decode(sample[key], key), length),
+             "has_audio": torch.tensor(key is not None)}
     for name, member in STREAM_LABELS.items():
         extra[name] = torch.tensor(int(sample[member]) if member in sample else label)
     return extra
