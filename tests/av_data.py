@@ -12,7 +12,6 @@ the face blended with a shifted copy of itself, noised and blurred.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ CATEGORIES = {"RealVideo-RealAudio": ("A", False, False), "RealVideo-FakeAudio":
               "FakeVideo-RealAudio": ("C", True, False), "FakeVideo-FakeAudio": ("D", True, True)}
 RACES = (("African", "men"), ("Asian (East)", "women"))
 HEADER = "source,target1,target2,method,category,type,race,gender,path,"
+CLIP = {"frames": 4, "clips_per_video": 2, "frame_step": 2, "margin": 0.5}  # prepare's options: 2 clips of a 16-frame video
 
 
 def voice(identity: int, seconds: float, cloned: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -126,9 +126,3 @@ def build_fakeavceleb(root: Path, identities: int = 8, frames: int = 16, fps: fl
     skipped = {f"RealVideo-RealAudio/African/men/{names[0]}/00009.mp4": "missing",
                f"RealVideo-RealAudio/African/men/{names[0]}/00002.mp4": "not listed"}
     return AVReplica(root, split_of, counts, skipped)
-
-
-def write_csv(path: Path, rows: list[tuple[str, ...]]) -> Path:
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    return path

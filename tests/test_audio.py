@@ -23,9 +23,8 @@ from deepfake_dist.options import PrepareOptions
 
 pytest.importorskip("cv2", reason="videos need the video extra (opencv-python-headless<5)")
 pytest.importorskip("av", reason="sound needs the video extra (av)")
-from av_data import CATEGORIES, SAMPLE_RATE, build_fakeavceleb, write_av_video  # noqa: E402 - after the skips
+from av_data import CATEGORIES, CLIP, SAMPLE_RATE, write_av_video  # noqa: E402 - after the skips
 
-CLIP = {"frames": 4, "clips_per_video": 2, "frame_step": 2, "margin": 0.5}  # 16-frame videos: 2 clips of 7 frames' time
 FPS = 10.0
 
 
@@ -44,19 +43,6 @@ def frame_tone(index: int) -> float:
 def dominant(samples: np.ndarray) -> float:
     spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
     return float(np.argmax(spectrum)) * SAMPLE_RATE / len(samples)
-
-
-@pytest.fixture(scope="module")
-def replica(tmp_path_factory):
-    return build_fakeavceleb(tmp_path_factory.mktemp("fakeavceleb") / "FakeAVCeleb_v1.2", identities=4)
-
-
-@pytest.fixture(scope="module")
-def av_set(replica, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "fakeavceleb"
-    prepare(PrepareOptions(source=f"fakeavceleb:{replica.root}", out=out, resolution=32, shard_size=4,
-                           options={**CLIP, "identity_split": "0.5,0.25,0.25"}))
-    return out
 
 
 def test_a_clips_sound_spans_its_frames_and_a_silent_video_is_marked(tmp_path):
@@ -107,17 +93,17 @@ def test_sound_needs_clips_of_consecutive_frames_and_a_known_format():
         np.testing.assert_allclose(audio.decode(audio.encode(wave, fmt), fmt), wave, atol=1 / 32767)
 
 
-def test_fakeavceleb_is_split_by_identity_with_each_categorys_labels(replica, av_set):
-    manifest = json.loads((av_set / "manifest.json").read_text())
+def test_fakeavceleb_is_split_by_identity_with_each_categorys_labels(av_replica, av_shards):
+    manifest = json.loads((av_shards / "manifest.json").read_text())
     dataset = manifest["preprocessing"]["dataset"]
-    assert dataset["categories"] == replica.counts
+    assert dataset["categories"] == av_replica.counts
     assert dataset["identities"] == {"train": 2, "val": 1, "test": 1}
-    assert {Path(s["input"]).relative_to(replica.root).as_posix(): s["reason"] for s in manifest["skipped"]}.keys() \
-        == replica.skipped.keys()
+    assert {Path(s["input"]).relative_to(av_replica.root).as_posix(): s["reason"] for s in manifest["skipped"]}.keys() \
+        == av_replica.skipped.keys()
     assert manifest["audio"]["clips"] == 16 * 2 and manifest["audio"]["without_audio"] == 0
-    assert verify(av_set) == []
+    assert verify(av_shards) == []
     split_of = defaultdict(set)
-    for split, samples in samples_of(av_set).items():
+    for split, samples in samples_of(av_shards).items():
         for sample in samples:
             meta = json.loads(sample["json"])
             letter, fake_video, fake_audio = CATEGORIES[meta["category"]]
@@ -125,20 +111,20 @@ def test_fakeavceleb_is_split_by_identity_with_each_categorys_labels(replica, av
                 (b"%d" % fake_video, b"%d" % fake_audio, b"%d" % (fake_video or fake_audio))
             assert (meta["label_video"], meta["label_audio"]) == (("real", "fake")[fake_video], ("real", "fake")[fake_audio])
             assert meta["category_letter"] == letter and meta["audio"] is True and "wav" in sample
-            assert replica.splits[meta["identity"]] == split
+            assert av_replica.splits[meta["identity"]] == split
             split_of[meta["identity"]].add(split)
     assert len(split_of) == 4 and all(len(s) == 1 for s in split_of.values())  # no identity on both sides
 
-    batch = next(iter(eval_loader([str(av_set)], "test", EvalOptions(32, 3, batch_size=16, num_workers=1))))
+    batch = next(iter(eval_loader([str(av_shards)], "test", EvalOptions(32, 3, batch_size=16, num_workers=1))))
     metas = batch.meta
     assert batch.extra["label_video"].tolist() == [int(m["label_video"] == "fake") for m in metas]
     assert batch.extra["label_audio"].tolist() == [int(m["label_audio"] == "fake") for m in metas]
     assert batch.extra["has_audio"].all() and batch.extra["audio"].abs().amax(1).min() > 0.05
 
 
-def test_fakeavceleb_layout_problems_are_one_line(replica, tmp_path):
+def test_fakeavceleb_layout_problems_are_one_line(av_replica, tmp_path):
     with pytest.raises(UserError, match="not the FakeAVCeleb layout: no RealVideo-RealAudio/"):
-        open_source(f"fakeavceleb:{replica.root / 'FakeVideo-FakeAudio'}")
+        open_source(f"fakeavceleb:{av_replica.root / 'FakeVideo-FakeAudio'}")
     broken = tmp_path / "broken"
     for category in CATEGORIES:
         (broken / category).mkdir(parents=True)
@@ -149,9 +135,9 @@ def test_fakeavceleb_layout_problems_are_one_line(replica, tmp_path):
     with pytest.raises(UserError, match=r"meta_data.csv:2: category 'B' with type 'RealVideo-RealAudio'"):
         open_source(f"fakeavceleb:{broken}")
     with pytest.raises(UserError, match="--identity-split 0.5,0.5: expected three fractions"):
-        open_source(f"fakeavceleb:{replica.root}", options={"identity_split": "0.5,0.5"})
+        open_source(f"fakeavceleb:{av_replica.root}", options={"identity_split": "0.5,0.5"})
     with pytest.raises(UserError, match="--audio needs clips"):
-        open_source(f"fakeavceleb:{replica.root}", options={"frame_level": True})
+        open_source(f"fakeavceleb:{av_replica.root}", options={"frame_level": True})
 
 
 def test_a_flac_member_reads_as_its_wav(tmp_path):
