@@ -211,6 +211,8 @@ class ServeOptions:
     max_concurrent: int = option(2, "requests decoded and scored at once (each holds one decoded image)")
     max_queue: int = option(32, "requests waiting beyond those; more get 503 with Retry-After")
     face_crop: bool = option(False, "detect the largest face (OpenCV Haar cascade) and score its crop")
+    max_video_bytes: int = option(50_000_000, "largest video upload (a model that scores clips or their sound)")
+    max_video_seconds: float = option(60.0, "longest video upload, read from its container before any frame is decoded")
 
 
 @dataclass(kw_only=True)
