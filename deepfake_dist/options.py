@@ -97,14 +97,14 @@ class RunOptions:
 @dataclass(kw_only=True)
 class PrepareOptions:
     source: str = option(help="builtin:lfw | celeba:PATH | folder:PATH | videos:PATH | ffpp:PATH | celebdf:PATH | "
-                              "dfdc:PATH | dfdcp:PATH")
+                              "dfdc:PATH | dfdcp:PATH | fakeavceleb:PATH")
     out: str = option(help="output folder or s3://bucket/prefix, e.g. shards/lfw")
-    resolution: Optional[int] = option(None, "pixels (default 64; 256 for ffpp, celebdf, dfdc, dfdcp)")
+    resolution: Optional[int] = option(None, "pixels (default 64; 256 for ffpp, celebdf, dfdc, dfdcp, fakeavceleb)")
     format: str = option("png", "png (lossless) by default, so real and generated sets carry no compression "
                                 "difference", choices=("jpg", "png"))
     quality: int = option(95, "JPEG quality")
     shard_size: Optional[int] = option(None, "inputs (images, videos) per shard (default 1000; 32 videos for ffpp, celebdf, "
-                                             "dfdc, dfdcp)")
+                                             "dfdc, dfdcp, fakeavceleb)")
     split: Split = option((0.8, 0.1, 0.1), "train,val,test fractions for unsplit sources", type=str)
     splits: Optional[Union[str, list[str]]] = option(None, "write only these splits, comma-separated (e.g. test, for a "
                                                            "set kept for testing); default all", type=str)
@@ -255,6 +255,8 @@ class ServeOptions:
     max_concurrent: int = option(2, "requests decoded and scored at once (each holds one decoded image)")
     max_queue: int = option(32, "requests waiting beyond those; more get 503 with Retry-After")
     face_crop: bool = option(False, "detect the largest face (OpenCV Haar cascade) and score its crop")
+    max_video_bytes: int = option(50_000_000, "largest video upload (a model that scores clips or their sound)")
+    max_video_seconds: float = option(60.0, "longest video upload, read from its container before any frame is decoded")
 
 
 @dataclass(kw_only=True)

@@ -225,3 +225,27 @@ def generator_run(real_face_shards, tmp_path_factory, gan_run):
         return runs[model]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def av_replica(tmp_path_factory):
+    """A FakeAVCeleb replica of 4 identities, one video of each category each (``av_data``)."""
+    pytest.importorskip("cv2", reason="videos need the video extra (opencv-python-headless<5)")
+    pytest.importorskip("av", reason="sound needs the video extra (av)")
+    from av_data import build_fakeavceleb
+
+    return build_fakeavceleb(tmp_path_factory.mktemp("fakeavceleb") / "FakeAVCeleb_v1.2", identities=4)
+
+
+@pytest.fixture(scope="session")
+def av_shards(av_replica, tmp_path_factory) -> Path:
+    """``av_replica`` prepared: 32-px clips of 4 frames with their sound, identities split 2/1/1."""
+    from av_data import CLIP
+
+    from deepfake_dist.data.prepare import prepare
+    from deepfake_dist.options import PrepareOptions
+
+    out = tmp_path_factory.mktemp("av_shards") / "fakeavceleb"
+    prepare(PrepareOptions(source=f"fakeavceleb:{av_replica.root}", out=out, resolution=32, shard_size=4,
+                           options={**CLIP, "identity_split": "0.5,0.25,0.25"}))
+    return out

@@ -69,6 +69,15 @@ def test_video_prepare_on_a_tiny_ffpp_replica(tmp_path, bench_data):
     assert sum(results["stages"]["share"].values()) == pytest.approx(1.0) and results["stages"]["videos"] == 2
 
 
+def test_av_on_the_replica(tmp_path, bench_data):
+    pytest.importorskip("av", reason="sound needs the video extra (av)")
+    results = _run("av", tmp_path, bench_data, "--sets", "replica", "--epochs", "1", "--max-steps", "1", "--width", "4")
+    assert results["prepare"]["with audio"]["videos"] == 16 and results["prepare"]["with audio"]["cost_ratio"] > 0
+    assert set(results["replica"]) == {"audio", "frames", "av"}
+    assert all(len(row["categories"]) == 4 and row["modalities"]["audio"]["samples"] == 8
+               for row in results["replica"].values())
+
+
 def test_gpu_skips_without_cuda_and_runs_on_cpu_when_asked(tmp_path, bench_data, capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "gpu", "--out", str(tmp_path / "none")]) == 0

@@ -34,16 +34,14 @@ def _face() -> np.ndarray:
     return cv2.resize(crop, (FACE, FACE), interpolation=cv2.INTER_AREA)
 
 
-def write_video(path: Path, frames: int = 24, fake: bool = False, face: bool = True, seed: int = 0,
-                size: tuple[int, int] = SIZE, fps: float = 10.0, portrait: np.ndarray | None = None) -> Path:
-    """Write an mp4 (mp4v) of ``frames`` frames; the face drifts right and down by a seeded amount.
-    ``portrait``: the face to paste (RGB, square), the astronaut's by default."""
+def face_frames(frames: int, fake: bool = False, face: bool = True, seed: int = 0, size: tuple[int, int] = SIZE,
+                portrait: np.ndarray | None = None):
+    """``frames`` RGB frames; the face drifts right and down by a seeded amount. ``portrait``: the
+    face to paste (RGB, square), the astronaut's by default. Also yields, with each frame, the
+    face's box (x, y, side) on it."""
     rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
     w, h = size
     scale = min(w / SIZE[0], h / SIZE[1])
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-    assert writer.isOpened(), f"OpenCV cannot write {path}"
     x0, y0 = (30 + rng.integers(0, 6)) * scale, (26 + rng.integers(0, 4)) * scale
     dx, dy = (1.5 + rng.random()) * scale, (0.3 + 0.3 * rng.random()) * scale
     side = round(FACE * scale)
@@ -51,14 +49,24 @@ def write_video(path: Path, frames: int = 24, fake: bool = False, face: bool = T
     base = cv2.resize(portrait, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32)
     for i in range(frames):
         frame = np.full((h, w, 3), level(i), np.uint8)
+        x, y = int(x0 + dx * _phase(i)), int(y0 + dy * _phase(i))
         if face:
             patch = base
             if fake:
                 shifted = np.roll(base, shift=(int(rng.integers(-2, 3)), int(rng.integers(-2, 3))), axis=(0, 1))
                 alpha = 0.3 + 0.2 * rng.random()
                 patch = (1 - alpha) * base + alpha * shifted + rng.normal(0, 10, base.shape)
-            x, y = int(x0 + dx * _phase(i)), int(y0 + dy * _phase(i))
             frame[y : y + side, x : x + side] = np.clip(patch, 0, 255).astype(np.uint8)
+        yield frame, (x, y, side)
+
+
+def write_video(path: Path, frames: int = 24, fake: bool = False, face: bool = True, seed: int = 0,
+                size: tuple[int, int] = SIZE, fps: float = 10.0, portrait: np.ndarray | None = None) -> Path:
+    """Write an mp4 (mp4v) of ``face_frames``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    assert writer.isOpened(), f"OpenCV cannot write {path}"
+    for frame, _ in face_frames(frames, fake, face, seed, size, portrait):
         writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     writer.release()
     return path

@@ -35,6 +35,8 @@ class Item:
     meta:  JSON-serialisable: ``source``, ``path`` or ``id``, ``label``, ``generator`` (fakes),
            ``attributes`` / ``bbox`` when known. Stored as the sample's ``json``.
     origin: where it came from, for messages (a file path, ``builtin:lfw#3``); not stored.
+    members: extra tar members every sample of this input carries, e.g. ``{"video.cls": b"1"}``
+           (a per-stream label the loader reads without parsing the json).
     """
 
     key: str
@@ -43,17 +45,20 @@ class Item:
     load: Callable[[], Image.Image] = field(repr=False, compare=False)
     meta: dict[str, Any] = field(default_factory=dict)
     origin: str = ""
+    members: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
 @dataclass
 class Sample:
     """One of the samples an input yields: its key is the item's key + ``suffix``; ``image`` is
     one image or a list (a clip, stored as members ``f000.<fmt>``, ``f001.<fmt>``, ... in order);
-    ``meta`` is merged over the item's meta in the sample's ``json``."""
+    ``meta`` is merged over the item's meta in the sample's ``json``; ``members`` are extra encoded
+    tar members of this sample alone (a clip's sound: ``{"wav": ...}``)."""
 
     suffix: str
     image: Image.Image | list[Image.Image]
     meta: dict[str, Any] = field(default_factory=dict)
+    members: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
 @dataclass

@@ -24,6 +24,8 @@ Per video, in the worker that writes its shard:
    (moving average of 3) and cut as a square of side ``max(w, h) * (1 + 2 * margin)`` around
    the box centre (black outside the frame). ``prepare`` then resizes every crop to the set's
    resolution (bicubic).
+6. with ``audio``, each clip's sound from the start of its first frame to the end of its last
+   (``data.audio``), stored beside its frames.
 
 A video that cannot be decoded, is too short for one clip or shows no face raises
 ``VideoError``, so ``prepare`` skips it and lists it in the manifest's ``skipped`` with the reason.
@@ -41,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from deepfake_dist.data import imageio
+from deepfake_dist.data.audio import AUDIO_FORMATS, SAMPLE_RATE, attach_audio
 from deepfake_dist.data.common import Expanded, Sample
 from deepfake_dist.data.manifest import file_sha256, load_manifest
 from deepfake_dist.errors import UserError
@@ -76,6 +79,9 @@ class VideoOptions:
     frame_level: bool = option(False, "one sample per frame (for image detectors) instead of one per clip")
     keep_short: bool = option(False, "a video shorter than one clip keeps the frames it has, listed in the "
                                      "manifest (frame-level sets only)")
+    audio: bool = option(False, "keep each clip's sound (16 kHz mono, aligned to its frames) beside its frames "
+                                "(clip sets with --sampling step)")
+    audio_format: str = option("wav", "how --audio stores the sound: wav (16-bit PCM) or flac", choices=AUDIO_FORMATS)
 
     def __post_init__(self):
         for name, low in (("frames", 1), ("clips_per_video", 1), ("frame_step", 1)):
@@ -97,6 +103,11 @@ class VideoOptions:
             raise UserError(f"--face-config {self.face_config}: give the model too (--face-model PATH)")
         if self.keep_short and not self.frame_level:  # a clip model needs every clip at full length
             raise UserError("keep_short needs frame_level: a clip-level set holds only full clips")
+        if self.audio and (self.frame_level or self.sampling != "step"):  # a frame has no sound of its own
+            raise UserError("--audio needs clips of consecutive frames (--sampling step, without --frame-level): "
+                            "their sound is one stretch of the same length for every clip")
+        if self.audio_format not in AUDIO_FORMATS:
+            raise UserError(f"--audio-format {self.audio_format}: expected one of {', '.join(AUDIO_FORMATS)}")
 
     def settings(self) -> dict[str, Any]:
         """What the manifest records: these options, the detector (with the model file's
@@ -110,6 +121,8 @@ class VideoOptions:
                 "config": self.face_config, "input": DNN_INPUT, "mean": list(DNN_MEAN), "confidence": DNN_CONFIDENCE,
                 "opencv": _cv2().__version__,
             }
+        if self.audio:
+            out["audio_sample_rate"] = SAMPLE_RATE
         return {"crop": "face", **out, "track_iou": TRACK_IOU, "min_detected": MIN_DETECTED, "box_smoothing": SMOOTH,
                 "detect_max_side": DETECT_MAX_SIDE}
 
@@ -445,8 +458,13 @@ def cut_samples(video: VideoFaces, opts: VideoOptions) -> Expanded:
 
 
 def video_samples(path: str, opts: VideoOptions) -> Expanded:
-    """A video's samples (what a ``videos:PATH`` item's ``load`` returns)."""
-    return cut_samples(video_faces(path, opts), opts)
+    """A video's samples (what a ``videos:PATH`` item's ``load`` returns), each clip with its
+    sound when ``opts.audio`` (``data.audio.attach_audio``)."""
+    video = video_faces(path, opts)
+    expanded = cut_samples(video, opts)
+    if opts.audio:
+        attach_audio(expanded.samples, path, video.fps, opts.audio_format)
+    return expanded
 
 
 # ------------------------------------------------------------------------ recorded settings

@@ -36,6 +36,13 @@ class Batch:
     problems: list[ReadProblem] = field(default_factory=list)  # met by the worker since its last batch
     slot: tuple[int, int] | None = None  # (worker, ring slot) the images are in, to free when done
     ended: str | None = None  # why the worker's stream gave up (no shard left to read), on its last, empty batch
+    # what samples of sets with sound carry besides their frames (``data.audio.decode_extra``):
+    # audio (B, N), has_audio (B,), label_video and label_audio (B,); empty for other sets
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def inputs(self, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+        """The model inputs named (``image``, ``audio``), in that order."""
+        return tuple(self.image if name == "image" else self.extra[name] for name in names)
 
     @property
     def meta(self) -> list[dict]:
@@ -52,13 +59,14 @@ class Batch:
 
     def to(self, device) -> Batch:
         return Batch(self.image.to(device, non_blocking=True), self.label.to(device, non_blocking=True), self.key,
-                     self.meta_json, self.problems)
+                     self.meta_json, self.problems,
+                     extra={k: v.to(device, non_blocking=True) for k, v in self.extra.items()})
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pin-memory thread (``data.pin_memory`` on a GPU): without it
         a Batch stays in pageable memory and ``to(device, non_blocking=True)`` copies synchronously."""
         return Batch(self.image.pin_memory(), self.label.pin_memory(), self.key, self.meta_json, self.problems,
-                     self.slot, self.ended)
+                     self.slot, self.ended, {k: v.pin_memory() for k, v in self.extra.items()})
 
     def __len__(self) -> int:
         return len(self.key)
@@ -66,17 +74,23 @@ class Batch:
     def split(self, size: int) -> list[Batch]:
         """Batches of ``size`` (views of this one's tensors); the problems go with the first."""
         return [Batch(self.image[i:i + size], self.label[i:i + size], self.key[i:i + size],
-                      self.meta_json[i:i + size], self.problems if i == 0 else []) for i in range(0, len(self), size)]
+                      self.meta_json[i:i + size], self.problems if i == 0 else [],
+                      extra={k: v[i:i + size] for k, v in self.extra.items()}) for i in range(0, len(self), size)]
+
+
+def stack_extra(extras: tuple[dict[str, torch.Tensor], ...]) -> dict[str, torch.Tensor]:
+    """The samples' extra tensors stacked by name (every sample of a stream has the same names)."""
+    return {name: torch.stack([e[name] for e in extras]) for name in extras[0]} if extras else {}
 
 
 def collate(samples: list[tuple], problems: list[ReadProblem] = (), ended: str | None = None) -> Batch:
-    """Stack ``(image, label, key, meta_json)`` samples into a Batch: what a stream yields without
-    workers, or a worker with only problems to report (otherwise ``HandOffRing.collate``)."""
+    """Stack ``(image, label, key, meta_json, extra)`` samples into a Batch: what a stream yields
+    without workers, or a worker with only problems to report (otherwise ``HandOffRing.collate``)."""
     if not samples:  # only problems to report (the stream stops at the first under on_error: raise)
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), [], [], list(problems), ended=ended)
-    images, labels, keys, metas = zip(*samples)
+    images, labels, keys, metas, extras = zip(*samples)
     return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.long), list(keys), list(metas),
-                 list(problems))
+                 list(problems), extra=stack_extra(extras))
 
 
 _RINGS: weakref.WeakValueDictionary[int, HandOffRing] = weakref.WeakValueDictionary()  # by id, to unpickle to
@@ -96,10 +110,11 @@ class HandOff:
     keys: list[str]
     meta_json: list[bytes]
     problems: list[ReadProblem]
+    extra: dict[str, torch.Tensor]  # small (a clip's sound): sent as it is, not through the ring
 
     def __reduce__(self):
         return _received, (self.ring, self.slot, self.size, self.buffer, self.labels, self.keys, self.meta_json,
-                           self.problems)
+                           self.problems, self.extra)
 
 
 def _received(ring: int, *hand_off) -> Batch:
@@ -150,7 +165,7 @@ class HandOffRing:
         slot = self.turn
         self.turn = (self.turn + 1) % self.slots
         self._wait_until_free(info.id, slot)
-        images, labels, keys, metas = zip(*samples)
+        images, labels, keys, metas, extras = zip(*samples)
         buffer = self.buffers.get(slot)
         if buffer is None or len(buffer) < len(images) or buffer.shape[1:] != images[0].shape:
             buffer = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype).share_memory_()
@@ -159,16 +174,17 @@ class HandOffRing:
         self.busy[info.id, slot] = True
         torch.stack(images, out=buffer[:len(images)])
         return HandOff(self.id, (info.id, slot), len(images), None if self.held[info.id, slot] else buffer,
-                       list(labels), list(keys), list(metas), list(problems))
+                       list(labels), list(keys), list(metas), list(problems), stack_extra(extras))
 
     def received(self, slot: tuple[int, int], size: int, buffer: torch.Tensor | None, labels: list[int],
-                 keys: list[str], meta_json: list[bytes], problems: list[ReadProblem]) -> Batch:
+                 keys: list[str], meta_json: list[bytes], problems: list[ReadProblem],
+                 extra: dict[str, torch.Tensor]) -> Batch:
         """In the training process (as the DataLoader unpickles a HandOff): the Batch."""
         if buffer is not None:
             self.mapped[slot] = buffer
             self.held[slot] = True
         return Batch(self.mapped[slot][:size], torch.tensor(labels, dtype=torch.long), keys, meta_json, problems,
-                     slot)
+                     slot, extra=extra)
 
     def _wait_until_free(self, worker: int, slot: int) -> None:
         start, warned = time.monotonic(), False

@@ -24,7 +24,8 @@ gone) gives up, and the loader raises ``DataUnavailable`` rather than wait for d
 come; under ``raise`` the first unreadable shard stops it.
 
 A sample is one image (C, H, W) or, in a clip set (manifest ``frames``: K), a clip (K, C, H, W)
-from its members ``f000.<fmt>``, ``f001.<fmt>``, ... in order. The transforms act on the whole
+from its members ``f000.<fmt>``, ``f001.<fmt>``, ... in order; in sets with sound it also carries
+the clip's waveform and per-stream labels (``Batch.extra``, see ``data.audio``). The transforms act on the whole
 clip tensor, so every frame of a clip gets the same random crop, flip, jitter, JPEG and blur.
 
 Workers hand over uint8 images, stacked into shared-memory buffers they reuse and the training
@@ -55,6 +56,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from deepfake_dist.config import DataConfig
 from deepfake_dist.console import console
 from deepfake_dist.data import locations, transforms
+from deepfake_dist.data.audio import audio_samples, decode_extra
 from deepfake_dist.data.common import FRAME_KEY, IMAGE_KEYS, DataUnavailable, ReadProblem
 from deepfake_dist.data.handoff import HandOffRing
 from deepfake_dist.data.labels import LabelRule
@@ -164,11 +166,12 @@ class ShardLabels:
 _CLS = LabelRule()
 
 
-def _decode_or_report(sample: dict, channels: int, labels: ShardLabels, problems: list[ReadProblem]) -> tuple | None:
+def _decode_or_report(sample: dict, channels: int, labels: ShardLabels, problems: list[ReadProblem],
+                      audio: int | None = None) -> tuple | None:
     if labels.known_unusable(sample):
         return None
     try:
-        return _decode_sample(sample, channels, labels.rule(sample["__url__"]))
+        return _decode_sample(sample, channels, labels.rule(sample["__url__"]), audio)
     except Exception as err:  # noqa: BLE001 - any undecodable sample is reported, not fatal to the worker
         problems.append(ReadProblem(sample.get("__url__", "?"), sample.get("__key__"), _reason(err), sample=True))
         return None
@@ -277,7 +280,9 @@ def _image_keys(sample: dict) -> list[str]:
     return frames
 
 
-def _decode_sample(sample: dict, channels: int, rule: LabelRule) -> tuple:
+def _decode_sample(sample: dict, channels: int, rule: LabelRule, audio: int | None = None) -> tuple:
+    """(image or clip, label, key, json bytes, extra): ``extra`` holds the sound and per-stream
+    labels (``data.audio.decode_extra``) when the sets have sound (``audio``: its samples)."""
     if any(isinstance(value, Span) for value in sample.values()):
         _fill([sample])
     keys = _image_keys(sample)
@@ -288,7 +293,8 @@ def _decode_sample(sample: dict, channels: int, rule: LabelRule) -> tuple:
         image = torch.stack([transforms.decode(sample[k], channels) for k in keys])  # (T, C, H, W)
     # keys are unique within a set; the set's name makes them unique across sets. The json
     # member stays bytes until something reads it (``Batch.meta``).
-    return image, label, f"{_set_name(sample['__url__'])}/{sample['__key__']}", sample.get("json", b"{}")
+    extra = decode_extra(sample, label, audio) if audio else {}
+    return image, label, f"{_set_name(sample['__url__'])}/{sample['__key__']}", sample.get("json", b"{}"), extra
 
 
 def _fill(samples: list[dict]) -> None:
@@ -338,6 +344,8 @@ class TrainStream(IterableDataset):
     among the skipped samples is counted as trained, and that worker's stream runs one sample
     ahead of an uninterrupted one from there (the run warned of the image when it met it)."""
 
+    audio: int | None = None  # samples of each clip's sound when the sets have sound (``data.audio``)
+
     def __init__(self, urls, cfg: DataConfig, channels: int, rank: int, batches_per_worker: int, seed: int,
                  expected: dict[str, int] | None = None, per_transfer: int = 1, labels: ShardLabels | None = None):
         self.urls, self.cfg, self.channels, self.rank, self.seed = urls, cfg, channels, rank, seed
@@ -360,11 +368,11 @@ class TrainStream(IterableDataset):
         the generator for all: a fork per sample adds its cost to every sample (BENCHMARKS.md, loader)."""
         augmented = []
         with torch.random.fork_rng(devices=[]):
-            for image, label, key, meta in items:
+            for image, label, key, *rest in items:
                 # the CPU generator only: torch.manual_seed also queues a seed for every accelerator
                 # backend, recording a stack trace each time (dearer than the decode: BENCHMARKS.md, loader)
                 torch.default_generator.manual_seed(_seed(self.seed, epoch, key))
-                augmented.append((self.transform(image), label, key, meta))
+                augmented.append((self.transform(image), label, key, *rest))
         return augmented
 
     def __iter__(self):
@@ -414,7 +422,7 @@ class TrainStream(IterableDataset):
                         skipping = False
                         _fill_quietly(held)
                 else:
-                    item = _decode_or_report(sample, self.channels, self.labels, problems)
+                    item = _decode_or_report(sample, self.channels, self.labels, problems, self.audio)
                     if item is not None:
                         group.append(item)
                         taken += 1
@@ -535,6 +543,7 @@ def train_loader(cfg: DataConfig, channels: int, rank: int, world: int, seed: in
     stream = TrainStream(urls, cfg, channels, rank, per_worker, seed, expected,
                          batches_per_transfer(cfg, channels, frames), ShardLabels.of(cfg.train, cfg.train_split))
     stream.missing = missing
+    stream.audio = audio_samples(cfg.train)
     hint = ("data.on_error is raise; set it to skip to train on without it, or find what is wrong with "
             "deepfake-dist shards verify {set} and re-create the set")
     loader = ShardLoader(
@@ -567,6 +576,8 @@ class EvalOptions:
 class EvalStream(IterableDataset):
     """Every sample of the split once: shards split over ranks then workers, last batch kept."""
 
+    audio: int | None = None  # samples of each clip's sound when the sets have sound (``data.audio``)
+
     def __init__(self, urls, options: EvalOptions, rank: int, world: int, perturb=None,
                  frames: int | None = None, expected: dict[str, int] | None = None, labels: ShardLabels | None = None):
         self.urls, self.options, self.rank, self.world = urls, options, rank, world
@@ -583,14 +594,14 @@ class EvalStream(IterableDataset):
         problems: list[ReadProblem] = []
         batch = []
         for sample in _read_shards(mine, self.expected, problems):
-            item = _decode_or_report(sample, self.options.channels, self.labels, problems)
+            item = _decode_or_report(sample, self.options.channels, self.labels, problems, self.audio)
             if problems:  # every sample counts: stop at the first problem (the loader raises)
                 yield self.ring.collate([], problems)
                 return
             if item is None:  # listed as unusable by the manifest
                 continue
-            image, label, key, meta = item
-            batch.append((self.transform(image), label, key, meta))
+            image, *rest = item
+            batch.append((self.transform(image), *rest))
             if len(batch) == self.options.batch_size:
                 yield self.ring.collate(batch)
                 batch = []
@@ -611,6 +622,7 @@ def eval_loader(sets: list[str], split: str, options: EvalOptions, rank: int = 0
     expected = {url: int(entry.get("samples", 0)) for s in sets for url, entry in listed_shards(s, split)}
     stream = EvalStream(urls, options, rank, world, perturb, clip_frames(sets), expected,
                         ShardLabels.of(sets, split))
+    stream.audio = audio_samples(sets)
     workers = min(options.num_workers, max(len(urls) // world, 1))
     hint = ("evaluation reads every sample, so it stops; find what is wrong with deepfake-dist shards verify {set} "
             "and re-create the set")

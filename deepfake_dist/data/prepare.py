@@ -96,6 +96,7 @@ def _manifest_fields(src: Source, name: str, encoding: Encoding, fractions: Sequ
                      created: dict[str, Any]) -> dict[str, Any]:
     """What the manifest records about a prepared set: every setting that made it."""
     jpg = encoding.fmt == "jpg"
+    video = src.preprocessing.get("video") or {}
     return {
         "name": name,
         "source": src.spec,
@@ -104,6 +105,9 @@ def _manifest_fields(src: Source, name: str, encoding: Encoding, fractions: Sequ
         "channels": 1 if encoding.mode == "L" else 3,
         "mode": encoding.mode,
         "frames": src.frames,  # images per sample (a clip's f000.., f001..); None: one image
+        # a clip's sound (``data.audio``): counts and the longest clip's samples are added as the set is published
+        "audio": {"sample_rate": video["audio_sample_rate"], "channels": 1, "format": video["audio_format"]}
+        if video.get("audio") else None,
         "preprocessing": {
             "exif_transpose": True, "crop": "center", "resize_filter": imageio.RESIZE_FILTER,
             "jpeg_quality": encoding.quality if jpg else None,

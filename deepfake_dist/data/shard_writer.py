@@ -174,20 +174,30 @@ def _encode_image(img, enc: Encoding) -> bytes:
     return imageio.encode(imageio.preprocess(img, enc.mode, enc.resolution), enc.fmt, enc.quality)
 
 
-def _encode_item(item: Item, enc: Encoding) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """The item's encoded samples (all of them, or an exception: never half an input) and the
-    parts of it that yielded none. A clip's frames become members ``f000.<fmt>``, ``f001.<fmt>``..."""
+def _encode_item(item: Item, enc: Encoding) -> tuple[list[dict[str, Any]], list[dict[str, str]], list[dict]]:
+    """The item's encoded samples (all of them, or an exception: never half an input), the parts
+    of it that yielded none, and the samples' json. A clip's frames become members ``f000.<fmt>``,
+    ``f001.<fmt>``...; the item's and the sample's own extra members (a clip's sound) go beside them."""
     loaded = item.load()
     parts = loaded if isinstance(loaded, Expanded) else Expanded([Sample("", loaded)])
-    samples = []
+    samples, metas = [], []
     for part in parts.samples:
         if isinstance(part.image, list):
             images = {f"f{i:03d}.{enc.fmt}": _encode_image(img, enc) for i, img in enumerate(part.image)}
         else:
             images = {enc.fmt: _encode_image(part.image, enc)}
-        samples.append({"__key__": item.key + part.suffix, **images, "cls": str(item.label).encode(),
-                        "json": json.dumps({**item.meta, **part.meta}, sort_keys=True).encode()})
-    return samples, parts.dropped
+        metas.append({**item.meta, **part.meta})
+        samples.append({"__key__": item.key + part.suffix, **images, **item.members, **part.members,
+                        "cls": str(item.label).encode(), "json": json.dumps(metas[-1], sort_keys=True).encode()})
+    return samples, parts.dropped, metas
+
+
+def _tally_audio(tally: dict[str, int], metas: list[dict]) -> None:
+    """Count clips with and without sound (json ``audio``) and the longest sound, for the manifest."""
+    for meta in metas:
+        if "audio" in meta:
+            tally["clips" if meta["audio"] else "without_audio"] += 1
+            tally["samples"] = max(tally["samples"], int(meta.get("audio_samples", 0)))
 
 
 def _write_unit(job: UnitJob) -> dict[str, Any]:
@@ -199,6 +209,7 @@ def _write_unit(job: UnitJob) -> dict[str, Any]:
     staging.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
+    audio = {"clips": 0, "without_audio": 0, "samples": 0}
     closed: dict[str, dict[str, Any]] = {}
 
     def publish(fname: str) -> None:
@@ -226,7 +237,7 @@ def _write_unit(job: UnitJob) -> dict[str, Any]:
                 counts = {label: 0 for label in LABEL_NAMES}
                 for item in plan.items:
                     try:
-                        samples, dropped = _encode_item(item, job.encoding)
+                        samples, dropped, metas = _encode_item(item, job.encoding)
                     except Exception as err:  # noqa: BLE001 - a bad input never stops the set, it is recorded
                         reason = f"{type(err).__name__}: {err}".strip().rstrip(":")
                         skipped.append({"input": item.origin or item.key, "key": item.key, "reason": reason})
@@ -234,6 +245,7 @@ def _write_unit(job: UnitJob) -> dict[str, Any]:
                         for sample in samples:
                             writer.write(sample)
                         counts[LABEL_NAMES[item.label]] += len(samples)
+                        _tally_audio(audio, metas)
                         skipped += [{"input": item.origin or item.key, "key": item.key, **d} for d in dropped]
                     if _tick is not None:
                         _tick(1)
@@ -243,7 +255,7 @@ def _write_unit(job: UnitJob) -> dict[str, Any]:
             writer.close()
     for shard in shards:
         shard.update(closed[shard["file"]])
-    report = {"unit": job.unit, "shards": shards, "skipped": skipped}
+    report = {"unit": job.unit, "shards": shards, "skipped": skipped, "audio": audio}
     _write_json(locations.join(job.publish_to or job.staging, "report.json"), report)
     return report
 
@@ -345,6 +357,7 @@ def _finalize(out: str, n_units: int, fields: dict[str, Any], pre_skipped: list[
     tmp = locations.join(out, TMP_DIR)
     found: list[tuple[int, dict[str, Any]]] = []
     skipped = list(pre_skipped)
+    audio = {"clips": 0, "without_audio": 0, "samples": 0}
     for unit in range(n_units):
         unit_dir = locations.join(tmp, f"unit-{unit}")
         try:
@@ -353,6 +366,9 @@ def _finalize(out: str, n_units: int, fields: dict[str, Any], pre_skipped: list[
             raise RuntimeError(f"sharding unit {unit} left no report in {unit_dir}; did a rank or worker fail?") from None
         found += [(unit, shard) for shard in report["shards"]]
         skipped += report["skipped"]
+        audio = {k: max(v, report["audio"][k]) if k == "samples" else v + report["audio"][k] for k, v in audio.items()}
+    if fields.get("audio") is not None:  # the set's sound: how many clips have it, and the longest
+        fields = {**fields, "audio": {**fields["audio"], **audio}}
     found.sort(key=lambda us: (SPLITS.index(us[1]["split"]), us[1]["index"]))
     shards: list[dict[str, Any]] = []
     counts = {split: {label: 0 for label in (*LABEL_NAMES, "total")} for split in SPLITS}

@@ -1,4 +1,5 @@
-"""Untrusted image bytes (an upload to the server) -> a decoded PIL image, or a ``BadImage``.
+"""Untrusted image bytes (an upload to the server) -> a decoded PIL image, or a ``BadImage``;
+and an uploaded video's length, read from its container before any frame is decoded.
 
 ``open_upload`` accepts only a few formats, checks the pixel count from the header *before*
 decoding (decompression bombs), and decodes fully so that a truncated file fails here with a
@@ -88,6 +89,28 @@ def open_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "
     except Exception as e:  # noqa: BLE001 - truncated data, bad chunks, decoder errors
         img.close()
         raise BadImage(f"{name}: the {img.format} image is damaged or truncated ({e})") from None
+
+
+def video_seconds(path, name: str = "upload") -> float:
+    """How long a video file says it is (the longest of its container's and its video stream's
+    durations, or its frame count over its frame rate), from the headers alone (PyAV); a file
+    that is not a video, or that does not say, is a ``BadImage`` (415)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise BadImage(f"{name}: no video stream in it; send a video (mp4, mov, mkv, webm, ...)", 415)
+            stream = container.streams.video[0]
+            known = [container.duration / 1e6 if container.duration else 0.0,
+                     float(stream.duration * stream.time_base) if stream.duration and stream.time_base else 0.0,
+                     stream.frames / float(stream.average_rate) if stream.frames and stream.average_rate else 0.0]
+    except av.FFmpegError as err:
+        raise BadImage(f"{name}: not a video FFmpeg can read ({type(err).__name__})", 415) from None
+    if not max(known) > 0:
+        raise BadImage(f"{name}: its container does not say how long it is; re-encode it (e.g. ffmpeg -i IN OUT.mp4)",
+                       415)
+    return max(known)
 
 
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel

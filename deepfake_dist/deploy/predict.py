@@ -1,12 +1,9 @@
 """The ``predict`` and ``explain`` commands: score your own files with an exported detector
-(images, folders of them, and videos), or draw what drove its verdict on images.
+(images, folders of them, and videos with their sound), or draw what drove its verdict on images.
 
 Images go through ``Scorer.input`` (``deploy.scorer``: the training preprocessing), as the HTTP
-server's do. A video goes through ``data.faces`` exactly as ``prepare --source videos:`` cuts it
-(frame sampling, face track, crop), with the settings the model's training sets recorded: a clip
-model scores the clips, an image model ``--frames`` evenly spaced face crops (frames with no face
-are skipped and counted); the video's probability is the mean over them
-(``evaluation.video.aggregate_scores``, as ``evaluate`` scores videos).
+server's do; a video through ``Scorer.score_video`` (its clips or face crops, with their sound
+for a model that hears, cut as ``prepare`` cut the model's training sets).
 """
 
 from __future__ import annotations
@@ -18,10 +15,9 @@ from PIL import Image
 
 from deepfake_dist.atomic import atomic_path
 from deepfake_dist.data import imageio
-from deepfake_dist.data.faces import VIDEO_EXTENSIONS, cut_samples, is_video_file, options_from_settings, video_faces
+from deepfake_dist.data.faces import VIDEO_EXTENSIONS, is_video_file
 from deepfake_dist.deploy.scorer import Scorer, load_scorer
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
-from deepfake_dist.evaluation.video import aggregate_scores
 from deepfake_dist.models.exported import in_channels
 from deepfake_dist.options import ExplainOptions, PredictOptions
 
@@ -41,24 +37,6 @@ def collect_files(paths: list[str | Path]) -> list[Path]:
         else:
             raise UserError(f"{path}: no such file or folder")
     return files
-
-
-def video_inputs(scorer: Scorer, path: Path, frames: int) -> tuple[torch.Tensor, dict]:
-    """Model inputs cut from a video as the model's training sets were: its clips (N, T, C, R, R)
-    for a clip model, else ``frames`` evenly spaced face crops (N, C, R, R); and what was found
-    (frames scored, sampled frames without a face)."""
-    clip_len = scorer.info.get("frames")
-    if clip_len:
-        opts = options_from_settings(scorer.info.get("video"), frames=int(clip_len), frame_level=False)
-    else:
-        opts = options_from_settings(scorer.info.get("video"), frames=1, clips_per_video=frames,  # one face per frame
-                                     sampling="uniform", frame_level=True)
-    faces = video_faces(str(path), opts)
-    samples = cut_samples(faces, opts).samples
-    inputs = [torch.stack([scorer.input(img) for img in s.image]) if clip_len else scorer.input(s.image) for s in samples]
-    scored = sum(len(s.meta["frames"]) for s in samples)
-    return torch.stack(inputs), {"frames": scored, "frames_without_face": faces.without_face,
-                                 **({"clips": len(samples)} if clip_len else {})}
 
 
 def _row(scorer: Scorer, path: Path, kind: str, probability: float | None, **extra) -> dict:
@@ -93,9 +71,8 @@ def score_files(opts: PredictOptions) -> list[dict]:
                 if len(pending) == batch_size:
                     flush()
                 continue
-            inputs, found = video_inputs(scorer, path, opts.frames)
-            p = aggregate_scores(scorer.probabilities(inputs, batch_size))
-            rows.append(_row(scorer, path, kind, float(p), **found))
+            found = scorer.score_video(path, opts.frames, batch_size)
+            rows.append(_row(scorer, path, kind, found.pop("probability"), **found))
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the others
@@ -117,6 +94,10 @@ def rows_table(rows: list[dict]):
         if r["kind"] == "video" and not note:
             clips = f" in {r['clips']} clips" if "clips" in r else ""
             note = f"{r['frames']} face frames{clips}, {r['frames_without_face']} without a face"
+            if "clips_without_sound" in r:
+                note += f", {r['clips_without_sound']} clip(s) without sound"
+            if "heads" in r:
+                note += "; " + ", ".join(f"{head} {p:.4f}" for head, p in r["heads"].items())
         p = "" if r["probability"] is None else f"{r['probability']:.4f}"
         table.add_row(r["path"], r["kind"], p, r["verdict"] or "error", note)
     return table
@@ -128,6 +109,9 @@ def explain_files(opts: ExplainOptions, size: int = 256) -> list[dict]:
     from deepfake_dist.evaluation.gradcam import find_layer, overlay
 
     scorer = load_scorer(opts.checkpoint)
+    if scorer.io[0] != ("image",):
+        raise UserError(f"{opts.checkpoint}: a {scorer.info['model']} model takes a clip's sound; explain draws maps "
+                        "over images. deepfake-dist evaluate draws its maps over frames and spectrograms")
     name, _ = find_layer(scorer.model, opts.layer)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)

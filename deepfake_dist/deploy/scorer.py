@@ -1,5 +1,5 @@
-"""An exported detector ready to score images: the one scorer behind ``predict``, ``explain``
-and the HTTP server.
+"""An exported detector ready to score images and videos: the one scorer behind ``predict``,
+``explain`` and the HTTP server.
 
 A ``Scorer`` holds the model's JSON (``info``) and its PyTorch weights from safetensors
 (``models.exported.load_exported``) or, with ``onnx``, an ONNX Runtime session; nothing is ever
@@ -8,6 +8,14 @@ unpickled. ``input`` makes a PIL image the model's input with the training prepr
 a user's own image sees what training saw. Probabilities are ``sigmoid(logit / temperature)``
 with the temperature ``evaluate`` fitted on validation (1 until then); an image is fake when its
 probability is over the stored ``threshold``, as the metrics call it.
+
+A video is cut with ``data.faces`` exactly as ``prepare --source videos:`` cuts it (frame
+sampling, face track, crop), with the settings the model's training sets recorded: a clip model
+scores the clips, an image model ``frames`` evenly spaced face crops (frames with no face are
+skipped and counted), and a model that hears (``audio``, ``av``) each clip's sound as ``prepare
+--audio`` cut it, fitted to the length it was trained on. The video's probability is the mean
+over its clips or frames (``evaluation.video.aggregate_scores``, as ``evaluate`` scores videos);
+a model with several heads also gives each head's (the temperature applies to the first).
 """
 
 from __future__ import annotations
@@ -17,13 +25,18 @@ import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from deepfake_dist.data import imageio, transforms
+from deepfake_dist.data.audio import clip_sounds, fit_length
+from deepfake_dist.data.faces import cut_samples, options_from_settings, video_faces
 from deepfake_dist.errors import UserError
+from deepfake_dist.evaluation.video import aggregate_scores
+from deepfake_dist.models import model_io
 from deepfake_dist.models.exported import in_channels, load_exported
 
 
@@ -74,23 +87,76 @@ class Scorer:
                 digest.update(chunk)
         return digest.hexdigest()[:12]
 
+    @cached_property
+    def io(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """What the model takes (``image``, ``audio``) and what its logits are (``models.model_io``)."""
+        return model_io(self.info["model"])
+
     def input(self, image: Image.Image) -> torch.Tensor:
         return model_input(image, self.info)
 
-    @torch.no_grad()
-    def probabilities(self, inputs: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """P(fake) for a stack of model inputs (B, C, H, W), or clips (B, T, C, H, W), scored
-        ``batch_size`` at a time (all at once by default)."""
-        step = batch_size or len(inputs)
-        logits = torch.cat([self._logits(inputs[i:i + step]) for i in range(0, len(inputs), step)])
-        return torch.sigmoid(logits.float() / self.temperature)
+    def video_inputs(self, path: str | Path, frames: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+        """The model's inputs cut from a video (see the module docstring): clips (N, T, C, R, R)
+        or face crops (N, C, R, R), and the clips' sound (N, samples) for a model that hears; and
+        what was found (frames scored, sampled frames without a face, clips, clips without sound).
+        A model of the sound alone scores the clips that have it; a video with none raises."""
+        clip_len = self.info.get("frames")
+        if clip_len:
+            opts = options_from_settings(self.info.get("video"), frames=int(clip_len), frame_level=False)
+        else:  # one face per frame
+            opts = options_from_settings(self.info.get("video"), frames=1, clips_per_video=frames, sampling="uniform",
+                                         frame_level=True, audio=False)
+        faces = video_faces(str(path), opts)
+        samples = cut_samples(faces, opts).samples
+        found = {"frames": sum(len(s.meta["frames"]) for s in samples), "frames_without_face": faces.without_face,
+                 **({"clips": len(samples)} if clip_len else {})}
+        images = torch.stack([torch.stack([self.input(img) for img in s.image]) if clip_len else self.input(s.image)
+                              for s in samples])
+        names = self.io[0]
+        if "audio" not in names:
+            return (images,), found
+        sounds = clip_sounds([s.meta["frames"] for s in samples], path, faces.fps)
+        heard = torch.tensor([piece is not None for piece, _ in sounds])
+        waves = torch.stack([fit_length(piece, int(self.info["audio"]["samples"])) for piece, _ in sounds])
+        found["clips_without_sound"] = int((~heard).sum())
+        if names == ("audio",):
+            if not heard.any():
+                raise ValueError(f"no clip has sound: {sounds[0][1]['audio_reason']}")
+            return (waves[heard],), found
+        return tuple(images if name == "image" else waves for name in names), found
 
-    def _logits(self, inputs: torch.Tensor) -> torch.Tensor:
+    def score_video(self, path: str | Path, frames: int = 16, batch_size: int | None = None) -> dict[str, Any]:
+        """A video's probability of fake (and each head's, for a model with several) and what
+        ``video_inputs`` found (``frames``: face crops an image model scores; clip models score clips)."""
+        inputs, found = self.video_inputs(path, frames)
+        probabilities = self.head_probabilities(inputs, batch_size)
+        pooled = [float(aggregate_scores(probabilities[:, i])) for i in range(probabilities.shape[1])]
+        heads = self.io[1]
+        return {"probability": pooled[0], **({"heads": dict(zip(heads, pooled))} if len(heads) > 1 else {}), **found}
+
+    def probabilities(self, inputs: torch.Tensor | tuple[torch.Tensor, ...], batch_size: int | None = None) -> torch.Tensor:
+        """P(fake) of the first head for a stack of model inputs (B, C, H, W), clips (B, T, C, H, W),
+        or a tuple of them for a model with several inputs, scored ``batch_size`` at a time."""
+        return self.head_probabilities(inputs, batch_size)[:, 0]
+
+    @torch.no_grad()
+    def head_probabilities(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
+                           batch_size: int | None = None) -> torch.Tensor:
+        """(B, heads) P(fake) of every head (see ``probabilities``)."""
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        n = len(inputs[0])
+        step = batch_size or n
+        logits = torch.cat([self._logits(tuple(x[i:i + step] for x in inputs)).float().reshape(-1, len(self.io[1]))
+                            for i in range(0, n, step)])
+        logits[:, 0] /= self.temperature
+        return torch.sigmoid(logits)
+
+    def _logits(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if self.session is not None:
-            name = self.session.get_inputs()[0].name
-            return torch.from_numpy(self.session.run(None, {name: inputs.numpy()})[0])
+            feeds = {spec.name: x.numpy() for spec, x in zip(self.session.get_inputs(), inputs)}
+            return torch.from_numpy(self.session.run(None, feeds)[0])
         with self.lock:
-            return self.model(inputs)
+            return self.model(*inputs)
 
     def explain(self, inputs: torch.Tensor, layer: str | None = None) -> torch.Tensor:
         """Grad-CAM heat maps (B, H, W) in [0, 1] of ``layer`` (default: the model's

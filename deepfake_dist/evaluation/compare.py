@@ -42,12 +42,19 @@ VIDEO_COLUMNS = [
     ("video_auroc", "video ROC-AUC", "{:.4f}"),
 ]
 
+# Shown when some row was scored on clips with per-stream labels (``evaluation.modalities``).
+MODALITY_COLUMNS = [
+    ("auroc_video_stream", "fake-frames ROC-AUC", "{:.4f}"),
+    ("auroc_audio_stream", "fake-sound ROC-AUC", "{:.4f}"),
+]
+
 
 TEXT = ("run", "model")  # left-aligned columns; the rest are numbers
 
 
 def columns(rows: list[dict]) -> list[tuple[str, str, str]]:
-    return COLUMNS + (VIDEO_COLUMNS if any(r.get("videos") for r in rows) else [])
+    return (COLUMNS + (VIDEO_COLUMNS if any(r.get("videos") for r in rows) else [])
+            + (MODALITY_COLUMNS if any("auroc_audio_stream" in r for r in rows) else []))
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

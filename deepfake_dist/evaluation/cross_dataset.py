@@ -33,6 +33,7 @@ from deepfake_dist.evaluation.predictions import Predictions, predict
 from deepfake_dist.evaluation.runner import eval_accelerator, load_detector, unique_runs
 from deepfake_dist.evaluation.sources import source_name
 from deepfake_dist.evaluation.video import video_predictions
+from deepfake_dist.models import model_io
 from deepfake_dist.options import CrossDatasetOptions
 
 # DeepfakeBench's frame-level AUC of detectors trained on FF++ c23 (arXiv 2307.01426, the
@@ -213,12 +214,14 @@ def cross_dataset(opts: CrossDatasetOptions, *, accelerator=None, command: str |
     runs = []
     for checkpoint, run in zip(opts.checkpoints, unique_runs(opts.checkpoints)):
         model, info, reading = load_detector(checkpoint, opts.batch_size, opts.workers, accelerator.device)
+        inputs, heads = model_io(info["model"])
         scored = {}
         for name, folder in zip(names, opts.data):
             if main:
                 console.print(f"[bold]{run}[/bold]: scoring the {opts.split} split of {name} ({folder}) on {world} "
                               "process(es)")
-            scored[name] = score_set(predict(accelerator, model, eval_loader([folder], opts.split, reading, rank, world)))
+            loader = eval_loader([folder], opts.split, reading, rank, world)
+            scored[name] = score_set(predict(accelerator, model, loader, inputs, heads))
         arch = info.get("model_args", {}).get("arch")
         runs.append({"run": run, "checkpoint": checkpoint, "model": f"{info['model']} ({arch})" if arch else info["model"],
                      "reference": reference_of(info, opts.reference), "sets": scored})

@@ -33,26 +33,44 @@ def find_layer(model: torch.nn.Module, layer: str | None = None) -> tuple[str, t
                         f"e.g. {', '.join(names[:3])}, ... {names[-1]}") from None
 
 
-def _signed_logit(images: torch.Tensor, sign: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-    return model(images) * sign
+def _signed_logit(*args) -> torch.Tensor:
+    *inputs, sign, model, head = args
+    logits = model(*inputs)
+    return (logits if head is None else logits[:, head]) * sign
+
+
+def attribute(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], module: torch.nn.Module,
+              head: int | None = None) -> torch.Tensor:
+    """captum's raw Grad-CAM maps of ``module``'s output (its positive part) for the verdict of
+    logit ``head`` (a model with several heads; None: its only one), ``inputs`` being the model's
+    arguments."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(*inputs)
+        sign = torch.where((logits if head is None else logits[:, head]) > 0, 1.0, -1.0)
+    cam = LayerGradCam(_signed_logit, module)
+    with torch.enable_grad():
+        maps = cam.attribute(tuple(x.detach().clone() for x in inputs), additional_forward_args=(sign, model, head),
+                             relu_attributions=True)
+    return maps.detach()
+
+
+def scaled(maps: torch.Tensor, size: tuple[int, int], shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw maps (N, 1, h, w) at ``size``, reshaped to ``(*shape, *size)``, each scaled by its own
+    maximum into [0, 1] (a map with no positive evidence is all zeros)."""
+    maps = LayerAttribution.interpolate(maps, tuple(size), interpolate_mode="bilinear")
+    maps = maps.reshape(*shape, *size).clamp(min=0)
+    peak = maps.flatten(-2).amax(-1)[..., None, None]
+    return torch.where(peak > 0, maps / peak.clamp(min=1e-12), torch.zeros_like(maps)).clamp(0, 1)
 
 
 def gradcam(model: torch.nn.Module, images: torch.Tensor, layer: str | None = None) -> torch.Tensor:
-    """Heat maps (B, H, W) in [0, 1] at the input's size, each scaled by its own maximum (a map
-    with no positive evidence is all zeros). ``images``: normalized model inputs (B, C, H, W), or
-    clips (B, T, C, H, W) for the temporal model, which gives (B, T, H, W), one map per frame."""
+    """Heat maps (B, H, W) in [0, 1] at the input's size, each scaled by its own maximum.
+    ``images``: normalized model inputs (B, C, H, W), or clips (B, T, C, H, W) for the temporal
+    model, which gives (B, T, H, W), one map per frame. (Models that also take a clip's sound:
+    ``evaluation.sound``.)"""
     _, module = find_layer(model, layer)
-    model.eval()
-    with torch.no_grad():
-        sign = torch.where(model(images) > 0, 1.0, -1.0)
-    cam = LayerGradCam(_signed_logit, module)
-    with torch.enable_grad():
-        maps = cam.attribute(images.detach().clone(), additional_forward_args=(sign, model), relu_attributions=True)
-    size = images.shape[-2:]
-    maps = LayerAttribution.interpolate(maps.detach(), tuple(size), interpolate_mode="bilinear")
-    maps = maps.reshape(*images.shape[:-3], *size).clamp(min=0)
-    peak = maps.flatten(-2).amax(-1)[..., None, None]
-    return torch.where(peak > 0, maps / peak.clamp(min=1e-12), torch.zeros_like(maps)).clamp(0, 1)
+    return scaled(attribute(model, (images,), module), images.shape[-2:], images.shape[:-3])
 
 
 def _as_rgb_array(image) -> np.ndarray:

@@ -20,7 +20,9 @@ from deepfake_dist.engine.tracking import read_jsonl
 from deepfake_dist.evaluation import plots
 from deepfake_dist.evaluation.compare import csv_text
 from deepfake_dist.evaluation.gradcam import find_layer, gradcam, overlay
+from deepfake_dist.evaluation.sound import sound_figures
 from deepfake_dist.evaluation.sources import source_name
+from deepfake_dist.models import model_io
 
 EXAMPLES_PER_CLASS = 6  # Grad-CAM grid: this many real and this many fake test images
 
@@ -49,26 +51,32 @@ def robustness_csv(scored: list) -> str:
     return buffer.getvalue()
 
 
-def _examples(scored, per_class: int):
-    """The first ``per_class`` real and fake test samples (shard order), as one batch."""
+def _examples(scored, per_class: int, names: tuple[str, ...] = ("image",)):
+    """The first ``per_class`` real and fake test samples (shard order), as one batch of the
+    model's inputs ``names``."""
     picked = {0: [], 1: []}
     for batch in eval_loader(scored.data, scored.result["row"]["split"], replace(scored.reading, num_workers=0)):
-        for image, label, key in zip(batch.image, batch.label.tolist(), batch.key):
+        for i, (label, key) in enumerate(zip(batch.label.tolist(), batch.key)):
             if len(picked[label]) < per_class:
-                picked[label].append((image, label, key))
+                picked[label].append((tuple(x[i] for x in batch.inputs(names)), label, key))
         if all(len(v) == per_class for v in picked.values()):
             break
     chosen = picked[0] + picked[1]
-    return torch.stack([c[0] for c in chosen]), [c[1] for c in chosen], [c[2] for c in chosen]
+    inputs = tuple(torch.stack(parts) for parts in zip(*(c[0] for c in chosen)))
+    return inputs, [c[1] for c in chosen], [c[2] for c in chosen]
 
 
 def explain_figures(out: Path, scored, layer: str | None) -> dict[str, str]:
-    """A Grad-CAM grid of real and fake test images and the feature maps of ``layer``."""
+    """A Grad-CAM grid of real and fake test images and the feature maps of ``layer`` (for a
+    detector that hears, its frames' and spectrograms' maps: ``evaluation.sound``)."""
     model = scored.model
-    name, module = find_layer(model, layer)
     device = next(model.parameters()).device
-    images, labels, keys = _examples(scored, EXAMPLES_PER_CLASS)
-    images = images.to(device)
+    names, heads = model_io(scored.info["model"])
+    inputs, labels, keys = _examples(scored, EXAMPLES_PER_CLASS, names)
+    if names != ("image",):
+        return sound_figures(out, scored, tuple(x.to(device) for x in inputs), labels, keys, names, heads, layer)
+    name, module = find_layer(model, layer)
+    images = inputs[0].to(device)
     score = dict(zip(scored.test.keys, scored.test.scores.tolist()))
     heat = gradcam(model, images, name)
     shown = denormalize(images, scored.info.get("normalize", "imagenet")).cpu()

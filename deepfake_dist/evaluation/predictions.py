@@ -10,7 +10,7 @@ choice of the best model, would be silently wrong (see ``engine.metrics.binary_m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
@@ -21,10 +21,11 @@ from deepfake_dist.errors import UserError
 
 @dataclass
 class Predictions:
-    logits: torch.Tensor
+    logits: torch.Tensor  # the model's first head (its only one, for most)
     labels: torch.Tensor
     keys: list[str]
     metas: list[dict]
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)  # every head's logits, when it has several
 
     @property
     def scores(self) -> torch.Tensor:
@@ -38,34 +39,45 @@ def _all_done(accelerator: Accelerator, done: bool) -> bool:
     return accelerator.reduce(flag, reduction="sum").item() == 0
 
 
+def blank_inputs(dataset, inputs: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """One sample of zeros for each input a model takes from an evaluation stream's batches."""
+    return tuple(torch.zeros(1, *(dataset.sample_shape if name == "image" else (dataset.audio or 1,)))
+                 for name in inputs)
+
+
 @torch.no_grad()
-def predict(accelerator: Accelerator, model: torch.nn.Module, loader) -> Predictions:
+def predict(accelerator: Accelerator, model: torch.nn.Module, loader, inputs: tuple[str, ...] = ("image",),
+            heads: tuple[str, ...] = ("overall",)) -> Predictions:
+    """Every sample's logits; ``inputs``, ``heads``: what the model takes from a batch and what its
+    logits are (``models.model_io``)."""
     model.eval()
     rows = []
     batches = iter(loader)
-    spare = torch.zeros(1, *loader.dataset.sample_shape)
+    spare = blank_inputs(loader.dataset, inputs)
     while True:
         batch = next(batches, None)
         if _all_done(accelerator, batch is None):
             break
-        image = spare if batch is None else batch.image
+        given = spare if batch is None else batch.inputs(inputs)
         with accelerator.autocast():
-            logits = model(image.to(accelerator.device)).float().cpu()
+            logits = model(*(x.to(accelerator.device) for x in given)).float().cpu()
         if batch is not None:
-            spare = batch.image[:1]
-            rows.extend(zip(logits.tolist(), batch.label.tolist(), batch.key, batch.meta))
+            spare = tuple(x[:1] for x in given)
+            rows.extend(zip(logits.reshape(len(batch), -1).tolist(), batch.label.tolist(), batch.key, batch.meta))
     rows = gather_object(rows) if accelerator.num_processes > 1 else rows
     keys = [r[2] for r in rows]
     if len(set(keys)) != len(keys):
         raise RuntimeError("a sample was scored twice across ranks; the shard split is broken")
     order = sorted(range(len(rows)), key=lambda i: keys[i])  # independent of the number of ranks
     rows = [rows[i] for i in order]
-    _refuse_nan([r[2] for r in rows if r[0] != r[0]], len(rows))  # NaN is the one value unequal to itself
+    _refuse_nan([r[2] for r in rows if any(v != v for v in r[0])], len(rows))  # NaN is the one value unequal to itself
+    logits = torch.tensor([r[0] for r in rows]).reshape(len(rows), len(heads))
     return Predictions(
-        torch.tensor([r[0] for r in rows]),
+        logits[:, 0],
         torch.tensor([r[1] for r in rows], dtype=torch.long),
         [r[2] for r in rows],
         [r[3] for r in rows],
+        {name: logits[:, i] for i, name in enumerate(heads)} if len(heads) > 1 else {},
     )
 
 

@@ -46,6 +46,20 @@ def _sources_table(sources: list[dict]) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def _modalities_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    return (["label", "scored by", "samples", "fakes", "accuracy", "ROC-AUC", "AP"],
+            [[r["label"], r["head"], str(r["samples"]), str(r["fakes"]), _f(r["accuracy"]), _f(r["auroc"]), _f(r["ap"])]
+             for r in rows])
+
+
+def _categories_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    at_val = any("accuracy@val" in r for r in rows)
+    headers = ["category", "label", "samples", "mean p(fake)", "accuracy@0.5", *(["accuracy@val"] if at_val else []),
+               "ROC-AUC vs real"]
+    return headers, [[r["category"], r["label"], str(r["samples"]), _f(r["mean_score"]), _f(r["accuracy@0.5"]),
+                      *([_f(r.get("accuracy@val"))] if at_val else []), _f(r.get("auroc_vs_real"))] for r in rows]
+
+
 def _robustness_table(run: dict) -> tuple[list[str], list[list[str]]]:
     clean = run["metrics"]
     headers = ["perturbation", "accuracy@0.5", "F1@0.5", "ROC-AUC", "ΔROC-AUC", "AP", "EER", "accuracy@val"]
@@ -104,6 +118,13 @@ def blocks(summary: dict) -> list:
                            f"its samples' (clips or frames); its threshold is chosen on the {val_split} videos.")),
                     ("table", *_metrics_table(video["metrics"], val_split))]
         out += [("h3", "Per source"), ("table", *_sources_table(run["sources"]))]
+        if "modalities" in run:
+            out += [("h3", "Per modality"),
+                    ("p", "Each label of a clip (overall: any fake; video: fake frames; audio: fake sound) scored with "
+                          "the model's head of that name, or its only logit; clips without sound do not count for "
+                          "audio. Accuracy at 0.5."),
+                    ("table", *_modalities_table(run["modalities"])),
+                    ("h3", "Per category"), ("table", *_categories_table(run["categories"]))]
         cal_rows = [["expected calibration error (test, as trained)", _f(cal["ece"])]]
         if "temperature" in cal:
             cal_rows += [[f"temperature fitted on {val_split}", _f(cal["temperature"])],
@@ -117,7 +138,10 @@ def blocks(summary: dict) -> list:
         out.append(("h3", "Training curves"))
         out.append(("img", figs["curves"], "training curves") if "curves" in figs else
                    ("p", "No metrics.jsonl next to this checkpoint."))
-        for section, key in (("Grad-CAM", "gradcam"), ("Feature maps", "features")):
+        for section, key in (("Grad-CAM", "gradcam"), ("Grad-CAM over the spectrogram", "spectrogram"),
+                             ("Feature maps", "features")):
+            if key == "spectrogram" and key not in figs:  # only a model that hears and sees draws both
+                continue
             out.append(("h3", section))
             out.append(("img", figs[key], section) if key in figs else ("p", "Not drawn (--no-explain)."))
         out += [("h3", "Model card"), *_card_blocks(run["card"])]

@@ -18,14 +18,17 @@ from pathlib import Path
 import torch
 
 from deepfake_dist.console import console
+from deepfake_dist.data.audio import audio_samples
 from deepfake_dist.data.loader import EvalOptions, clip_frames, eval_loader
 from deepfake_dist.data.manifest import load_manifest, split_count
 from deepfake_dist.errors import OUTPUTS_WHOLE, UserError, out_of_space_is_one_line
 from deepfake_dist.evaluation import metrics as M
+from deepfake_dist.evaluation.modalities import has_stream_labels, per_category, per_modality
 from deepfake_dist.evaluation.predictions import Predictions, predict
 from deepfake_dist.evaluation.robustness import PERTURBATIONS
 from deepfake_dist.evaluation.sources import per_source
 from deepfake_dist.evaluation.video import aggregate_scores, video_predictions
+from deepfake_dist.models import model_io
 from deepfake_dist.models.exported import in_channels, load_exported, resolve
 from deepfake_dist.options import EvaluateOptions
 
@@ -85,14 +88,15 @@ def has_split(data: list[str], split: str) -> bool:
 
 
 @torch.no_grad()
-def throughput(accelerator, model: torch.nn.Module, shape: tuple, seconds: float = 1.0) -> float:
-    """Forward-only images/s of one process on a fixed batch of ``shape`` (after one warm-up)."""
-    x = torch.randn(shape, device=accelerator.device)
+def throughput(accelerator, model: torch.nn.Module, shapes: list[tuple], seconds: float = 1.0) -> float:
+    """Forward-only samples/s of one process on a fixed batch of inputs of ``shapes`` (one per
+    model input; after one warm-up)."""
+    xs = [torch.randn(shape, device=accelerator.device) for shape in shapes]
 
     def step():
         with accelerator.autocast():
-            model(x)
-        if x.is_cuda:
+            model(*xs)
+        if xs[0].is_cuda:
             torch.cuda.synchronize()
 
     step()
@@ -100,7 +104,7 @@ def throughput(accelerator, model: torch.nn.Module, shape: tuple, seconds: float
     while n < 2 or time.perf_counter() - start < seconds:
         step()
         n += 1
-    return n * shape[0] / (time.perf_counter() - start)
+    return n * shapes[0][0] / (time.perf_counter() - start)
 
 
 def _metrics_pair(preds: Predictions, threshold: float | None) -> dict:
@@ -149,9 +153,10 @@ def _score_one(accelerator, opts: EvaluateOptions, checkpoint: str, run: str) ->
     model, info, reading = load_detector(checkpoint, opts.batch_size, opts.workers, accelerator.device)
     channels, data, split = reading.channels, opts.data, opts.split
     rank, world = accelerator.process_index, accelerator.num_processes
+    inputs, heads = model_io(info["model"])
 
     def score(which: str, perturb=None) -> Predictions:
-        return predict(accelerator, model, eval_loader(data, which, reading, rank, world, perturb))
+        return predict(accelerator, model, eval_loader(data, which, reading, rank, world, perturb), inputs, heads)
 
     main = accelerator.is_main_process
     if main:
@@ -163,9 +168,12 @@ def _score_one(accelerator, opts: EvaluateOptions, checkpoint: str, run: str) ->
     if val is not None and val.labels.min() == val.labels.max():
         val = None  # one class only: no threshold or temperature can be fitted on it
     threshold = M.val_threshold(val.scores, val.labels) if val is not None else None
-    result = {"metrics": _metrics_pair(test, threshold),
-              "sources": per_source(test, {"0.5": 0.5, **({"val": threshold} if threshold is not None else {})}),
+    thresholds = {"0.5": 0.5, **({"val": threshold} if threshold is not None else {})}
+    result = {"metrics": _metrics_pair(test, threshold), "sources": per_source(test, thresholds),
               "calibration": _calibration(test, val), "robustness": []}
+    if len(heads) > 1 or has_stream_labels(test):  # sets with sound: video, audio and overall labels
+        result["modalities"] = per_modality(test)
+        result["categories"] = per_category(test, thresholds)
     videos = video_predictions(test, opts.video_aggregate)
     if videos is not None:
         result["video"] = _video_level(videos, val, opts.video_aggregate)
@@ -176,20 +184,24 @@ def _score_one(accelerator, opts: EvaluateOptions, checkpoint: str, run: str) ->
             perturbed = score(split, perturb)
             result["robustness"].append({"perturbation": name, **_metrics_pair(perturbed, threshold)})
     frames = clip_frames(data)
-    shape = (opts.batch_size, *([frames] if frames else []), channels, reading.resolution, reading.resolution)
+    shapes = {"image": (opts.batch_size, *([frames] if frames else []), channels, reading.resolution, reading.resolution),
+              "audio": (opts.batch_size, audio_samples(data) or 1)}
     row = {
         "run": run, "model": info["model"], "checkpoint": str(checkpoint), "split": split,
         **{k: result["metrics"]["0.5"].get(k) for k in SUMMARY_KEYS},
         "val_threshold": threshold,
         **{f"{k}@val": result["metrics"].get("val", {}).get(k) for k in ("accuracy", "precision", "recall", "f1")},
         "params": sum(p.numel() for p in model.parameters()),
-        "images_per_s": throughput(accelerator, model, shape),
+        "images_per_s": throughput(accelerator, model, [shapes[name] for name in inputs]),
         "eval_images_per_s": len(test.keys) / max(seconds, 1e-9),
         "test_images": len(test.keys), "val_images": len(val.keys) if val is not None else 0,
         "temperature": result["calibration"].get("temperature"),
         "ece": result["calibration"]["ece"], "ece_scaled": result["calibration"].get("ece_scaled"),
         "world_size": world,
     }
+    for modality in result.get("modalities", []):
+        if modality["label"] != "overall":
+            row[f"auroc_{modality['label']}_stream"] = modality["auroc"]
     if videos is not None:
         at = result["video"]["metrics"]["0.5"]
         row.update(videos=len(videos.keys), video_aggregate=opts.video_aggregate,
@@ -229,6 +241,10 @@ def evaluate(opts: EvaluateOptions, *, accelerator=None, command: str | None = N
     ``gradcam_layer`` for Grad-CAM and feature maps; ``command`` is recorded in the report.
     Samples made from videos are also pooled per video (``video_aggregate``: mean, max or median
     of their probabilities) into video-level metrics (``videos``, ``video_auroc``, ... in the row).
+    Clips with sound and per-stream labels (``fakeavceleb:``) get metrics per modality (the video,
+    audio and overall labels, each from the model's head of that name or its only logit:
+    ``auroc_video_stream``, ``auroc_audio_stream`` in the row) and per category
+    (``evaluation.modalities``).
 
     Returns ``{"rows": [...], "out": Path, "table_md": str, "results": [...]}``: one row per
     checkpoint with run, model, checkpoint, accuracy, precision, recall, f1 (at 0.5), auroc, ap,

@@ -2,7 +2,8 @@
 
 ``create_model(name, **kwargs)`` builds any of them. Each entry carries ``kind`` metadata:
 ``detector`` (image or clip -> one logit per sample, fake = positive), ``gan``, ``autoencoder`` or
-``diffusion``; an entry whose training differs from its kind's names its ``task`` (e.g. StyleGAN2).
+``diffusion``; an entry whose training differs from its kind's names its ``task`` (e.g. StyleGAN2),
+and a detector that takes a clip's sound or gives several logits says so (``model_io``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ def create_model(name: str, **kwargs):
 
 def model_kind(name: str) -> str:
     return MODELS.meta(name)["kind"]
+
+
+def model_io(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A detector's (inputs, heads): the batch members it takes, in order (``image``, ``audio``),
+    and what each of its logits predicts (``overall``, ``video``, ``audio``: the labels of the
+    clip, its frames, its sound). Declared where it registers; by default one image, one logit."""
+    meta = MODELS.meta(name)
+    return tuple(meta.get("inputs", ("image",))), tuple(meta.get("heads", ("overall",)))
 
 
 # Import every module of this package so each architecture registers itself (no hand-kept list).

@@ -16,6 +16,11 @@
   never a traceback or a path.
 - The model is ``deploy.scorer.Scorer``, the one ``predict`` scores with: the exact training
   preprocessing, the same probabilities, and fake when ``p > threshold``.
+- A model that scores clips or their sound (``temporal``, ``audio``, ``av``) takes a video on
+  ``/v1/detect`` instead (one a request): its bytes are capped (``max_video_bytes``, 413) and its
+  length is read from the container before any frame is decoded (over ``max_video_seconds``: 413;
+  not a video: 415); it is then scored as ``predict`` scores a video (clips, faces, sound), with
+  each head's probability for a model with several, and a video with no usable face or sound is a 422.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import base64
 import hmac
 import io
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepfake_dist import __version__
 from deepfake_dist.atomic import finite
-from deepfake_dist.data.faces import STILL_MARGIN, largest_face
+from deepfake_dist.data.faces import STILL_MARGIN, VideoError, largest_face
 from deepfake_dist.data.imageio import center_crop_resize, to_mode
 from deepfake_dist.data.uploads import (
     ACCEPTED_FORMATS,
@@ -50,6 +56,7 @@ from deepfake_dist.data.uploads import (
     image_size,
     open_upload,
     pillow_pixel_limit,
+    video_seconds,
 )
 from deepfake_dist.deploy.scorer import Scorer, load_scorer
 from deepfake_dist.errors import UserError
@@ -184,6 +191,41 @@ class Detection:
         return self.served.input(crop), face, picture
 
 
+@dataclass
+class VideoDetection:
+    """One uploaded video: its size and length checked before any frame is decoded, written to a
+    temporary file (the decoders read files), scored with ``Scorer.score_video`` and deleted."""
+
+    served: Scorer
+    max_bytes: int
+    max_seconds: float
+
+    def __call__(self, uploads: list[UploadFile], names: list[str], explain: bool) -> list[dict]:
+        if len(uploads) != 1 or explain:
+            raise HTTPException(400, "this model scores one video a request, without explain: POST it to /v1/detect")
+        start, upload, name = time.perf_counter(), uploads[0], names[0]
+        upload.file.seek(0)
+        data = upload.file.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:
+            raise BadImage(f"{name}: over the {self.max_bytes}-byte limit per video", 413)
+        with tempfile.TemporaryDirectory(prefix="deepfake-dist-upload-") as folder:
+            path = Path(folder) / "upload"
+            path.write_bytes(data)
+            seconds = video_seconds(path, name)
+            if seconds > self.max_seconds:
+                raise BadImage(f"{name}: {seconds:.1f} s long, over the limit of {self.max_seconds:g} s per video", 413)
+            try:
+                found = self.served.score_video(path)
+            except (VideoError, ValueError) as err:  # no face, too short, no sound for a model of the sound
+                raise BadImage(f"{name}: cannot be scored: {err}", 422) from None
+        p = found.pop("probability")
+        if p != p:  # NaN is the one value unequal to itself
+            raise HTTPException(500, f"the model scored NaN for {name}: it is broken; serve another")
+        return [{"filename": name, "fake_probability": p, "is_fake": p > self.served.threshold,
+                 "threshold": self.served.threshold, "model": self.served.info["model"], "seconds": round(seconds, 3),
+                 "latency_ms": (time.perf_counter() - start) * 1000, **found}]
+
+
 def create_app(opts: ServeOptions) -> FastAPI:
     """The app for one detector (loaded now, so a bad checkpoint fails at start-up). At most
     ``max_concurrent`` requests decode and score at once, ``max_queue`` more wait; the images of
@@ -192,25 +234,30 @@ def create_app(opts: ServeOptions) -> FastAPI:
     token, max_pixels = resolve_token(opts.token, opts.token_file), opts.max_pixels or DEFAULT_MAX_PIXELS
     _check_limits(token, max_pixels, opts.max_concurrent, opts.max_queue)
     served = load_scorer(opts.checkpoint, onnx=opts.onnx)
-    if served.info.get("model") == "temporal":
-        raise UserError(f"{opts.checkpoint}: a temporal (video clip) detector; the server scores single images, "
-                        "use deepfake-dist predict for videos")
-    min_side = REDUCE_GAP * int(served.info["resolution"])
-    detection = Detection(served, opts.max_bytes, max_pixels, opts.max_request_pixels or max_pixels,
-                          max(min_side, FACE_SEARCH_SIDE) if opts.face_crop else min_side, opts.face_crop,
-                          (served.info.get("video") or {}).get("margin", STILL_MARGIN))  # crop faces as its sets were
+    videos = bool(served.info.get("frames")) or served.io[0] != ("image",)  # it scores clips or their sound
+    limits = {"max_concurrent": opts.max_concurrent, "max_queue": opts.max_queue}
+    if videos:
+        detection = VideoDetection(served, opts.max_video_bytes, opts.max_video_seconds)
+        limits.update(max_video_bytes=opts.max_video_bytes, max_video_seconds=opts.max_video_seconds)
+        upload_limit, what = opts.max_video_bytes, "a video (mp4, mov, mkv, webm, ...)"
+    else:
+        min_side = REDUCE_GAP * int(served.info["resolution"])
+        detection = Detection(served, opts.max_bytes, max_pixels, opts.max_request_pixels or max_pixels,
+                              max(min_side, FACE_SEARCH_SIDE) if opts.face_crop else min_side, opts.face_crop,
+                              (served.info.get("video") or {}).get("margin", STILL_MARGIN))  # crop faces as its sets were
+        limits.update(max_bytes=opts.max_bytes, max_pixels=max_pixels, max_request_pixels=detection.request_pixels,
+                      max_batch=MAX_BATCH, formats=list(ACCEPTED_FORMATS))
+        upload_limit, what = opts.max_bytes, "a JPEG, PNG, WebP or BMP image"
     app = FastAPI(title="deepfake_dist detector", version=__version__,
                   description=f"Real-vs-fake face detection with '{served.info['model']}' ({served.backend}). "
-                              f"Send a JPEG, PNG, WebP or BMP image as multipart field 'file'.")
-    app.add_middleware(Gate, limit=lambda path: (opts.max_bytes * (MAX_BATCH if path.endswith("/batch") else 1)
-                                                 + MULTIPART_OVERHEAD),
+                              f"Send {what} as multipart field 'file'.")
+    app.add_middleware(Gate, limit=lambda path: (upload_limit * (MAX_BATCH if path.endswith("/batch") and not videos
+                                                                 else 1) + MULTIPART_OVERHEAD),
                        token=token, capacity=opts.max_concurrent + opts.max_queue)
     _add_error_handlers(app)
     _add_detection(app, detection, opts.max_concurrent)
-    limits = {"max_bytes": opts.max_bytes, "max_pixels": max_pixels, "max_request_pixels": detection.request_pixels,
-              "max_batch": MAX_BATCH, "max_concurrent": opts.max_concurrent, "max_queue": opts.max_queue,
-              "formats": list(ACCEPTED_FORMATS)}
-    _add_description(app, served, {"face_crop": opts.face_crop, "limits": limits})
+    _add_description(app, served, {"face_crop": opts.face_crop, "accepts": "video" if videos else "image",
+                                   "limits": limits})
     app.state.served = served
     return app
 
@@ -282,7 +329,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BadImage)
     async def bad_image(request: Request, exc: BadImage):
-        return _error(exc.status, str(exc), {413: "too_large", 415: "unsupported_format"}.get(exc.status, "bad_image"))
+        codes = {413: "too_large", 415: "unsupported_format", 422: "unscorable"}
+        return _error(exc.status, str(exc), codes.get(exc.status, "bad_image"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from deepfake_dist.errors import UserError
+from deepfake_dist.models import model_io
 from deepfake_dist.models.exported import in_channels, load_exported
 from deepfake_dist.tasks import TASKS
 from deepfake_dist.tasks.detector import DetectorTask
@@ -40,6 +41,9 @@ class DistillTask(DetectorTask):
         if cfg.model.kind != "detector":
             raise UserError(f"{where}: distill.teacher is set but model.name {cfg.model.name} is not a detector; "
                             "the student must be a detector (e.g. cnn or resnet18)")
+        if model_io(cfg.model.name) != (("image",), ("overall",)):
+            raise UserError(f"{where}: distill.teacher is set but model.name {cfg.model.name} scores more than an image "
+                            "with one logit; the student must be an image or clip detector (e.g. cnn or temporal)")
         super().check_config(cfg, where)
 
     def __init__(self, cfg, accelerator, channels: int):

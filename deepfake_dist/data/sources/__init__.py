@@ -1,7 +1,8 @@
 """Where raw faces come from: ``open_source("KIND:ARG")`` and ``SOURCES``, every source kind.
 
 A source spec is ``KIND:ARG`` (``builtin:lfw``, ``celeba:PATH``, ``folder:PATH``, ``videos:PATH``, and
-the published deepfake video datasets ``ffpp:PATH``, ``celebdf:PATH``, ``dfdc:PATH``, ``dfdcp:PATH``).
+the published deepfake video datasets ``ffpp:PATH``, ``celebdf:PATH``, ``dfdc:PATH``, ``dfdcp:PATH``,
+``fakeavceleb:PATH``).
 Opening one lists its inputs without decoding them: each ``Item`` carries a picklable ``load``
 callable, so the decode happens later, in whichever worker process writes that item's shard.
 An input usually yields one image; one that yields several samples (the clips of a video) returns
@@ -20,7 +21,7 @@ from typing import Any
 
 from deepfake_dist.data.common import LABELS
 from deepfake_dist.data.faces import VideoOptions
-from deepfake_dist.data.sources import builtin, celeba, celebdf, dfdc, dfdcp, ffpp, folder, videos
+from deepfake_dist.data.sources import builtin, celeba, celebdf, dfdc, dfdcp, fakeavceleb, ffpp, folder, videos
 from deepfake_dist.data.sources.base import Source
 from deepfake_dist.errors import UserError
 from deepfake_dist.registry import Registry
@@ -34,13 +35,16 @@ SOURCES.register("ffpp", usage="ffpp:PATH", options=ffpp.OPTIONS)(ffpp.open_ffpp
 SOURCES.register("celebdf", usage="celebdf:PATH", options=celebdf.OPTIONS)(celebdf.open_celebdf)
 SOURCES.register("dfdc", usage="dfdc:PATH", options=dfdc.OPTIONS)(dfdc.open_dfdc)
 SOURCES.register("dfdcp", usage="dfdcp:PATH", options=dfdcp.OPTIONS)(dfdcp.open_dfdcp)
+SOURCES.register("fakeavceleb", usage="fakeavceleb:PATH", options=fakeavceleb.OPTIONS)(fakeavceleb.open_fakeavceleb)
 
 # The dataclasses that declare the source kinds' own options, each with the kinds that take it:
 # ``deepfake-dist prepare`` shows them as its flags, a prepare stage takes them as ``options``.
 OPTION_GROUPS = (
     (VideoOptions, "videos:PATH (folders real/ fake/ of videos, or a CSV path,label,split); ffpp, celebdf, dfdc, dfdcp "
-                   "take them too (their default: 32 frames a video spread uniformly, one sample a frame, 256 px)"),
+                   "take them too (their default: 32 frames a video spread uniformly, one sample a frame, 256 px), and "
+                   "fakeavceleb (its default: 4 clips of 8 frames, every 3rd, with their sound)"),
     (ffpp.FfppOptions, "ffpp:PATH"),
+    (fakeavceleb.FakeavcelebOptions, "fakeavceleb:PATH"),
 )
 
 

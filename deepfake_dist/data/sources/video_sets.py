@@ -1,4 +1,4 @@
-"""What the published deepfake video datasets (``ffpp``, ``celebdf``, ``dfdc``, ``dfdcp``) share.
+"""What the published deepfake video datasets (``ffpp``, ``celebdf``, ``dfdc``, ``dfdcp``, ``fakeavceleb``) share.
 
 - Frames as DeepfakeBench takes them: 32 a video spread uniformly over it, one sample a frame,
   the largest face track cropped square at 1.3x its box, 256 px (``DEFAULTS``; every
@@ -45,14 +45,17 @@ class Video:
     label: str
     method: str
     meta: dict[str, Any] = field(default_factory=dict)
+    members: dict[str, bytes] = field(default_factory=dict)  # extra tar members of its samples (``Item.members``)
+    name: str | None = None  # what its key is made from; None: ``method/file name``
 
 
-def video_options(spec: str, label: str | None, options: dict[str, Any]) -> VideoOptions:
-    """``DEFAULTS`` overridden by ``options``; a frame-level set keeps short videos. Checks the
-    face detector now, so a bad one fails before any video is listed."""
+def video_options(spec: str, label: str | None, options: dict[str, Any],
+                  defaults: dict[str, Any] = DEFAULTS) -> VideoOptions:
+    """``defaults`` (DeepfakeBench's frames) overridden by ``options``; a frame-level set keeps
+    short videos. Checks the face detector now, so a bad one fails before any video is listed."""
     if label is not None:
         raise UserError(f"--label {label}: {spec} gives each video's label; drop --label")
-    merged = {**DEFAULTS, **options}
+    merged = {**defaults, **options}
     merged.setdefault("keep_short", bool(merged["frame_level"]))
     opts = VideoOptions(**merged)
     check_detector(opts)
@@ -66,7 +69,7 @@ def video_source(spec: str, kind: str, dataset: str, root: Path, videos: list[Vi
     if not videos:
         first = f" (first skipped: {skipped[0]['input']}: {skipped[0]['reason']})" if skipped else ""
         raise UserError(f"{spec}: no video to prepare under {root}{first}")
-    keys = unique_keys([f"{v.method}/{v.path.name}" for v in videos])
+    keys = unique_keys([v.name or f"{v.method}/{v.path.name}" for v in videos])
     items = []
     for video, key in zip(videos, keys):
         meta = {"source": kind, "dataset": dataset, "method": video.method, "video": key,
@@ -74,7 +77,7 @@ def video_source(spec: str, kind: str, dataset: str, root: Path, videos: list[Vi
         if video.label == "fake":
             meta["generator"] = video.method
         items.append(Item(key, video.split, LABELS[video.label], functools.partial(video_samples, str(video.path), opts),
-                          meta, str(video.path)))
+                          meta, str(video.path), video.members))
     return Source(spec, items, channels=3, skipped=skipped, frames=None if opts.frame_level else opts.frames,
                   preprocessing={"video": opts.settings(), "dataset": {"name": dataset, "val_share": VAL_SHARE, **about}},
                   resolution=RESOLUTION, shard_size=SHARD_SIZE)
